@@ -1,0 +1,2 @@
+"""share_transform."""
+__version__ = "0.1.0"
