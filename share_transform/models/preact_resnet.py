@@ -1,0 +1,229 @@
+"""Pre-activation bottleneck ResNet for CIFAR (ResNet-164, ResNet-92, any 9n+2).
+
+The CIFAR ResNets of the ShaResNet paper (Table 1 ResNet-164, Table 3 ResNet-92), built as the authors'
+Torch7 code built them (wide-residual-networks' ``resnet-pre-act``): a 3x3 stem to 16 channels, three stages
+of ``n = (depth - 2) / 9`` pre-activation bottleneck blocks with 64/128/256 outputs (bottleneck width out/4),
+the stride on the first 1x1 conv of the first block of stages 2 and 3, a 1x1 projection shortcut in the first
+block of every stage, and a final BN-ReLU-avgpool-linear head. Init follows the CIFAR code: conv weights
+N(0, sqrt(2 / (k*k*in_channels))), no conv bias, BN weight 1 and bias 0, linear bias 0.
+
+The CIFAR helpers shared with :mod:`share_transform.models.wrn` (mean/std, pretrained_cfg, init) live here.
+
+Papers:
+* `ShaResNet: reducing residual network parameter number by sharing weights` - https://arxiv.org/abs/1702.08782
+* `Identity Mappings in Deep Residual Networks` - https://arxiv.org/abs/1603.05027
+* `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "PreActBottleneck",
+    "PreActResNet",
+    "cifar_cfg",
+    "init_cifar_weights",
+    "preact_resnet",
+]
+
+# Per-channel statistics of the training sets (RGB, [0, 1] scale).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
+    """pretrained_cfg of a CIFAR model: 3x32x32 input, CIFAR-10 mean/std, 10 classes, no weights."""
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "stem",
+        "classifier": "fc",
+        "paper_ids": "arXiv:1702.08782",
+        **kwargs,
+    }
+
+
+def init_cifar_weights(model: nn.Module) -> None:
+    """Initialise as the paper's CIFAR code: conv N(0, sqrt(2/(k*k*in))), BN (1, 0), linear bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            # fan_in = k*k*in_channels/groups, so std = sqrt(2 / fan_in).
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3, BN-ReLU-1x1, added to the shortcut.
+
+    The 3x3 (``conv2``) is the block's spatial conv, the one ShaResNet shares across a stage. With a
+    projection shortcut (first block of a stage) the first BN-ReLU is applied once and feeds both branches.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1) -> None:
+        super().__init__()
+        mid_chs = out_chs // self.expansion
+        self.bn1 = nn.BatchNorm2d(in_chs)
+        # The stride sits on the first 1x1, as in the authors' CIFAR code, so the 3x3 always runs at stride 1.
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, stride=stride, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid_chs)
+        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(mid_chs)
+        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation bottleneck ResNet-(9n+2) for 32x32 inputs.
+
+    Args:
+        depth: Nominal depth, 9n+2 with n >= 1 blocks per stage (164 -> 18, 92 -> 10).
+        num_classes: Classifier outputs; 0 for no classifier.
+        in_chans: Input channels.
+        base_width: Stem width and bottleneck width of stage 1; stage outputs are 4x, 8x, 16x it (16 -> 64/128/256).
+        global_pool: timm pooling type of the head.
+        drop_rate: Dropout before the classifier (timm convention; 0 in the paper).
+    """
+
+    def __init__(
+        self,
+        depth: int = 164,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        base_width: int = 16,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if depth < 11 or (depth - 2) % 9:
+            raise ValueError(
+                f"pre-act ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 92, ..., 164), got {depth}"
+            )
+        blocks_per_stage = (depth - 2) // 9
+        self.depth = depth
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+
+        self.stem = nn.Conv2d(in_chans, base_width, 3, padding=1, bias=False)
+        self.feature_info = [{"num_chs": base_width, "reduction": 1, "module": "stem"}]
+        stages = []
+        in_chs = base_width
+        for stage_idx in range(3):
+            out_chs = base_width * PreActBottleneck.expansion * 2**stage_idx
+            stride = 1 if stage_idx == 0 else 2
+            blocks = [PreActBottleneck(in_chs, out_chs, stride)]
+            blocks += [PreActBottleneck(out_chs, out_chs) for _ in range(blocks_per_stage - 1)]
+            stages.append(nn.Sequential(*blocks))
+            in_chs = out_chs
+            if stage_idx < 2:
+                self.feature_info.append(
+                    {"num_chs": out_chs, "reduction": 2**stage_idx, "module": f"stages.{stage_idx}"}
+                )
+        self.stages = nn.Sequential(*stages)
+        # Pre-activation nets end with the BN-ReLU the last block left out.
+        self.norm = nn.BatchNorm2d(in_chs)
+        self.feature_info.append({"num_chs": in_chs, "reduction": 4, "module": "norm"})
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        init_cifar_weights(self)
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> str | nn.Module:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one of ``num_classes`` outputs (bias 0)."""
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        if isinstance(self.fc, nn.Linear):
+            nn.init.zeros_(self.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return F.relu(self.norm(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def preact_resnet(depth: int, num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> PreActResNet:
+    """Build a pre-activation bottleneck ResNet-``depth`` for CIFAR through timm's builder.
+
+    ``depth`` must be 9n+2 (n >= 1); ``ValueError`` otherwise. No pretrained weights exist. Extra keyword
+    arguments go to :class:`PreActResNet` (``in_chans``, ``base_width``, ``global_pool``, ``drop_rate``) or to
+    ``timm.models.build_model_with_cfg``.
+
+    Example::
+
+        model = preact_resnet(164)                  # same as timm.create_model("preact_resnet164")
+        model = preact_resnet(56, num_classes=100)  # any 9n+2 depth
+    """
+    if kwargs.get("pretrained_cfg") is None:
+        kwargs["pretrained_cfg"] = cifar_cfg()
+    return build_model_with_cfg(
+        PreActResNet,
+        f"preact_resnet{depth}",
+        pretrained,
+        depth=depth,
+        num_classes=num_classes,
+        feature_cfg={"flatten_sequential": True, "out_indices": (0, 1, 2, 3)},
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({"preact_resnet164": cifar_cfg(), "preact_resnet92": cifar_cfg()})
+
+
+@register_model
+def preact_resnet164(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
+    """Pre-act ResNet-164 (18 bottlenecks per stage), the paper's Table 1 CIFAR-10 ResNet."""
+    return preact_resnet(164, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def preact_resnet92(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
+    """Pre-act ResNet-92 (10 bottlenecks per stage), Table 3's equal-size baseline for ShaResNet-164."""
+    return preact_resnet(92, pretrained=pretrained, **kwargs)

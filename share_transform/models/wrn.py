@@ -1,0 +1,204 @@
+"""Wide ResNet WRN-d-k for CIFAR (WRN-40-4, WRN-28-10, WRN-28-4, WRN-22-10, any 6n+4).
+
+The Wide ResNets of the ShaResNet paper (Table 1 WRN-40-4 and WRN-28-10, Table 3 WRN-28-4 and WRN-22-10),
+built as the wide-residual-networks Torch7 code the paper used: a 3x3 stem to 16 channels, three stages of
+``n = (depth - 4) / 6`` pre-activation wide basic blocks of width 16k/32k/64k (stride 2 on the first 3x3 of
+stages 2 and 3), optional dropout between the two 3x3 convs, a 1x1 projection shortcut where the block changes
+shape, and a final BN-ReLU-avgpool-linear head. Init as :func:`~share_transform.models.preact_resnet.init_cifar_weights`.
+
+Papers:
+* `ShaResNet: reducing residual network parameter number by sharing weights` - https://arxiv.org/abs/1702.08782
+* `Wide Residual Networks` - https://arxiv.org/abs/1605.07146
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from .preact_resnet import cifar_cfg, init_cifar_weights
+
+__all__ = ["WideBasicBlock", "WideResNet", "wide_resnet"]
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation wide basic block: BN-ReLU-3x3, BN-ReLU-[dropout]-3x3, added to the shortcut.
+
+    The second 3x3 (``conv2``) is the block's spatial conv, the one ShaResNet shares across a stage. With a
+    projection shortcut the first BN-ReLU is applied once and feeds both branches.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chs)
+        # No module at all when dropout is off, so an unshared model is exactly the paper's CIFAR-10 net.
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet WRN-``depth``-``widen_factor`` for 32x32 inputs.
+
+    Args:
+        depth: Nominal depth, 6n+4 with n >= 1 blocks per stage (28 -> 4, 40 -> 6).
+        widen_factor: k; stage widths are 16k, 32k, 64k.
+        num_classes: Classifier outputs; 0 for no classifier.
+        in_chans: Input channels.
+        dropout: Dropout between the two 3x3 convs of every block (0.3 in the paper's CIFAR-100 run).
+        global_pool: timm pooling type of the head.
+        drop_rate: Dropout before the classifier (timm convention; 0 in the paper).
+    """
+
+    def __init__(
+        self,
+        depth: int = 28,
+        widen_factor: int = 10,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        dropout: float = 0.0,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+        if widen_factor < 1:
+            raise ValueError(f"WRN widen_factor must be a positive integer, got {widen_factor}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"WRN dropout must be in [0, 1), got {dropout}")
+        blocks_per_stage = (depth - 4) // 6
+        self.depth = depth
+        self.widen_factor = widen_factor
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+
+        stem_chs = 16
+        self.stem = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=False)
+        self.feature_info = [{"num_chs": stem_chs, "reduction": 1, "module": "stem"}]
+        stages = []
+        in_chs = stem_chs
+        for stage_idx in range(3):
+            out_chs = stem_chs * widen_factor * 2**stage_idx
+            stride = 1 if stage_idx == 0 else 2
+            blocks = [WideBasicBlock(in_chs, out_chs, stride, dropout)]
+            blocks += [WideBasicBlock(out_chs, out_chs, 1, dropout) for _ in range(blocks_per_stage - 1)]
+            stages.append(nn.Sequential(*blocks))
+            in_chs = out_chs
+            if stage_idx < 2:
+                self.feature_info.append(
+                    {"num_chs": out_chs, "reduction": 2**stage_idx, "module": f"stages.{stage_idx}"}
+                )
+        self.stages = nn.Sequential(*stages)
+        # Pre-activation nets end with the BN-ReLU the last block left out.
+        self.norm = nn.BatchNorm2d(in_chs)
+        self.feature_info.append({"num_chs": in_chs, "reduction": 4, "module": "norm"})
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        init_cifar_weights(self)
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> str | nn.Module:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one of ``num_classes`` outputs (bias 0)."""
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        if isinstance(self.fc, nn.Linear):
+            nn.init.zeros_(self.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return F.relu(self.norm(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def wide_resnet(
+    depth: int,
+    widen_factor: int,
+    num_classes: int = 10,
+    dropout: float = 0.0,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> WideResNet:
+    """Build WRN-``depth``-``widen_factor`` for CIFAR through timm's builder.
+
+    ``depth`` must be 6n+4 (n >= 1) and ``widen_factor`` >= 1; ``ValueError`` otherwise. ``dropout`` is applied
+    between the two convs of every block only when > 0 (the paper used 0.3 for CIFAR-100). No pretrained
+    weights exist. Extra keyword arguments go to :class:`WideResNet` or ``timm.models.build_model_with_cfg``.
+
+    Example::
+
+        model = wide_resnet(28, 10, num_classes=100, dropout=0.3)  # timm.create_model("wrn_28_10", ...)
+        model = wide_resnet(16, 8)                                 # any 6n+4 depth, any k
+    """
+    if kwargs.get("pretrained_cfg") is None:
+        kwargs["pretrained_cfg"] = cifar_cfg()
+    return build_model_with_cfg(
+        WideResNet,
+        f"wrn_{depth}_{widen_factor}",
+        pretrained,
+        depth=depth,
+        widen_factor=widen_factor,
+        num_classes=num_classes,
+        dropout=dropout,
+        feature_cfg={"flatten_sequential": True, "out_indices": (0, 1, 2, 3)},
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs(
+    {name: cifar_cfg() for name in ("wrn_40_4", "wrn_28_4", "wrn_28_10", "wrn_22_10")}
+)
+
+
+@register_model
+def wrn_40_4(pretrained: bool = False, **kwargs: Any) -> WideResNet:
+    """WRN-40-4, the paper's Table 1 CIFAR-10 Wide ResNet."""
+    return wide_resnet(40, 4, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def wrn_28_4(pretrained: bool = False, **kwargs: Any) -> WideResNet:
+    """WRN-28-4, Table 3's equal-size baseline for ShaResNet WRN-40-4."""
+    return wide_resnet(28, 4, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def wrn_28_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
+    """WRN-28-10, the paper's Table 1 CIFAR-100 Wide ResNet (trained with ``dropout=0.3``)."""
+    return wide_resnet(28, 10, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def wrn_22_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
+    """WRN-22-10, Table 3's equal-size baseline for ShaResNet WRN-28-10."""
+    return wide_resnet(22, 10, pretrained=pretrained, **kwargs)
