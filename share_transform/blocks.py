@@ -1,0 +1,155 @@
+"""Residual blocks and their spatial convs, found on a shape-annotated fx graph.
+
+A residual block is the subgraph between a block input and the ``add`` that joins the residual branch to
+the shortcut (ShaResNet paper, section 3; DESIGN.md section 1). The block input is found as the add's
+immediate dominator: every path from the model input to the add passes through it, whatever the
+shortcut is (identity, 1x1 projection, avg-pool + 1x1, pre-activation). The residual branch is the side
+holding more convs; its spatial conv is the last 2-D conv with a kernel larger than 1.
+
+Analysis only: nothing here mutates the graph's module. Each block is recorded on its ``add`` node in
+``node.meta[BLOCK_KEY]``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .signature import ConvSignature
+from .trace import SHAPE_KEY
+
+#: ``node.meta`` key under which :func:`find_blocks` records a :class:`ResidualBlock` on each add.
+BLOCK_KEY = "share_transform.block"
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+class ResidualBlock(NamedTuple):
+    """One residual block and its spatial conv."""
+
+    name: str  # common module path of the residual branch, e.g. "layer2.1"
+    spatial_conv: str  # module path of the spatial conv
+    signature: ConvSignature
+    conv_input: tuple[int, int]  # spatial size (H, W) of the spatial conv's input: its stage for grouping
+    output: tuple[int, int]  # spatial size of the block's output: delimits stages
+
+
+def _is_add(n: fx.Node) -> bool:
+    if n.op == "call_function":
+        return n.target in _ADD_FUNCTIONS
+    return n.op == "call_method" and n.target in _ADD_METHODS
+
+
+def _shape(n: object) -> tuple[int, ...] | None:
+    meta = n.meta.get(SHAPE_KEY) if isinstance(n, fx.Node) else None
+    return meta.shape if meta is not None else None
+
+
+def _immediate_dominators(graph: fx.Graph) -> tuple[dict[fx.Node, fx.Node | None], dict[fx.Node, int]]:
+    """Immediate dominator of every node that depends on a model input (None = the virtual entry).
+
+    Nodes come in topological order, so one pass of the Cooper-Harvey-Kennedy intersection suffices.
+    Constants (``get_attr``, literals) are ignored: a layer-scale gamma must not pull the dominator of a
+    block up to the entry.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    idom: dict[fx.Node, fx.Node | None] = {}
+
+    def intersect(a: fx.Node | None, b: fx.Node | None) -> fx.Node | None:
+        while a is not b:
+            if a is None or b is None:
+                return None
+            if order[a] > order[b]:
+                a = idom[a]
+            else:
+                b = idom[b]
+        return a
+
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            idom[n] = None
+            continue
+        preds = [p for p in n.all_input_nodes if p in idom]
+        if not preds:
+            continue
+        dom: fx.Node | None = preds[0]
+        for p in preds[1:]:
+            dom = intersect(dom, p)
+        idom[n] = dom
+    return idom, order
+
+
+def _branch(start: fx.Node, block_input: fx.Node | None) -> set[fx.Node]:
+    """Nodes between ``block_input`` (exclusive) and ``start`` (inclusive), walking inputs backwards."""
+    if start is block_input:
+        return set()
+    seen = {start}
+    stack = [start]
+    while stack:
+        for p in stack.pop().all_input_nodes:
+            if p is not block_input and p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return seen
+
+
+def _conv_nodes(nodes: Iterable[fx.Node], modules: dict[str, nn.Module]) -> list[fx.Node]:
+    return [n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.Conv2d)]
+
+
+def _common_path(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    common: list[str] = []
+    for level in zip(*parts):
+        if any(x != level[0] for x in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def find_blocks(graph: fx.Graph, model: nn.Module) -> list[ResidualBlock]:
+    """Residual blocks with a spatial conv, in the order the graph computes them.
+
+    ``graph`` must carry shapes from :func:`share_transform.trace.propagate_shapes`.
+    """
+    modules = dict(model.named_modules())
+    idom, order = _immediate_dominators(graph)
+    blocks: list[ResidualBlock] = []
+    for add in graph.nodes:
+        if not _is_add(add) or add not in idom or len(add.args) < 2:
+            continue
+        lhs, rhs = add.args[0], add.args[1]
+        if not (isinstance(lhs, fx.Node) and isinstance(rhs, fx.Node)):
+            continue
+        out_shape = _shape(add)
+        # A residual join adds two whole feature maps; broadcast adds (global-context terms) are not one.
+        if out_shape is None or len(out_shape) != 4 or _shape(lhs) != out_shape or _shape(rhs) != out_shape:
+            continue
+        block_input = idom[add]
+        branches = [_branch(arg, block_input) for arg in (lhs, rhs)]
+        convs = [_conv_nodes(b, modules) for b in branches]
+        residual = max(range(2), key=lambda i: (len(convs[i]), len(branches[i])))
+        spatial = [n for n in convs[residual] if max(modules[n.target].kernel_size) > 1]
+        if not spatial:
+            continue
+        conv_node = max(spatial, key=order.__getitem__)
+        conv_in = _shape(conv_node.args[0])
+        if conv_in is None or len(conv_in) != 4:
+            continue
+        paths = sorted(n.target for n in branches[residual] if n.op == "call_module")
+        block = ResidualBlock(
+            name=_common_path(paths) or add.name,
+            spatial_conv=conv_node.target,
+            signature=ConvSignature.of(modules[conv_node.target]),
+            conv_input=(conv_in[2], conv_in[3]),
+            output=(out_shape[2], out_shape[3]),
+        )
+        add.meta[BLOCK_KEY] = block
+        blocks.append(block)
+    return blocks

@@ -1,0 +1,87 @@
+"""Build a model by name from timm (default) or torchvision, never with pretrained weights.
+
+The CLI, the recipes and ``share_transform.save`` use one builder, so a file can name how to rebuild
+its model: ``build_model`` records its arguments on the model (see :func:`build_spec`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from torch import nn
+
+from .errors import UnknownModelError
+
+SOURCES = ("timm", "torchvision")
+
+#: Attribute under which ``build_model`` records how the model was built.
+BUILD_ATTR = "_share_build"
+
+
+def split_name(name: str, source: str | None = None) -> tuple[str, str]:
+    """``"torchvision:resnet50"`` -> ``("torchvision", "resnet50")``; a bare name is timm's."""
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in SOURCES:
+        if source is not None and source != prefix:
+            raise UnknownModelError(f"{name}: the prefix says {prefix} but source={source!r}")
+        return prefix, rest
+    source = source or "timm"
+    if source not in SOURCES:
+        raise UnknownModelError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")
+    return source, name
+
+
+def list_model_names(source: str) -> list[str]:
+    """Names ``build_model`` accepts for ``source`` (timm's include the paper's CIFAR networks)."""
+    if source == "timm":
+        import timm
+
+        from . import models  # noqa: F401  (registers the CIFAR networks with timm)
+
+        return list(timm.list_models())
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(name: str, *, source: str | None = None, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build ``name`` with random weights (``pretrained=False`` always: nothing is downloaded).
+
+    Args:
+        name: a timm model name (``"resnet50"``, ``"wrn_28_10"``) or ``"torchvision:resnet50"``.
+        source: ``"timm"`` or ``"torchvision"``; a ``source:`` prefix in ``name`` does the same.
+        num_classes: classifier size; the model's default when None.
+        **kwargs: passed to the constructor (must be JSON-serialisable for ``save`` to record them).
+
+    Raises:
+        UnknownModelError: no model of that name, with close matches in the message.
+
+    Example:
+        >>> model = build_model("torchvision:resnet34", num_classes=10)
+    """
+    source, arch = split_name(name, source)
+    names = list_model_names(source)
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `sharetx models` lists the names"
+        raise UnknownModelError(f"unknown {source} model {arch!r}{hint}")
+    ctor_kwargs = dict(kwargs)
+    if num_classes is not None:
+        ctor_kwargs["num_classes"] = num_classes
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, **ctor_kwargs)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(arch, weights=None, **ctor_kwargs)
+    setattr(model, BUILD_ATTR, {"source": source, "name": arch, "kwargs": ctor_kwargs})
+    return model
+
+
+def build_spec(model: nn.Module) -> dict[str, Any] | None:
+    """How ``build_model`` built ``model`` (source, name, kwargs), or None for a model built elsewhere."""
+    spec = getattr(model, BUILD_ATTR, None)
+    return dict(spec) if spec is not None else None

@@ -1,0 +1,44 @@
+"""Exceptions raised by share_transform.
+
+Every error the package raises on bad input derives from :class:`ShareError`, so callers (and the
+``sharetx`` CLI) can catch one class. Each subclass also derives from the built-in exception a
+Python user would expect (``TypeError`` for a wrong argument type, ``ValueError`` for a bad value).
+"""
+
+from __future__ import annotations
+
+
+class ShareError(Exception):
+    """Base class of every error share_transform raises on bad input."""
+
+
+class NotAModuleError(ShareError, TypeError):
+    """The argument is not a ``torch.nn.Module``."""
+
+
+class UnknownPolicyError(ShareError, ValueError):
+    """The sharing policy is not one of the known policies."""
+
+
+class TraceError(ShareError):
+    """torch.fx could not trace the model, not even with timm's notrace modules."""
+
+
+class InputSizeError(ShareError, ValueError):
+    """The model rejected the input size used for shape propagation."""
+
+
+class NoSpatialConvError(ShareError):
+    """The model has no residual block with a spatial conv: there is nothing to share."""
+
+
+class PlanMismatchError(ShareError, ValueError):
+    """A plan does not fit the model it is applied to."""
+
+
+class UnknownModelError(ShareError, ValueError):
+    """No timm or torchvision model has this name."""
+
+
+class UnknownInitError(ShareError, ValueError):
+    """The init mode of a shared weight is not one of the known modes."""
