@@ -42,3 +42,23 @@ class UnknownModelError(ShareError, ValueError):
 
 class UnknownInitError(ShareError, ValueError):
     """The init mode of a shared weight is not one of the known modes."""
+
+
+class MissingFileError(ShareError, FileNotFoundError):
+    """An input file (a ShaResNet file, a checkpoint) does not exist."""
+
+
+class FileFormatError(ShareError, ValueError):
+    """A file is not what it must be: not safetensors, corrupt, truncated, or without share_transform metadata."""
+
+
+class CheckpointError(ShareError, ValueError):
+    """A checkpoint does not fit the model (keys, shapes) or holds pickled objects other than tensors."""
+
+
+class OutputExistsError(ShareError, FileExistsError):
+    """The output file exists and overwriting was not asked for."""
+
+
+class ExportError(ShareError, RuntimeError):
+    """The ONNX export failed, or the exported graph does not match the model (sharing or outputs)."""
