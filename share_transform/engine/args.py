@@ -1,0 +1,166 @@
+"""The command-line flags both recipes share, so ``train_imagenet.py`` and ``train_cifar.py`` read alike.
+
+A recipe's ``get_args_parser()`` adds its data flags, then calls :func:`add_training_args` with its
+protocol defaults (DESIGN §3), and :func:`resolve_args` after parsing.
+
+Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, ``--init``, ``--epochs``,
+``--batch-size`` (global), ``--lr`` (per ``--lr-reference-batch`` images), ``--momentum``,
+``--weight-decay``, ``--lr-milestones``, ``--lr-gamma``, ``--workers``, ``--output``, ``--resume``,
+``--device``, ``--amp/--no-amp``, ``--channels-last/--no-channels-last``, ``--compile``,
+``--synthetic``, ``--deterministic``, ``--seed``, ``--print-freq``.
+
+Example:
+    >>> parser = argparse.ArgumentParser()
+    >>> parser.add_argument("--data")
+    >>> add_training_args(parser, arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
+    ...                   milestones=(30, 60), gamma=0.1, policy="imagenet", init="fan_out")
+    >>> args = resolve_args(parser.parse_args(), recipe="imagenet")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+from .init import MODES
+
+
+def add_training_args(
+    parser: argparse.ArgumentParser,
+    *,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    lr_reference_batch: int,
+    momentum: float = 0.9,
+    weight_decay: float,
+    milestones: Sequence[int],
+    gamma: float,
+    policy: str,
+    init: str,
+    workers: int = 8,
+) -> argparse.ArgumentParser:
+    """Add the shared flags to ``parser`` with the recipe's protocol defaults; returns ``parser``."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", default=arch, help=f"timm name, or torchvision:NAME (default {arch})")
+    g.add_argument(
+        "--model-kwargs",
+        default="{}",
+        type=_json_object,
+        help="JSON of extra constructor arguments, e.g. '{\"layers\": [2, 2, 2, 2]}' (advanced)",
+    )
+    g.add_argument(
+        "--share",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share one spatial conv weight per stage (ShaResNet; default); --no-share trains the original",
+    )
+    g.add_argument("--policy", default=policy, help=f"sharing policy: imagenet or cifar (default {policy})")
+    g.add_argument("--init", default=init, choices=MODES, help=f"conv init, He et al. (default {init})")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"global batch over all ranks (default {batch_size})",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=lr,
+        help=f"learning rate per {lr_reference_batch} images, scaled linearly with --batch-size (default {lr})",
+    )
+    g.add_argument("--lr-reference-batch", type=int, default=lr_reference_batch, help=argparse.SUPPRESS)
+    g.add_argument("--momentum", type=float, default=momentum, help=f"Nesterov momentum (default {momentum})")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=weight_decay,
+        help=f"on every parameter (default {weight_decay})",
+    )
+    g.add_argument(
+        "--lr-milestones",
+        type=int,
+        nargs="*",
+        default=list(milestones),
+        help=f"epochs after which lr *= --lr-gamma (default {' '.join(map(str, milestones))})",
+    )
+    g.add_argument("--lr-gamma", type=float, default=gamma, help=f"default {gamma}")
+
+    g = parser.add_argument_group("run")
+    g.add_argument(
+        "--output", type=Path, default=None, help="run directory (default runs/RECIPE-ARCH-shared|original)"
+    )
+    g.add_argument(
+        "--resume", action="store_true", help="continue from the output directory's last checkpoint"
+    )
+    g.add_argument(
+        "--workers", type=int, default=workers, help=f"data loader processes per rank (default {workers})"
+    )
+    g.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=("cuda", "cpu"),
+        help="default: cuda if present",
+    )
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for cuda)",
+    )
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC memory format (default: on for cuda)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    g.add_argument("--synthetic", action="store_true", help="random images instead of --data (benchmarking)")
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels: bit-reproducible runs and resumes",
+    )
+    g.add_argument("--seed", type=int, default=0, help="default 0")
+    g.add_argument("--print-freq", type=int, default=20, help="steps between progress updates and NaN checks")
+    return parser
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def resolve_args(args: argparse.Namespace, *, recipe: str) -> argparse.Namespace:
+    """Fill the device-dependent defaults and the output directory; check values that argparse cannot.
+
+    Raises:
+        ConfigError: a non-positive epoch count, batch size or worker count.
+    """
+    if args.amp is None:
+        args.amp = args.device == "cuda"
+    if args.channels_last is None:
+        args.channels_last = args.device == "cuda"
+    if args.output is None:
+        arch = args.arch.replace(":", "-").replace("/", "-")
+        args.output = Path("runs") / f"{recipe}-{arch}-{'shared' if args.share else 'original'}"
+    for name in ("epochs", "batch_size", "print_freq"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be at least 0, got {args.workers}")
+    return args

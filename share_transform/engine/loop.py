@@ -1,0 +1,269 @@
+"""One training epoch and one evaluation pass, dataset-agnostic, fast on GPU, exact on CPU.
+
+The loader yields ``(images, targets)`` on the host (uint8 or float); each batch is copied
+non-blocking to the device and turned into the model's input there by a ``preprocess`` callable
+(:class:`Normalize`: uint8 -> float, mean/std; the GPU does the arithmetic, the bus carries bytes).
+Forward and loss run under bf16 autocast when ``amp`` is on; channels_last on request.
+
+Losses and hit counts stay on the device and are synchronised every ``log_every`` steps only, so the
+host keeps queueing work. At each synchronisation the window's losses are checked: a NaN or infinite
+loss raises :class:`NonFiniteLossError` naming the first bad step, on every rank at once.
+
+Errors are in percent: top-1 error = 100 - top-1 accuracy. Training figures are running averages over
+the epoch in train mode, as fb.resnet.torch reports them.
+
+Example:
+    >>> stats = train_one_epoch(model, loader, optimizer, epoch=0, device=dev, preprocess=Normalize(MEAN, STD))
+    >>> val = evaluate(model, val_loader, device=dev, preprocess=Normalize(MEAN, STD))
+    >>> print(stats.loss, val.top1_err)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import all_reduce_sum
+from .errors import NonFiniteLossError
+from .metrics import ProgressBar
+
+Preprocess = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Normalize:
+    """Device-side input transform: ``(x / scale - mean) / std`` in float32, optionally channels_last.
+
+    Args:
+        mean, std: per channel, in the units of ``x / scale``.
+        scale: 255 for uint8 images, 1 for float images already in [0, 1].
+        channels_last: return an NHWC-strided tensor (faster convs with AMP on tensor cores).
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale: float = 255.0,
+        channels_last: bool = False,
+    ) -> None:
+        m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        # Folded into one multiply-add: x * (1 / (scale * std)) - mean / std.
+        self.mul = (1.0 / (scale * s)).view(-1, 1, 1)
+        self.add = (-m / s).view(-1, 1, 1)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mul.device != x.device:
+            self.mul, self.add = self.mul.to(x.device), self.add.to(x.device)
+        out = torch.addcmul(self.add, x.float(), self.mul)
+        if self.channels_last and out.dim() == 4:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Averages of one pass, reduced over ranks; errors in percent."""
+
+    loss: float
+    top1_err: float
+    top5_err: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def autocast(device: torch.device, amp: bool) -> torch.autocast | nullcontext:
+    """bf16 autocast on ``device`` when ``amp`` (bf16 needs no loss scaling, unlike fp16)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+def _hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[top-1 hits, top-5 hits]`` of a batch (top-k capped at the number of classes)."""
+    k = min(5, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    match = top.eq(targets.unsqueeze(-1))
+    return torch.stack([match[:, 0].sum(), match.any(dim=-1).sum()]).float()
+
+
+def _to_device(
+    batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, preprocess: Preprocess | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets = batch
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    return (preprocess(images) if preprocess is not None else images), targets
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    amp: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a device batch; returns ``(loss, logits)`` detached, without synchronising."""
+    with autocast(images.device, amp):
+        logits = model(images)
+        loss = F.cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def _first_bad_step(losses: list[torch.Tensor], first_step: int, device: torch.device) -> int | None:
+    """Global step of the first non-finite loss in the window on any rank, or None when all are finite."""
+    finite = torch.isfinite(torch.stack(losses))
+    local = first_step + int(torch.nonzero(~finite)[0, 0]) if not bool(finite.all()) else -1
+    if not dist.is_initialized():
+        return local if local >= 0 else None
+    big = torch.iinfo(torch.int64).max
+    t = torch.tensor([local if local >= 0 else big], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item()) if int(t.item()) != big else None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    device: torch.device,
+    preprocess: Preprocess | None = None,
+    amp: bool = False,
+    log_every: int = 20,
+    start_step: int = 0,
+    progress: ProgressBar | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> EpochStats:
+    """Train ``model`` for one pass over ``loader``.
+
+    Args:
+        model: in train mode on return; may be DDP-wrapped and/or compiled.
+        loader: host batches ``(images, targets)``.
+        optimizer: stepped once per batch (the schedule is stepped per epoch by the caller).
+        epoch: 0-based, for messages.
+        device: where the model lives.
+        preprocess: device-side input transform (e.g. :class:`Normalize`).
+        amp: bf16 autocast.
+        log_every: steps between synchronisations (progress update and the NaN check).
+        start_step: global step of the first batch (``epoch * len(loader)``), for messages and ``on_step``.
+        progress: a rank-0 progress bar, updated at each synchronisation.
+        on_step: called with the global step after each optimizer step (tests use it to fault-inject).
+
+    Raises:
+        NonFiniteLossError: a loss was NaN/inf; every rank raises for the same step. Weights are then
+            unusable, so the caller must not checkpoint them.
+    """
+    model.train()
+    sums = torch.zeros(4, device=device)  # loss * n, top-1 hits, top-5 hits, n
+    window: list[torch.Tensor] = []
+    window_start = start_step
+    step = start_step
+    t0 = time.perf_counter()
+
+    def sync(step_after: int) -> None:
+        nonlocal window, window_start
+        if not window:
+            return
+        bad = _first_bad_step(window, window_start, device)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the training loss is not finite at epoch {epoch + 1}, step {bad} (global, from 0); "
+                "training stopped",
+                epoch=epoch,
+                step=bad,
+            )
+        if progress is not None:
+            s = sums.tolist()
+            elapsed = time.perf_counter() - t0
+            progress.update(
+                step_after - start_step, loss=s[0] / s[3], img_s=s[3] / elapsed if elapsed else 0.0
+            )
+        window, window_start = [], step_after
+
+    for i, batch in enumerate(loader):
+        step = start_step + i
+        images, targets = _to_device(batch, device, preprocess)
+        loss, logits = train_step(model, images, targets, optimizer, amp=amp)
+        n = targets.shape[0]
+        sums += torch.cat([(loss.float() * n).view(1), _hits(logits, targets), sums.new_tensor([n])])
+        window.append(loss)
+        if on_step is not None:
+            on_step(step)
+        if len(window) >= log_every:
+            sync(step + 1)
+    sync(step + 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    all_reduce_sum(sums)
+    loss_sum, hit1, hit5, count = sums.tolist()
+    count = max(count, 1.0)
+    # Images/s over all ranks: the slowest rank sets the pace, so take the longest wall time.
+    wall = torch.tensor([seconds], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+    return EpochStats(
+        loss=loss_sum / count,
+        top1_err=100.0 * (1 - hit1 / count),
+        top5_err=100.0 * (1 - hit5 / count),
+        images=int(count),
+        seconds=float(wall.item()),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    preprocess: Preprocess | None = None,
+    amp: bool = False,
+) -> EpochStats:
+    """Loss and top-1/top-5 error of ``model`` in eval mode over ``loader``, summed over ranks.
+
+    A batch of shape ``(B, K, C, H, W)`` holds K crops per image (ten-crop): the model sees ``B*K``
+    images and each image's logits are averaged over its crops before the loss and the ranking.
+    Pass the unwrapped model: evaluation needs no gradient synchronisation, and ranks may hold
+    different numbers of batches.
+    """
+    model.eval()
+    sums = torch.zeros(4, device=device)
+    t0 = time.perf_counter()
+    for batch in loader:
+        images, targets = _to_device(batch, device, preprocess)
+        crops = images.shape[1] if images.dim() == 5 else 1
+        if crops > 1:
+            images = images.flatten(0, 1)
+        with autocast(device, amp):
+            logits = model(images).float()
+        logits = logits.view(targets.shape[0], crops, -1).mean(dim=1)
+        n = targets.shape[0]
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        sums += torch.cat([loss.view(1), _hits(logits, targets), sums.new_tensor([n])])
+    all_reduce_sum(sums)
+    loss_sum, hit1, hit5, count = sums.tolist()
+    count = max(count, 1.0)
+    return EpochStats(
+        loss=loss_sum / count,
+        top1_err=100.0 * (1 - hit1 / count),
+        top5_err=100.0 * (1 - hit5 / count),
+        images=int(count),
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,128 @@
+"""Run outputs: ``metrics.jsonl`` (one JSON object per finished epoch), ``curves.png``, a progress bar.
+
+``metrics.jsonl`` keys (errors in percent): ``epoch`` (1-based), ``lr``, ``train_loss``,
+``train_top1_err``, ``train_top5_err``, ``val_loss``, ``val_top1_err``, ``val_top5_err``,
+``images_per_s`` (training, all ranks), ``unique_params``, ``shared``.
+
+``curves.png`` redraws, after every epoch, the training loss and the test error per epoch, as the
+paper's Figure 4 does for CIFAR. Drawing uses matplotlib's Agg canvas directly, so it needs no display
+and leaves the global backend alone. Only rank 0 calls these.
+
+Example:
+    >>> append_metrics(out / "metrics.jsonl", record)
+    >>> plot_curves(out / "curves.png", history, title="resnet50, shared")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..io import atomic_write
+
+METRIC_KEYS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_top1_err",
+    "train_top5_err",
+    "val_loss",
+    "val_top1_err",
+    "val_top5_err",
+    "images_per_s",
+    "unique_params",
+    "shared",
+)
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append one epoch's record as a JSON line, flushed to disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` atomically from ``history`` (on resume: exactly the checkpointed epochs)."""
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(path: Path, history: Sequence[dict[str, Any]], *, title: str = "") -> None:
+    """Draw training loss (left) and test top-1/top-5 error (right) per epoch into ``path``, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_err = fig.subplots(1, 2)
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], marker=".", linestyle="--", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
+    ax_err.plot(epochs, [r["val_top1_err"] for r in history], marker=".", label="test top-1")
+    ax_err.plot(epochs, [r["val_top5_err"] for r in history], marker=".", linestyle="--", label="test top-5")
+    ax_err.plot(epochs, [r["train_top1_err"] for r in history], linestyle=":", label="train top-1")
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title="test error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+class ProgressBar:
+    """A one-line progress bar: step, loss, images/s and ETA.
+
+    On a terminal it redraws in place; otherwise (logs, CI) it prints a line at every tenth of the epoch.
+    """
+
+    def __init__(self, total: int, desc: str, stream: TextIO | None = None) -> None:
+        self.total, self.desc = total, desc
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.next_tenth = 1
+
+    def update(self, done: int, **values: float) -> None:
+        """Show ``done`` of ``total`` steps and the named values (e.g. ``loss=2.3, img_s=2900``)."""
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        width = 24
+        filled = int(width * done / self.total) if self.total else width
+        fields = "  ".join(f"{k.replace('_', '/')} {v:.4g}" for k, v in values.items())
+        line = (
+            f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  {fields}  "
+            f"eta {_clock(eta)}"
+        )
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.stream.flush()
+        elif self.total and done * 10 >= self.next_tenth * self.total:
+            self.next_tenth = done * 10 // self.total + 1
+            print(line, file=self.stream, flush=True)
+
+    def close(self, summary: str = "") -> None:
+        """End the bar's line; print ``summary`` on its own line."""
+        if self.tty:
+            self.stream.write("\n")
+        if summary:
+            print(summary, file=self.stream, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"

@@ -1,0 +1,353 @@
+"""``fit``: the epoch loop both recipes run, with the run-directory contract; and ``run_recipe``.
+
+Run directory (``--output``), written by rank 0 only:
+
+* ``run.json`` at the start of a fresh run: ``recipe``, ``arch``, ``dataset``, ``share``, ``policy``,
+  ``seed``, ``epochs``, ``batch_size``, ``lr`` (the optimizer's initial lr, after batch scaling),
+  ``params_unshared``, ``unique_params``, ``args`` (every CLI argument);
+* ``metrics.jsonl``, one line per finished epoch, and ``curves.png`` (see :mod:`.metrics`);
+* ``checkpoint-last.*`` after every epoch and ``checkpoint-best.*`` at the best test top-1 error
+  (see :mod:`.checkpoint`).
+
+A fresh run refuses a directory that already holds a checkpoint (``--resume`` continues it), so
+nothing written is ever overwritten by accident. On a non-finite loss ``fit`` stops before writing
+anything from the bad epoch and says which step and which checkpoint is the last good one.
+
+Example (what a recipe's ``main`` does):
+    >>> info = init_distributed(args.device)
+    >>> setup_runtime(deterministic=args.deterministic)
+    >>> fit(model, train_loader, val_loader, config=TrainConfig(...), dist_info=info, output=args.output,
+    ...     resume=args.resume, run_info=run_info, train_preprocess=norm, eval_preprocess=norm)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
+from ..io import atomic_write
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, weights_path
+from .data import sample_seed
+from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, error0, print0
+from .errors import ConfigError, NonFiniteLossError
+from .loop import Preprocess, evaluate, train_one_epoch
+from .metrics import ProgressBar, append_metrics, plot_curves, write_metrics
+from .optim import build_optimizer, build_scheduler
+
+#: Test-only fault injection: the training process SIGKILLs itself after this global step.
+KILL_AT_STEP_ENV = "SHARE_TRANSFORM_KILL_AT_STEP"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation protocol and the speed options of a run.
+
+    ``lr`` is the optimizer's learning rate for the global batch (scale a per-256 figure with
+    :func:`share_transform.engine.optim.scaled_lr` first); ``milestones`` are 0-based epochs after
+    which the lr is multiplied by ``gamma``.
+    """
+
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    milestones: Sequence[int]
+    gamma: float
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 20
+
+
+def setup_runtime(*, deterministic: bool) -> None:
+    """Kernel selection: cuDNN autotuning and TF32 for speed, or deterministic kernels throughout."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device) and Python's ``random``."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """``global_batch / world_size``; raises :class:`ConfigError` unless it divides exactly.
+
+    Check it before :func:`init_distributed` (``world_from_env()`` gives the world size), so a bad
+    value fails at once instead of after the rendezvous.
+    """
+    if global_batch % world_size:
+        raise ConfigError(
+            f"--batch-size {global_batch} is not divisible by the world size {world_size}; "
+            f"use a multiple of {world_size}"
+        )
+    return global_batch // world_size
+
+
+def alias_groups(model: nn.Module) -> frozenset[tuple[str, ...]]:
+    """Names of the parameters that are one object, grouped (a shared weight lists all its members)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return frozenset(tuple(g) for g in groups.values() if len(g) > 1)
+
+
+def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str) -> None:
+    """Re-tie ``model`` if ``what`` (a move, a wrapper) untied it (DESIGN §4); raise if that fails."""
+    if alias_groups(model) == expected:
+        return
+    import share_transform
+
+    if share_transform.get_plan(model) is not None:
+        share_transform.retie(model)
+    if alias_groups(model) != expected:
+        raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
+
+
+def prepare_output(output: Path, *, resume: bool, dist_info: DistInfo) -> None:
+    """Check that ``output`` can take this run and create it (rank 0).
+
+    Raises:
+        OutputExistsError: a fresh run into a directory holding a checkpoint.
+        MissingFileError: ``resume`` without a checkpoint.
+    """
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"--output {output} is a file, not a directory")
+    found = has_checkpoint(output, "last")
+    if found and not resume:
+        raise OutputExistsError(
+            f"{output} already holds a run ({weights_path(output, 'last').name}); "
+            "pass --resume to continue it, or choose another --output"
+        )
+    if resume and not found:
+        raise MissingFileError(f"--resume: {output} holds no checkpoint-last to continue from")
+    try:
+        import matplotlib  # noqa: F401  (curves.png is part of the output contract)
+    except ImportError as e:
+        raise ConfigError(
+            "matplotlib is needed to draw curves.png: pip install 'share-transform[train]'"
+        ) from e
+    if dist_info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+
+
+def write_run_json(output: Path, run_info: dict[str, Any]) -> None:
+    """Write ``run.json`` atomically (paths and other non-JSON values become strings)."""
+    text = json.dumps(run_info, indent=2, default=str) + "\n"
+    atomic_write(output / "run.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _check_same_run(output: Path, run_info: dict[str, Any]) -> None:
+    path = output / "run.json"
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("arch", "share", "policy", "dataset", "batch_size"):
+        if key in before and before[key] != run_info.get(key):
+            raise CheckpointError(
+                f"--resume: {output} was started with {key}={before[key]!r}, this command gives "
+                f"{run_info.get(key)!r}; resume with the same settings or choose another --output"
+            )
+
+
+def _kill_after(step: int) -> Callable[[int], None]:
+    def on_step(global_step: int) -> None:
+        if global_step >= step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    *,
+    config: TrainConfig,
+    dist_info: DistInfo,
+    output: Path,
+    resume: bool,
+    run_info: dict[str, Any],
+    train_preprocess: Preprocess | None = None,
+    eval_preprocess: Preprocess | None = None,
+    title: str = "",
+) -> list[dict[str, Any]]:
+    """Train ``model`` for ``config.epochs`` epochs (from the last checkpoint with ``resume``).
+
+    Args:
+        model: built, initialised and shared on the CPU; ``fit`` moves it to the device (keeping its
+            ties), wraps it in DDP when the world size is above 1 and compiles it on request.
+        train_loader, val_loader: from :func:`share_transform.engine.data.make_loader`.
+        config: the optimisation protocol.
+        dist_info: from :func:`init_distributed`.
+        output: the run directory.
+        resume: continue from ``output``'s ``checkpoint-last``.
+        run_info: the ``run.json`` record (written on a fresh start; checked against on resume).
+        train_preprocess, eval_preprocess: device-side input transforms.
+        title: heading of ``curves.png``.
+
+    Returns:
+        The metrics history, one record per epoch (also in ``metrics.jsonl``).
+
+    Raises:
+        OutputExistsError, MissingFileError: see :func:`prepare_output`.
+        CheckpointError: an unreadable checkpoint, or ``resume`` with other settings than the run's.
+        NonFiniteLossError: the loss became NaN/inf; nothing from that epoch was written.
+    """
+    output = Path(output)
+    prepare_output(output, resume=resume, dist_info=dist_info)
+    device = dist_info.device
+    ties = alias_groups(model)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    keep_ties(model, ties, f"moving the model to {device}")
+
+    optimizer = build_optimizer(
+        model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scheduler = build_scheduler(optimizer, milestones=config.milestones, gamma=config.gamma)
+    history: list[dict[str, Any]] = []
+    best_err = float("inf")
+    start_epoch = 0
+    if resume:
+        _check_same_run(output, run_info)
+        state = load_checkpoint(output, "last", model, device=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best_err = list(state["history"]), float(state["best_top1_err"])
+        start_epoch = int(state["epoch"])
+        if dist_info.is_main:
+            # Rewritten from the checkpoint: drops the line of an epoch that was not checkpointed.
+            write_metrics(output / "metrics.jsonl", history)
+        print0(f"resumed from {weights_path(output, 'last')} after epoch {start_epoch}")
+    elif dist_info.is_main:
+        write_run_json(output, run_info)
+
+    train_model: nn.Module = model
+    if dist_info.distributed:
+        # DDP registers each shared weight once (it de-duplicates parameters) and broadcasts rank 0's copy.
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
+        keep_ties(model, ties, "DistributedDataParallel")
+    if config.compile:
+        train_model = torch.compile(train_model)
+
+    kill_at = os.environ.get(KILL_AT_STEP_ENV)
+    on_step = _kill_after(int(kill_at)) if kill_at else None
+    unique = sum(p.numel() for p in model.parameters())
+    shared = bool(run_info.get("share", False))
+    steps = len(train_loader)
+    for epoch in range(start_epoch, config.epochs):
+        # The epoch's randomness is a function of (seed, epoch, rank): resuming here replays it exactly.
+        seed_all(sample_seed(config.seed, epoch, -1 - dist_info.rank))
+        train_loader.sampler.set_epoch(epoch)
+        val_loader.sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        bar = ProgressBar(steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
+        try:
+            train = train_one_epoch(
+                train_model,
+                train_loader,
+                optimizer,
+                epoch=epoch,
+                device=device,
+                preprocess=train_preprocess,
+                amp=config.amp,
+                log_every=config.log_every,
+                start_step=epoch * steps,
+                progress=bar,
+                on_step=on_step,
+            )
+        except NonFiniteLossError as e:
+            last = (
+                f"the last good checkpoint is {weights_path(output, 'last')} (epoch {epoch})"
+                if epoch > 0 and has_checkpoint(output, "last")
+                else "no checkpoint had been written yet"
+            )
+            raise NonFiniteLossError(f"{e}; {last}", epoch=e.epoch, step=e.step) from None
+        broadcast_buffers(model)
+        val = evaluate(model, val_loader, device=device, preprocess=eval_preprocess, amp=config.amp)
+        scheduler.step()
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train.loss,
+            "train_top1_err": train.top1_err,
+            "train_top5_err": train.top5_err,
+            "val_loss": val.loss,
+            "val_top1_err": val.top1_err,
+            "val_top5_err": val.top5_err,
+            "images_per_s": train.images_per_s,
+            "unique_params": unique,
+            "shared": shared,
+        }
+        history.append(record)
+        is_best = val.top1_err < best_err
+        best_err = min(best_err, val.top1_err)
+        if bar is not None:
+            bar.close(
+                f"epoch {epoch + 1}: train loss {train.loss:.4f}  top-1 err {train.top1_err:.2f}%  | "
+                f"val loss {val.loss:.4f}  top-1 err {val.top1_err:.2f}%  top-5 err {val.top5_err:.2f}%  | "
+                f"{train.images_per_s:.0f} img/s  lr {lr:.4g}"
+            )
+        if dist_info.is_main:
+            state = {
+                "epoch": epoch + 1,
+                "global_step": (epoch + 1) * steps,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "best_top1_err": best_err,
+                "history": history,
+            }
+            # Checkpoint before the metrics line: a kill in between is repaired from the history on resume.
+            save_checkpoint(output, "last", model, state)
+            if is_best:
+                save_checkpoint(output, "best", model, state)
+            append_metrics(output / "metrics.jsonl", record)
+            plot_curves(output / "curves.png", history, title=title)
+    barrier()
+    return history
+
+
+def run_recipe(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """Run a recipe's ``main``; a :class:`ShareError` or OS error becomes one ``error:`` line and exit 2.
+
+    Use as ``sys.exit(run_recipe(main, get_args_parser().parse_args()))``.
+    """
+    try:
+        main(args)
+    except (ShareError, OSError) as e:
+        error0(str(e))
+        return 2
+    except KeyboardInterrupt:
+        error0("interrupted")
+        return 130
+    finally:
+        sys.stdout.flush()
+        cleanup()
+    return 0
