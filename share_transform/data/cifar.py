@@ -1,0 +1,511 @@
+"""CIFAR-10 / CIFAR-100 for the ShaResNet CIFAR experiments: files, preprocessing, datasets.
+
+* Files: the standard CIFAR "python version" layout (``cifar-10-batches-py/data_batch_1..5, test_batch,
+  batches.meta``; ``cifar-100-python/train, test, meta``), read with a restricted unpickler that only
+  rebuilds dicts, lists, strings and numpy arrays, so a tampered file cannot run code. :func:`write_cifar`
+  writes the same layout (tests and the digits experiment use it); :func:`download_cifar` fetches the real
+  sets through torchvision where the machine has network.
+* Preprocessing, both fitted on the training set only and saved with the run (:func:`save_preprocessing`),
+  so evaluation and ``--resume`` use the training set's statistics:
+
+  - ``"zca"``: the paper's inputs (Sec. 4.3: "whitened data from PyLearn2" + random horizontal flip):
+    pylearn2's ``make_cifar10_gcn_whitened`` recipe, i.e. global contrast normalisation (each image minus
+    its mean, scaled to L2 norm 55) then ZCA whitening with ``filter_bias`` 0.1.
+  - ``"meanstd"``: the WRN authors' default: per-channel mean/std, 4-pixel reflection pad, random 32x32
+    crop, horizontal flip.
+
+Papers:
+* `ShaResNet: reducing residual network parameter number by sharing weights` - https://arxiv.org/abs/1702.08782
+* `Wide Residual Networks` - https://arxiv.org/abs/1605.07146
+* `Learning Multiple Layers of Features from Tiny Images` (Krizhevsky, 2009) - the CIFAR sets and ZCA.
+
+Example::
+
+    data = load_cifar("~/data", "cifar10", preprocess="zca")
+    save_preprocessing(data.preprocessing, "runs/wrn/preprocess.safetensors")
+    loader = torch.utils.data.DataLoader(data.train, batch_size=128, shuffle=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from share_transform.errors import ShareError
+
+__all__ = [
+    "CIFAR_DIRS",
+    "ZCA",
+    "ChannelNorm",
+    "CifarData",
+    "CifarDataset",
+    "CifarSplit",
+    "DataError",
+    "Preprocessing",
+    "download_cifar",
+    "fit_preprocessing",
+    "global_contrast_normalize",
+    "load_cifar",
+    "load_preprocessing",
+    "read_cifar",
+    "save_preprocessing",
+    "write_cifar",
+]
+
+DatasetName = Literal["cifar10", "cifar100"]
+
+#: Folder of each set inside ``--data``, as the official archives unpack.
+CIFAR_DIRS: dict[str, str] = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_TRAIN_FILES = {"cifar10": [f"data_batch_{i}" for i in range(1, 6)], "cifar100": ["train"]}
+_TEST_FILES = {"cifar10": ["test_batch"], "cifar100": ["test"]}
+_META_FILE = {"cifar10": "batches.meta", "cifar100": "meta"}
+_LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
+_CLASS_KEY = {"cifar10": "label_names", "cifar100": "fine_label_names"}
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+_IMAGE_BYTES = 3 * 32 * 32
+
+#: pylearn2's CIFAR whitening constants (``CIFAR10(gcn=55.)`` then ``ZCA(filter_bias=0.1)``).
+GCN_SCALE = 55.0
+ZCA_FILTER_BIAS = 0.1
+
+
+class DataError(ShareError, ValueError):
+    """The CIFAR data is absent or malformed, or a saved preprocessing file does not fit the run."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds only builtins containers and numpy arrays: the CIFAR files hold nothing else."""
+
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # how protocol-2 pickles store the arrays' raw bytes
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR file holds only arrays")
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            # latin1 reads the official Python 2 pickles (and their numpy buffers) with str keys.
+            obj = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same here
+        raise DataError(f"{path} is not a CIFAR python-format file ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is not a CIFAR python-format file (holds {type(obj).__name__}, not a dict)")
+    return obj
+
+
+@dataclass(frozen=True)
+class CifarSplit:
+    """One split as stored: ``images`` uint8 (N, 32, 32, 3) HWC RGB, ``labels`` int64 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+
+def find_cifar_dir(root: str | os.PathLike[str], dataset: str) -> Path:
+    """The folder holding ``dataset``'s files: ``root/<official name>``, or ``root`` itself."""
+    name = _check_name(dataset)
+    root = Path(root).expanduser()
+    for candidate in (root / CIFAR_DIRS[name], root):
+        if (candidate / _META_FILE[name]).is_file():
+            return candidate
+    raise DataError(
+        f"no {name} data under {root}: expected {root / CIFAR_DIRS[name]}/{_META_FILE[name]} "
+        f"(the python version of the set); pass --download to fetch it, or point --data at its parent folder"
+    )
+
+
+def read_cifar(root: str | os.PathLike[str], dataset: str, *, train: bool) -> CifarSplit:
+    """Read the training (``train=True``) or test split of ``dataset`` ("cifar10"|"cifar100") under ``root``.
+
+    Raises :class:`DataError` when a file is missing, is not a CIFAR pickle, or holds arrays of the wrong
+    shape or labels out of range. Sizes are not checked against 50,000/10,000, so small generated sets work.
+    """
+    name = _check_name(dataset)
+    folder = find_cifar_dir(root, name)
+    classes = tuple(str(c) for c in _unpickle(folder / _META_FILE[name]).get(_CLASS_KEY[name], ()))
+    if len(classes) != _NUM_CLASSES[name]:
+        raise DataError(
+            f"{folder / _META_FILE[name]}: expected {_NUM_CLASSES[name]} class names "
+            f"under {_CLASS_KEY[name]!r}, found {len(classes)}"
+        )
+    images, labels = [], []
+    for file in (_TRAIN_FILES if train else _TEST_FILES)[name]:
+        path = folder / file
+        if not path.is_file():
+            raise DataError(
+                f"{name}: {path} is missing (an incomplete download?); delete {folder} and "
+                f"fetch it again with --download"
+            )
+        batch = _unpickle(path)
+        try:
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            label = np.asarray(batch[_LABEL_KEY[name]], dtype=np.int64)
+        except (KeyError, ValueError, TypeError) as e:
+            raise DataError(f"{path}: expected uint8 'data' and '{_LABEL_KEY[name]}' entries ({e})") from e
+        if data.ndim != 2 or data.shape[1] != _IMAGE_BYTES or label.shape != (data.shape[0],):
+            raise DataError(
+                f"{path}: expected data (N, {_IMAGE_BYTES}) and labels (N,), got {data.shape} and {label.shape}"
+            )
+        images.append(data)
+        labels.append(label)
+    all_labels = np.concatenate(labels)
+    if all_labels.size == 0:
+        raise DataError(f"{folder}: the {'training' if train else 'test'} split is empty")
+    if all_labels.min() < 0 or all_labels.max() >= len(classes):
+        raise DataError(f"{folder}: labels outside 0..{len(classes) - 1}")
+    # Rows are channel-major (1024 R, 1024 G, 1024 B); keep HWC like torchvision's CIFAR10.
+    hwc = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return CifarSplit(np.ascontiguousarray(hwc), all_labels, classes)
+
+
+def write_cifar(
+    root: str | os.PathLike[str],
+    dataset: str,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    classes: Sequence[str] | None = None,
+) -> Path:
+    """Write ``(images, labels)`` pairs in the official python layout under ``root``; return the set's folder.
+
+    ``images`` are uint8 (N, 32, 32, 3) HWC RGB. CIFAR-10's training split is cut into its five batch files;
+    CIFAR-100 labels are written as fine labels (coarse labels as 0). The result reads back with
+    :func:`read_cifar` (torchvision's readers take the same layout but also check the official md5s).
+    """
+    name = _check_name(dataset)
+    n_classes = _NUM_CLASSES[name]
+    classes = list(classes) if classes is not None else [f"class_{i}" for i in range(n_classes)]
+    if len(classes) != n_classes:
+        raise DataError(f"{name} needs {n_classes} class names, got {len(classes)}")
+    folder = Path(root) / CIFAR_DIRS[name]
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        images = np.asarray(images)
+        labels = np.asarray(labels)
+        if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or labels.shape != images.shape[:1]:
+            raise DataError(
+                f"write_cifar wants uint8 images (N, 32, 32, 3) and labels (N,), got "
+                f"{images.dtype} {images.shape} and {labels.shape}"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            raise DataError(f"labels must lie in 0..{n_classes - 1}")
+        return images.transpose(0, 3, 1, 2).reshape(len(images), -1), [int(v) for v in labels]
+
+    def dump(file: str, obj: dict[str, Any]) -> None:
+        with open(folder / file, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    train_rows, train_labels = rows(*train)
+    test_rows, test_labels = rows(*test)
+    if name == "cifar10":
+        dump(
+            "batches.meta",
+            {"label_names": classes, "num_cases_per_batch": -(-len(train_labels) // 5), "num_vis": _IMAGE_BYTES},
+        )
+        for i, part in enumerate(np.array_split(np.arange(len(train_labels)), 5), start=1):
+            dump(
+                f"data_batch_{i}",
+                {
+                    "batch_label": f"training batch {i} of 5",
+                    "data": train_rows[part],
+                    "labels": [train_labels[j] for j in part],
+                },
+            )
+        dump("test_batch", {"batch_label": "testing batch 1 of 1", "data": test_rows, "labels": test_labels})
+    else:
+        dump("meta", {"fine_label_names": classes, "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
+        for file, data, labels in (("train", train_rows, train_labels), ("test", test_rows, test_labels)):
+            dump(file, {"batch_label": file, "data": data, "fine_labels": labels, "coarse_labels": [0] * len(labels)})
+    return folder
+
+
+def download_cifar(root: str | os.PathLike[str], dataset: str) -> Path:
+    """Fetch ``dataset`` into ``root`` through torchvision (checksummed); return the set's folder."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    name = _check_name(dataset)
+    try:
+        (CIFAR10 if name == "cifar10" else CIFAR100)(str(root), train=True, download=True)
+    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+        raise DataError(
+            f"could not download {name} into {root}: {e}; fetch the python version by hand "
+            f"from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it there"
+        ) from e
+    return find_cifar_dir(root, name)
+
+
+def _check_name(dataset: str) -> DatasetName:
+    if dataset not in CIFAR_DIRS:
+        raise DataError(f"unknown dataset {dataset!r}: expected one of {', '.join(CIFAR_DIRS)}")
+    return dataset  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def global_contrast_normalize(x: torch.Tensor, scale: float = GCN_SCALE) -> torch.Tensor:
+    """pylearn2's GCN: per image (row of ``x``), subtract its mean and rescale to L2 norm ``scale``."""
+    x = x - x.mean(dim=1, keepdim=True)
+    norm = x.norm(dim=1, keepdim=True)
+    # A flat image has norm 0: leave it at zero rather than divide by it (pylearn2's min_divisor).
+    return x * (scale / torch.where(norm < 1e-8, torch.ones_like(norm), norm))
+
+
+@dataclass(frozen=True)
+class ZCA:
+    """ZCA whitening of flattened images: ``(x - mean) @ matrix``, ``matrix = U diag(1/sqrt(s + eps)) U^T``.
+
+    ``U, s`` are the eigenvectors/values of the training set's covariance (after GCN when ``gcn_scale`` is
+    set). ``epsilon`` (pylearn2's ``filter_bias``) keeps the near-zero directions from blowing up: the
+    whitened covariance is ``U diag(s / (s + eps)) U^T``, the identity as ``eps -> 0``.
+    """
+
+    mean: torch.Tensor  # (D,)
+    matrix: torch.Tensor  # (D, D), symmetric
+    epsilon: float
+    gcn_scale: float | None
+
+    kind = "zca"
+    #: The paper's augmentation on whitened inputs: horizontal flips, no crops.
+    crop = False
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, *, epsilon: float = ZCA_FILTER_BIAS, gcn_scale: float | None = GCN_SCALE) -> ZCA:
+        """Fit on images ``x`` (N, C, H, W), values in [0, 1]."""
+        flat = x.reshape(len(x), -1).double()
+        if gcn_scale is not None:
+            flat = global_contrast_normalize(flat, gcn_scale)
+        mean = flat.mean(dim=0)
+        centred = flat - mean
+        n, d = centred.shape
+        if n < d:
+            # Fewer images than pixels (small sets): the covariance has rank < n, and a thin SVD of the data
+            # gives its eigenvectors in O(n^2 d) instead of eigh's O(d^3); the null space scales by eps^-1/2.
+            _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
+            scale = (singular.square() / n + epsilon).rsqrt() - epsilon**-0.5
+            matrix = epsilon**-0.5 * torch.eye(d, dtype=flat.dtype) + (vt.T * scale) @ vt
+        else:
+            eigval, eigvec = torch.linalg.eigh(centred.T @ centred / n)
+            # eigh can return tiny negative eigenvalues for a rank-deficient covariance.
+            matrix = (eigvec * (eigval.clamp_min(0) + epsilon).rsqrt()) @ eigvec.T
+        return cls(mean.float(), matrix.float(), float(epsilon), gcn_scale)
+
+    def __call__(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Whiten images ``x`` (N, C, H, W) in [0, 1]; same shape out, float32."""
+        out = torch.empty(x.shape, dtype=torch.float32)
+        for i in range(0, len(x), batch_size):  # bounded memory on the full 50,000-image set
+            flat = x[i : i + batch_size].reshape(-1, self.mean.numel()).float()
+            if self.gcn_scale is not None:
+                flat = global_contrast_normalize(flat, self.gcn_scale)
+            out[i : i + batch_size] = ((flat - self.mean) @ self.matrix).reshape(-1, *x.shape[1:])
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "matrix": self.matrix}
+
+    def metadata(self) -> dict[str, str]:
+        return {"epsilon": repr(self.epsilon), "gcn_scale": json.dumps(self.gcn_scale)}
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> ZCA:
+        return cls(tensors["mean"], tensors["matrix"], float(metadata["epsilon"]), json.loads(metadata["gcn_scale"]))
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """Per-channel ``(x - mean) / std`` with the training set's statistics (the WRN authors' default)."""
+
+    mean: torch.Tensor  # (C,)
+    std: torch.Tensor  # (C,)
+
+    kind = "meanstd"
+    #: The WRN augmentation: 4-pixel reflection pad + random 32x32 crop (and flips).
+    crop = True
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> ChannelNorm:
+        """Fit on images ``x`` (N, C, H, W), values in [0, 1]."""
+        per_channel = x.transpose(0, 1).reshape(x.shape[1], -1).double()
+        return cls(per_channel.mean(dim=1).float(), per_channel.std(dim=1).float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean[:, None, None]) / self.std[:, None, None]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "std": self.std}
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> ChannelNorm:
+        return cls(tensors["mean"], tensors["std"])
+
+
+Preprocessing = ZCA | ChannelNorm
+_PREPROCESSING: dict[str, type[ZCA | ChannelNorm]] = {"zca": ZCA, "meanstd": ChannelNorm}
+
+
+def fit_preprocessing(kind: str, images: torch.Tensor) -> Preprocessing:
+    """Fit ``kind`` ("zca"|"meanstd") on training images (N, C, H, W) in [0, 1]."""
+    if kind not in _PREPROCESSING:
+        raise DataError(f"unknown preprocessing {kind!r}: expected one of {', '.join(_PREPROCESSING)}")
+    return _PREPROCESSING[kind].fit(images)
+
+
+def save_preprocessing(preprocessing: Preprocessing, path: str | os.PathLike[str]) -> Path:
+    """Write the fitted transform as safetensors (atomically: a crash leaves the old file or none)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"kind": preprocessing.kind, **preprocessing.metadata()}
+    tensors = {k: v.contiguous() for k, v in preprocessing.tensors().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_preprocessing(path: str | os.PathLike[str]) -> Preprocessing:
+    """Read a transform written by :func:`save_preprocessing`."""
+    path = Path(path)
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        return _PREPROCESSING[metadata["kind"]].from_file(tensors, metadata)
+    except FileNotFoundError:
+        raise DataError(f"no preprocessing file at {path}") from None
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise DataError(
+            f"{path} is not a preprocessing file written by share_transform ({e}); delete it to "
+            f"refit on the training set"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CifarDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Preprocessed images (N, C, H, W) held in memory, with per-sample augmentation from torch's RNG.
+
+    ``crop``: 4-pixel reflection pad + random crop back to H x W. ``flip``: horizontal flip with p=0.5.
+    Both off for evaluation.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, crop: bool = False, flip: bool = False) -> None:
+        self.images = images
+        self.labels = labels
+        self.crop = crop
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index]
+        if self.crop:
+            padded = F.pad(x[None], (4, 4, 4, 4), mode="reflect")[0]
+            i, j = torch.randint(0, 9, (2,)).tolist()
+            x = padded[:, i : i + x.shape[1], j : j + x.shape[2]]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
+@dataclass
+class CifarData:
+    """What :func:`load_cifar` returns: both splits, ready for a DataLoader, and the fitted transform."""
+
+    train: CifarDataset
+    val: CifarDataset
+    preprocessing: Preprocessing
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_cifar(
+    root: str | os.PathLike[str],
+    dataset: str,
+    preprocess: str | Preprocessing = "zca",
+    *,
+    hflip: bool = True,
+    download: bool = False,
+) -> CifarData:
+    """Read ``dataset`` under ``root`` and preprocess both splits with statistics of the training split.
+
+    ``preprocess`` is a kind ("zca"|"meanstd"), fitted here on the training images, or an already fitted
+    transform (e.g. :func:`load_preprocessing` of the run's file on ``--resume``), used as is. The test split
+    is always transformed with the training split's statistics. ``hflip=False`` drops the flips (for data
+    where a mirror image changes the class, such as digits). ``download`` fetches the set first if absent.
+    """
+    name = _check_name(dataset)
+    if download:
+        try:
+            find_cifar_dir(root, name)
+        except DataError:
+            download_cifar(root, name)
+    train, test = read_cifar(root, name, train=True), read_cifar(root, name, train=False)
+    train_x, test_x = _to_float(train.images), _to_float(test.images)
+    transform = fit_preprocessing(preprocess, train_x) if isinstance(preprocess, str) else preprocess
+    if transform.mean.numel() not in (3, train_x[0].numel()):
+        raise DataError(
+            f"the saved {transform.kind} transform has {transform.mean.numel()} features; "
+            f"{name} images have {train_x[0].numel()}"
+        )
+    return CifarData(
+        train=CifarDataset(transform(train_x), torch.from_numpy(train.labels), crop=transform.crop, flip=hflip),
+        val=CifarDataset(transform(test_x), torch.from_numpy(test.labels)),
+        preprocessing=transform,
+        classes=train.classes,
+    )
+
+
+def _to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 HWC -> float32 CHW in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)

@@ -1,0 +1,254 @@
+"""CIFAR files, ZCA / mean-std preprocessing and the in-memory datasets (share_transform.data.cifar)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from share_transform.data import (
+    ZCA,
+    ChannelNorm,
+    DataError,
+    load_cifar,
+    load_preprocessing,
+    read_cifar,
+    save_preprocessing,
+    write_cifar,
+)
+from share_transform.data.cifar import GCN_SCALE, global_contrast_normalize
+from share_transform.errors import ShareError
+
+
+def _images(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cifar10_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A 60/20-image CIFAR-10 in the official layout, with its arrays."""
+    rng = np.random.default_rng(0)
+    train = (_images(rng, 60), rng.integers(0, 10, 60))
+    test = (_images(rng, 20), rng.integers(0, 10, 20))
+    root = tmp_path_factory.mktemp("data")
+    write_cifar(root, "cifar10", train, test, classes=[f"c{i}" for i in range(10)])
+    return root, train, test
+
+
+# -- files ---------------------------------------------------------------------------------------------------------
+
+
+def test_cifar10_round_trip_in_official_layout(cifar10_dir):
+    root, train, test = cifar10_dir
+    folder = root / "cifar-10-batches-py"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "batches.meta",
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ]
+    # The official row format: 1024 red bytes, then green, then blue.
+    with open(folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    assert batch["data"].shape == (12, 3072)
+    assert np.array_equal(batch["data"][0, :1024], train[0][0, :, :, 0].ravel())
+
+    for split, (images, labels) in ((True, train), (False, test)):
+        got = read_cifar(root, "cifar10", train=split)
+        assert np.array_equal(got.images, images) and np.array_equal(got.labels, labels)
+        assert got.classes == tuple(f"c{i}" for i in range(10))
+    # --data may also name the set's own folder.
+    assert np.array_equal(read_cifar(folder, "cifar10", train=False).images, test[0])
+
+
+def test_cifar100_round_trip_uses_fine_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    train = (_images(rng, 30), rng.integers(0, 100, 30))
+    test = (_images(rng, 10), rng.integers(0, 100, 10))
+    folder = write_cifar(tmp_path, "cifar100", train, test)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta", "test", "train"]
+    got = read_cifar(tmp_path, "cifar100", train=True)
+    assert np.array_equal(got.images, train[0]) and np.array_equal(got.labels, train[1])
+    assert len(got.classes) == 100
+
+
+def test_absent_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="--download") as e:
+        read_cifar(tmp_path, "cifar10", train=True)
+    assert isinstance(e.value, ShareError)
+    with pytest.raises(DataError, match="unknown dataset 'svhn'"):
+        read_cifar(tmp_path, "svhn", train=True)
+
+
+def test_missing_batch_file_is_reported(cifar10_dir, tmp_path):
+    root, train, test = cifar10_dir
+    write_cifar(tmp_path, "cifar10", train, test)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3 is missing"):
+        read_cifar(tmp_path, "cifar10", train=True)
+    # The test split alone is still readable.
+    assert len(read_cifar(tmp_path, "cifar10", train=False).labels) == 20
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x04not a pickle at all", pickle.dumps([1, 2, 3])])
+def test_malformed_file_is_reported(cifar10_dir, tmp_path, content):
+    root, train, test = cifar10_dir
+    folder = write_cifar(tmp_path, "cifar10", train, test)
+    (folder / "test_batch").write_bytes(content)
+    with pytest.raises(DataError, match="test_batch"):
+        read_cifar(tmp_path, "cifar10", train=False)
+
+
+def test_wrong_shapes_and_labels_are_reported(cifar10_dir, tmp_path):
+    root, train, test = cifar10_dir
+    folder = write_cifar(tmp_path, "cifar10", train, test)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, f)
+    with pytest.raises(DataError, match=r"expected data \(N, 3072\)"):
+        read_cifar(tmp_path, "cifar10", train=False)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, f)
+    with pytest.raises(DataError, match="labels outside 0..9"):
+        read_cifar(tmp_path, "cifar10", train=False)
+
+
+def test_a_pickle_that_would_run_code_is_refused(cifar10_dir, tmp_path):
+    """The CIFAR format is a pickle; ours rebuilds arrays only, so a tampered file cannot run anything."""
+    root, train, test = cifar10_dir
+    folder = write_cifar(tmp_path, "cifar10", train, test)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": Exploit(), "labels": []}))
+    with pytest.raises(DataError, match="refusing to load"):
+        read_cifar(tmp_path, "cifar10", train=False)
+    assert not marker.exists()
+
+
+# -- ZCA -------------------------------------------------------------------------------------------------------------
+
+
+def _correlated_images(n: int, seed: int = 0) -> torch.Tensor:
+    """n images 3x8x8 with strongly correlated pixels (a random mixing of independent sources)."""
+    g = torch.Generator().manual_seed(seed)
+    d = 3 * 8 * 8
+    mixing = torch.randn(d, d, generator=g) + 3.0 * torch.eye(d)
+    return (torch.randn(n, d, generator=g) @ mixing).reshape(n, 3, 8, 8) * 0.05 + 0.5
+
+
+def test_zca_whitened_training_data_has_identity_covariance():
+    x = _correlated_images(4000)
+    flat = x.reshape(len(x), -1).double()
+    raw_cov = torch.cov(flat.T)
+    assert (raw_cov - torch.diag(raw_cov.diag())).abs().max() > 0.01  # really correlated to begin with
+
+    zca = ZCA.fit(x, epsilon=1e-8, gcn_scale=None)
+    white = zca(x).reshape(len(x), -1).double()
+    cov = white.T @ white / len(white)
+    assert white.mean(dim=0).abs().max() < 1e-4
+    assert torch.allclose(cov, torch.eye(cov.shape[0], dtype=cov.dtype), atol=2e-3)
+    # ZCA is the symmetric whitening: the closest whitened data to the input, so the matrix is symmetric.
+    assert torch.allclose(zca.matrix, zca.matrix.T, atol=1e-4)
+
+
+def test_zca_with_fewer_images_than_pixels_matches_the_eigendecomposition():
+    """Small sets take the thin-SVD path; it must give U diag((s + eps)^-1/2) U^T all the same."""
+    x = _correlated_images(100)  # 100 images, 192 pixels: rank-deficient covariance
+    zca = ZCA.fit(x, epsilon=0.1, gcn_scale=None)
+    centred = x.reshape(100, -1).double() - x.reshape(100, -1).double().mean(dim=0)
+    eigval, eigvec = torch.linalg.eigh(centred.T @ centred / 100)
+    expected = (eigvec * (eigval.clamp_min(0) + 0.1).rsqrt()) @ eigvec.T
+    assert torch.allclose(zca.matrix.double(), expected, atol=1e-4)
+    white = zca(x).reshape(100, -1).double()
+    eig_white = torch.linalg.eigvalsh(white.T @ white / 100)
+    top = eig_white[-99:]  # the 99 directions the data spans
+    assert torch.allclose(top, torch.sort(eigval[-99:] / (eigval[-99:] + 0.1)).values, atol=1e-4)
+
+
+def test_zca_default_is_pylearn2s_gcn_then_filter_bias():
+    """GCN (mean 0, L2 norm 55 per image) then ZCA with bias 0.1: whitened variances shrink, never grow."""
+    x = _correlated_images(2000, seed=1)
+    gcn = global_contrast_normalize(x.reshape(len(x), -1).double())
+    assert torch.allclose(gcn.mean(dim=1), torch.zeros(len(x), dtype=gcn.dtype), atol=1e-9)
+    assert torch.allclose(gcn.norm(dim=1), torch.full((len(x),), GCN_SCALE, dtype=gcn.dtype))
+
+    zca = ZCA.fit(x)
+    assert (zca.epsilon, zca.gcn_scale) == (0.1, GCN_SCALE)
+    white = zca(x).reshape(len(x), -1).double()
+    eigval = torch.linalg.eigvalsh(white.T @ white / len(white))
+    assert eigval.max() <= 1.0 + 1e-4
+    assert eigval.max() > 0.9  # the strong directions are whitened to about unit variance
+
+
+def test_preprocessing_round_trips_through_safetensors(tmp_path):
+    x = _correlated_images(500)
+    for fitted in (ZCA.fit(x), ChannelNorm.fit(x)):
+        path = save_preprocessing(fitted, tmp_path / f"{fitted.kind}.safetensors")
+        loaded = load_preprocessing(path)
+        assert type(loaded) is type(fitted)
+        assert torch.equal(loaded(x), fitted(x))
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write leaves no temporary file
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="delete it to refit"):
+        load_preprocessing(tmp_path / "bad.safetensors")
+    with pytest.raises(DataError, match="no preprocessing file"):
+        load_preprocessing(tmp_path / "absent.safetensors")
+
+
+# -- datasets --------------------------------------------------------------------------------------------------------
+
+
+def test_zca_evaluation_uses_the_training_set_statistics(cifar10_dir):
+    root, train, test = cifar10_dir
+    data = load_cifar(root, "cifar10", "zca")
+    raw_test = torch.from_numpy(test[0]).permute(0, 3, 1, 2).float() / 255
+    raw_train = torch.from_numpy(train[0]).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(data.val.images, ZCA.fit(raw_train)(raw_test))
+    assert not torch.allclose(data.val.images, ZCA.fit(raw_test)(raw_test), atol=1e-2)
+    # A transform passed in (a run's saved file on --resume) is used as is, not refitted.
+    again = load_cifar(root, "cifar10", data.preprocessing)
+    assert again.preprocessing is data.preprocessing
+    assert torch.equal(again.train.images, data.train.images)
+
+
+def test_zca_training_augmentation_is_flips_only(cifar10_dir):
+    root, *_ = cifar10_dir
+    data = load_cifar(root, "cifar10", "zca")
+    assert (data.train.crop, data.train.flip) == (False, True)
+    torch.manual_seed(0)
+    samples = [data.train[0][0] for _ in range(20)]
+    image = data.train.images[0]
+    assert all(torch.equal(s, image) or torch.equal(s, image.flip(-1)) for s in samples)
+    assert any(torch.equal(s, image.flip(-1)) for s in samples) and any(torch.equal(s, image) for s in samples)
+    x, y = data.val[3]
+    assert torch.equal(x, data.val.images[3]) and y == int(data.val.labels[3])
+    no_flip = load_cifar(root, "cifar10", data.preprocessing, hflip=False)
+    assert all(torch.equal(no_flip.train[0][0], image) for _ in range(5))
+
+
+def test_meanstd_normalises_per_channel_and_crops_from_reflection_pad(cifar10_dir):
+    root, *_ = cifar10_dir
+    data = load_cifar(root, "cifar10", "meanstd")
+    per_channel = data.train.images.transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(per_channel.mean(dim=1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(per_channel.std(dim=1), torch.ones(3), atol=1e-5)
+    assert (data.train.crop, data.train.flip) == (True, True)
+
+    image = data.train.images[5]
+    padded = F.pad(image[None], (4, 4, 4, 4), mode="reflect")[0]
+    windows = [padded[:, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
+    torch.manual_seed(0)
+    samples = [data.train[5][0] for _ in range(30)]
+    for s in samples:
+        assert s.shape == (3, 32, 32)
+        assert any(torch.equal(s, w) or torch.equal(s, w.flip(-1)) for w in windows)
+    assert len({tuple(s.flatten()[:50].tolist()) for s in samples}) > 5  # random crops, not one
