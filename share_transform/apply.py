@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .errors import PlanMismatchError, ShareError, UnknownInitError
-from .plan import SharePlan, check_model, check_policy, model_name, plan as make_plan
+from .plan import SharePlan, check_model, check_policy, model_name
+from .plan import plan as make_plan
 from .signature import ConvSignature
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.

@@ -153,3 +153,19 @@ def find_blocks(graph: fx.Graph, model: nn.Module) -> list[ResidualBlock]:
         add.meta[BLOCK_KEY] = block
         blocks.append(block)
     return blocks
+
+
+def lost_reductions(graph: fx.Graph, model: nn.Module) -> list[str]:
+    """Strided convs whose input is already 1 pixel wide or high: the input is too small to tell stages apart."""
+    modules = dict(model.named_modules())
+    lost = []
+    for n in _conv_nodes(graph.nodes, modules):
+        conv = modules[n.target]
+        shape = _shape(n.args[0]) if n.args else None
+        if (
+            shape is not None
+            and len(shape) == 4
+            and any(stride > 1 and size == 1 for stride, size in zip(conv.stride, shape[2:]))
+        ):
+            lost.append(n.target)
+    return lost

@@ -1,13 +1,356 @@
-"""``sharetx``: the command line of share_transform (commands arrive with the CLI issue)."""
+"""``sharetx``: the command line of share_transform, thin over the API.
+
+Commands: ``convert`` (build, share, report, write a file), ``plan`` (the report, no file), ``inspect``
+(what a file holds), ``table`` (the paper's Table 1, measured), ``export`` (ONNX) and ``models`` (names
+it can build). Reporting commands take ``--json``.
+
+Errors are one line on stderr: exit code 2 for bad input (a :class:`ShareError`, a bad option, a file
+that cannot be read or written), 1 for an internal failure (including an ONNX export that fails its own
+check); never a traceback, and nothing is written.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
 import click
+from torch import nn
 
 from . import __version__
+from .apply import INITS, apply, count_parameters
+from .build import SOURCES, build_model, list_model_names, split_name
+from .errors import ExportError, MissingFileError, OutputExistsError, ShareError
+from .io import load, load_checkpoint, read_info, save
+from .plan import POLICIES, plan
+from .summary import summarize
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class SharetxGroup(click.Group):
+    """A click group whose errors are one line on stderr, with sharetx's exit codes, and no traceback."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        code = 0
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.ClickException as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
+            code = _fail(e.format_message() + hint, e.exit_code)
+        except click.Abort:
+            code = _fail("aborted", EXIT_INTERNAL)
+        except ExportError as e:  # the exporter, not the user, got it wrong
+            code = _fail(str(e), EXIT_INTERNAL)
+        except ShareError as e:
+            code = _fail(str(e), EXIT_USAGE)
+        except OSError as e:  # a path the user gave cannot be read or written
+            where = f"{e.filename}: " if e.filename else ""
+            code = _fail(f"{where}{e.strerror or e}", EXIT_USAGE)
+        except Exception as e:  # a bug: say so in one line rather than a traceback
+            code = _fail(f"internal error ({type(e).__name__}: {e}); please report it", EXIT_INTERNAL)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"sharetx: error: {_one_line(message)}", err=True)
+    return code
+
+
+def _emit(data: Any, text: str, as_json: bool) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+def _json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of text.")(f)
+
+
+def _model_options(f: F) -> F:
+    """--model, --source, --policy, --num-classes: what to build and how to share it."""
+    options = [
+        click.option(
+            "--model",
+            "-m",
+            "name",
+            required=True,
+            metavar="NAME",
+            help="timm name (resnet152, wrn_40_4, ...) or torchvision:NAME; see 'sharetx models'.",
+        ),
+        click.option("--source", type=click.Choice(SOURCES), default=None, help="Model library [default: timm]."),
+        click.option(
+            "--policy",
+            type=click.Choice(sorted(POLICIES)),
+            default="imagenet",
+            show_default=True,
+            help="imagenet: every stride-1 spatial conv of a stage shares; cifar: the first block keeps its own.",
+        ),
+        click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier outputs."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _build(name: str, source: str | None, num_classes: int | None) -> nn.Module:
+    return build_model(name, source=source, num_classes=num_classes)
+
+
+@click.group(cls=SharetxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sharetx")
 def main() -> None:
-    """Turn residual networks into ShaResNets (one shared spatial conv weight per stage)."""
+    """Turn residual networks into ShaResNets: one shared spatial conv weight per stage.
+
+    Boulch, "ShaResNet: reducing residual network parameter number by sharing weights" (arXiv 1702.08782).
+
+    \b
+    Example:
+      sharetx convert --model resnet152      # writes resnet152-share.safetensors (148 MB, not 241 MB)
+    """
+
+
+@main.command()
+@_model_options
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Weights to start from: .safetensors, or .pth/.pt read with torch.load(weights_only=True).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(INITS),
+    default="first",
+    show_default=True,
+    help="Shared weight: the first member's, or the members' mean (a warm start from trained weights).",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Output file [default: MODEL-share.safetensors].",
+)
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@_json_option
+def convert(
+    name: str,
+    source: str | None,
+    policy: str,
+    num_classes: int | None,
+    checkpoint: Path | None,
+    init: str,
+    out: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Build a model, share it, print the report, and write a ShaResNet file.
+
+    Each shared weight is stored once, so the file shrinks with the parameter count; the file records how
+    to rebuild and re-tie the model (share_transform.load reads it back).
+
+    \b
+    Examples:
+      sharetx convert --model resnet152
+      sharetx convert --model torchvision:resnet50 --checkpoint resnet50.pth --init mean -o r50-share.safetensors
+      sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
+    """
+    arch = split_name(name, source)[1]
+    out = out if out is not None else Path(f"{arch}-share.safetensors")
+    # Refuse before the (slow) build, so an error costs nothing and writes nothing.
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise MissingFileError(f"{out}: the directory {out.parent} does not exist")
+    model = _build(name, source, num_classes)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    share_plan = plan(model, policy)
+    apply(model, plan=share_plan, init=init)
+    save(model, out)
+    summary = summarize(model, share_plan, file=out)
+    _emit(summary.to_dict(), str(summary), as_json)
+
+
+@main.command("plan")
+@_model_options
+@_json_option
+def plan_command(name: str, source: str | None, policy: str, num_classes: int | None, as_json: bool) -> None:
+    """Print what sharing would change (the convert report), writing nothing.
+
+    \b
+    Examples:
+      sharetx plan --model resnet50
+      sharetx plan --model wrn_28_10 --policy cifar --num-classes 100 --json
+    """
+    model = _build(name, source, num_classes)
+    summary = summarize(model, plan(model, policy))
+    _emit(summary.to_dict(), str(summary), as_json)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@_json_option
+def inspect(file: Path, as_json: bool) -> None:
+    """Show what a ShaResNet file holds: architecture, policy, shared groups, parameters, size.
+
+    The model is rebuilt and loaded, so a file that inspects cleanly also loads.
+
+    \b
+    Example:
+      sharetx inspect resnet152-share.safetensors
+    """
+    info = read_info(file)
+    data: dict[str, Any] = {
+        "file": str(file),
+        "bytes": info.file_bytes,
+        "share_transform_version": info.version,
+        "build": info.build,
+        "policy": info.policy,
+        "stored_tensors": len(info.tensors),
+        "stored_elements": info.stored_numel,
+        "aliases": len(info.aliases),
+        "metadata": info.user,
+        "parameters": None,
+        "summary": None,
+    }
+    lines = [f"{file}: {info.file_bytes:,} bytes, {len(info.tensors)} tensors, {len(info.aliases)} aliases"]
+    if info.build is None:
+        lines.append("not a share_transform file: it does not record how to build its model")
+    else:
+        model = load(file)
+        data["parameters"] = count_parameters(model)
+        build = info.build
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in build.get("kwargs", {}).items())
+        lines.append(
+            f"model {build['source']}:{build['name']}({kwargs}), written by share_transform {info.version}, "
+            f"{data['parameters']:,} unique parameters"
+        )
+        if info.plan is not None:
+            summary = summarize(model, info.plan, file=file)
+            data["summary"] = summary.to_dict()
+            lines.append(str(summary))
+        else:
+            lines.append("not shared: no share plan is recorded")
+    if info.user:
+        lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(info.user.items())))
+    _emit(data, "\n".join(lines), as_json)
+
+
+@main.command()
+@_json_option
+def table(as_json: bool) -> None:
+    """Measure the paper's Table 1 (parameters before and after sharing) beside the printed figures.
+
+    Builds the seven Table 1 networks, ResNet-152 and WRN-28-10 included (a few seconds, about 1 GB).
+
+    \b
+    Example:
+      sharetx table > table1.md
+    """
+    from . import paper
+
+    measured = paper.measure_table1()
+    data = [
+        {
+            "model": m.row.model,
+            "dataset": m.row.dataset,
+            "arch": m.row.arch,
+            "policy": m.row.policy,
+            "params_before": m.params_before,
+            "params_after": m.params_after,
+            "decrease_pct": round(m.decrease_pct, 4),
+            "paper_params_original_m": m.row.params_original,
+            "paper_params_shared_m": m.row.params_shared,
+            "paper_decrease_pct": m.row.decrease_pct,
+            "agrees": m.agrees,
+            "conv_weights_before": m.conv_weights_before,
+            "conv_weights_after": m.conv_weights_after,
+            "paper_conv_number": [m.row.convs_original, m.row.convs_shared],
+        }
+        for m in measured
+    ]
+    _emit(data, paper.format_table1(measured), as_json)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option(
+    "--onnx", "onnx_out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="ONNX file to write."
+)
+@click.option(
+    "--input-size",
+    type=click.IntRange(min=1),
+    nargs=3,
+    default=None,
+    metavar="C H W",
+    help="Input size [default: the one the file's plan used].",
+)
+@click.option("--force", is_flag=True, help="Overwrite the ONNX file if it exists.")
+@_json_option
+def export(file: Path, onnx_out: Path, input_size: tuple[int, int, int] | None, force: bool, as_json: bool) -> None:
+    """Export a ShaResNet file to ONNX, each shared weight one initializer, checked with onnxruntime.
+
+    The file appears only after its Conv weight initializers were counted against the model's distinct
+    conv weights and onnxruntime matched PyTorch within 1e-4 on a random batch.
+
+    \b
+    Example:
+      sharetx export resnet50-share.safetensors --onnx resnet50-share.onnx --input-size 3 224 224
+    """
+    from .export import export_onnx
+
+    if onnx_out.exists() and not force:
+        raise OutputExistsError(f"{onnx_out} exists; pass --force to overwrite it")
+    if not onnx_out.parent.is_dir():
+        raise MissingFileError(f"{onnx_out}: the directory {onnx_out.parent} does not exist")
+    result = export_onnx(load(file), onnx_out, input_size=input_size or None)
+    _emit(result.to_dict(), str(result), as_json)
+
+
+@main.command()
+@click.argument("pattern", required=False)
+@click.option("--source", type=click.Choice(SOURCES), default=None, help="Only this library [default: both].")
+@_json_option
+def models(pattern: str | None, source: str | None, as_json: bool) -> None:
+    """List the model names convert and plan accept; PATTERN is a glob or a substring.
+
+    torchvision names carry their prefix, as --model takes them. Any residual network among them can be
+    shared (ResNet, Wide-ResNet, ResNeXt and their timm variants); 'sharetx plan' says for one model.
+
+    \b
+    Examples:
+      sharetx models resnet*
+      sharetx models wrn --json
+    """
+    names = []
+    for src in [source] if source else list(SOURCES):
+        prefix = "" if src == "timm" else f"{src}:"
+        names += [prefix + n for n in list_model_names(src)]
+    if pattern:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        # Match the bare name too, so "resnet*" finds torchvision:resnet50.
+        names = [n for n in names if fnmatch.fnmatchcase(n, glob) or fnmatch.fnmatchcase(n.split(":")[-1], glob)]
+    if not names and not as_json:
+        click.echo(f"no model name matches {pattern!r}", err=True)
+    _emit(names, "\n".join(names), as_json)

@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from .blocks import ResidualBlock, find_blocks
-from .errors import NotAModuleError, NoSpatialConvError, UnknownPolicyError
+from .blocks import ResidualBlock, find_blocks, lost_reductions
+from .errors import InputSizeError, NoSpatialConvError, NotAModuleError, UnknownPolicyError
 from .signature import ConvSignature
 from .trace import propagate_shapes, trace_model
 
@@ -138,8 +138,7 @@ class SharePlan:
                 for s in self.stages
             ],
             "groups": [
-                {**g.__dict__, "signature": g.signature.to_dict(), "members": list(g.members)}
-                for g in self.groups
+                {**g.__dict__, "signature": g.signature.to_dict(), "members": list(g.members)} for g in self.groups
             ],
             "params_before": self.params_before,
             "params_after": self.params_after,
@@ -201,11 +200,12 @@ class SharePlan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f'ShaResNet plan for {self.model_name} (policy "{self.policy}", input {size})']
         for r in rows:
-            lines.append("  ".join(c.rjust(w) if i in (0, 2, 3, 5) else c.ljust(w) for i, (c, w) in
-                                   enumerate(zip(r, widths))).rstrip())
-        lines.append(
-            f"parameters: {self.params_before:,} -> {self.params_after:,} (-{100 * self.decrease:.1f}%)"
-        )
+            lines.append(
+                "  ".join(
+                    c.rjust(w) if i in (0, 2, 3, 5) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+                ).rstrip()
+            )
+        lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} (-{100 * self.decrease:.1f}%)")
         lines.append(f"distinct conv weights: {self.convs_before} -> {self.convs_after}")
         return "\n".join(lines)
 
@@ -283,6 +283,12 @@ def plan(model: nn.Module, policy: str = "imagenet", *, input_size: Sequence[int
     size = tuple(int(s) for s in input_size) if input_size is not None else default_input_size(model)
     graph = trace_model(model, name)
     propagate_shapes(model, graph, size, name)
+    lost = lost_reductions(graph, model)
+    if lost:
+        raise InputSizeError(
+            f"{name}: input size {'x'.join(map(str, size))} is too small to tell the stages apart (the input of "
+            f"the strided conv {lost[0]} is 1 pixel wide). Pass a larger input_size=(C, H, W)."
+        )
     blocks = find_blocks(graph, model)
     if not blocks:
         raise NoSpatialConvError(

@@ -72,6 +72,12 @@ def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], list[Any]]:
     return tuple(get_notrace_modules()), list(get_notrace_functions())
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: fx and fake-tensor errors run to many lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
 def trace_model(model: nn.Module, name: str) -> fx.Graph:
     """Symbolically trace ``model`` with every ``nn.Conv2d`` kept as a leaf.
 
@@ -91,11 +97,50 @@ def trace_model(model: nn.Module, name: str) -> fx.Graph:
             try:
                 return _ConvLeafTracer(leaves, autowrap).trace(model)
             except Exception as exc:  # fx raises many types (TraceError, TypeError, AssertionError...)
-                errors.append(f"{type(exc).__name__}: {exc}")
+                errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
     raise TraceError(
         f"{name}: torch.fx could not trace the model ({errors[-1]}). Register the untraceable layer "
         "with timm.layers.register_notrace_module (or register_notrace_function) and try again."
     )
+
+
+def _conv2d_shape(conv: nn.Conv2d, shape: torch.Size) -> tuple[int, ...] | None:
+    if isinstance(conv.padding, str) or len(shape) != 4:
+        return None
+    size = [
+        (shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
+        for i in range(2)
+    ]
+    return (shape[0], conv.out_channels, *size)
+
+
+def _same_shape(module: nn.Module, shape: torch.Size) -> tuple[int, ...]:
+    return tuple(shape)
+
+
+# Shape rules for the layers a ResNet is made of, keyed by exact type: fake execution of BatchNorm goes
+# through its decomposition and dominated planning time. Subclasses (timm's Conv2dSame pads at run time)
+# take the generic fake-tensor path.
+_SHAPE_RULES: dict[type[nn.Module], Any] = {
+    nn.Conv2d: _conv2d_shape,
+    **{
+        t: _same_shape
+        for t in (
+            nn.BatchNorm2d,
+            nn.ReLU,
+            nn.ReLU6,
+            nn.SiLU,
+            nn.GELU,
+            nn.Hardswish,
+            nn.LeakyReLU,
+            nn.ELU,
+            nn.Sigmoid,
+            nn.Identity,
+            nn.Dropout,
+            nn.Dropout2d,
+        )
+    },
+}
 
 
 class _FakeShapeInterpreter(fx.Interpreter):
@@ -104,6 +149,15 @@ class _FakeShapeInterpreter(fx.Interpreter):
     def __init__(self, model: nn.Module, graph: fx.Graph, fake_mode: FakeTensorMode):
         super().__init__(model, graph=graph, garbage_collect_values=True)
         self._fake_mode = fake_mode
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        module = self.fetch_attr(target)
+        rule = _SHAPE_RULES.get(type(module))
+        if rule is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            shape = rule(module, args[0].shape)
+            if shape is not None:
+                return args[0].new_empty(shape)
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         with self._fake_mode:
@@ -121,9 +175,11 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_size: tuple[int, i
     Raises:
         InputSizeError: the model rejected ``input_size``.
     """
+    param = next(model.parameters(), None)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
-        x = torch.empty((2, *input_size))
+        # On the model's own device (meta for a model built under ``torch.device("meta")``).
+        x = torch.empty((2, *input_size), device=param.device if param is not None else "cpu")
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     # Models whose forward takes optional extra arguments get their defaults.
     args = [x] + [p.args[0] if p.args else None for p in placeholders[1:]]
@@ -134,5 +190,5 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_size: tuple[int, i
         size = "x".join(str(s) for s in input_size)
         raise InputSizeError(
             f"{name}: the model rejected input size {size} during shape propagation "
-            f"({type(exc).__name__}: {exc}). Pass input_size=(C, H, W) that the model accepts."
+            f"({type(exc).__name__}: {_first_line(exc)}). Pass input_size=(C, H, W) that the model accepts."
         ) from exc
