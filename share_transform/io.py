@@ -84,6 +84,12 @@ def _package_version() -> str:
 # --------------------------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
 
@@ -95,6 +101,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600 (and writers may recreate it): give it the mode a plain open()
+        # would, or the mode of the file it replaces.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -141,9 +150,7 @@ def _check_user_metadata(metadata: Mapping[str, str] | None, name: str) -> dict[
     return user
 
 
-def save(
-    model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
-) -> Path:
+def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``model`` to a safetensors file, each shared weight once, atomically.
 
     The file records how to rebuild the model (when :func:`share_transform.build_model` built it), its
@@ -242,9 +249,7 @@ def _json(header: Mapping[str, str], key: str, path: Path) -> Any:
     try:
         return json.loads(header[key])
     except (json.JSONDecodeError, TypeError) as e:
-        raise FileFormatError(
-            f"{path}: metadata {key!r} is not valid JSON ({e}); the file is corrupt"
-        ) from None
+        raise FileFormatError(f"{path}: metadata {key!r} is not valid JSON ({e}); the file is corrupt") from None
 
 
 def read_info(path: str | os.PathLike[str]) -> FileInfo:
@@ -382,9 +387,7 @@ def _names(keys: list[str], limit: int = 3) -> str:
     return f"{shown} and {len(keys) - limit} more" if len(keys) > limit else shown
 
 
-def load_weights(
-    model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint"
-) -> nn.Module:
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> nn.Module:
     """Copy ``state`` into ``model`` after checking that every name and shape fits, exactly.
 
     Wrapper prefixes are stripped first. Tied parameters may appear under every alias (all are copied into
