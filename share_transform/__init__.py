@@ -10,6 +10,7 @@ finds the stages and blocks of any timm or torchvision ResNet / Wide-ResNet / Re
     36821032
 """
 
+from . import models, paper  # models registers the paper's CIFAR networks with timm
 from .apply import apply, count_parameters, get_plan, is_tied, retie, untie
 from .build import build_model, build_spec
 from .errors import (
@@ -23,6 +24,7 @@ from .errors import (
     UnknownModelError,
     UnknownPolicyError,
 )
+from .models import preact_resnet, wide_resnet
 from .plan import POLICIES, ShareGroup, SharePlan, SpatialConv, StagePlan, plan
 from .signature import ConvSignature
 
@@ -50,7 +52,11 @@ __all__ = [
     "count_parameters",
     "get_plan",
     "is_tied",
+    "models",
+    "paper",
     "plan",
+    "preact_resnet",
     "retie",
     "untie",
+    "wide_resnet",
 ]
