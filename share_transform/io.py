@@ -301,7 +301,8 @@ def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch
     return state
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch words it two ways: an unknown global, or a global from a blocked module (posix.system).
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 _UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 _ZIP_DETAIL = re.compile(r"(failed reading zip archive[^.]*)")
 
