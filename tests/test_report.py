@@ -1,0 +1,268 @@
+"""The report: runs collected from their directories into Tables 2 and 3 and Figures 4 and 5.
+
+The run directories are written here in the recipes' format (run.json + metrics.jsonl), so these tests do
+not depend on the training code.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from share_transform.errors import ShareError
+from share_transform.report import (
+    FIGURE4_FILE,
+    FIGURE5_FILE,
+    ReportError,
+    build_report,
+    find_runs,
+    load_run,
+    model_name,
+    write_report,
+)
+
+
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    arch: str,
+    dataset: str,
+    share: bool,
+    seed: int,
+    params: int,
+    final_top1: float,
+    final_top5: float | None = None,
+    epochs: int = 3,
+    done: int | None = None,
+    recipe: str = "cifar",
+    policy: str = "cifar",
+) -> Path:
+    """A run directory as the recipes write it; the error falls linearly to ``final_top1``."""
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(
+        json.dumps(
+            {
+                "recipe": recipe,
+                "arch": arch,
+                "dataset": dataset,
+                "share": share,
+                "policy": policy if share else None,
+                "seed": seed,
+                "epochs": epochs,
+                "batch_size": 128,
+                "lr": 0.1,
+                "params_unshared": params,
+                "unique_params": params,
+                "args": {"arch": arch},
+            }
+        )
+    )
+    lines = []
+    for e in range(1, (epochs if done is None else done) + 1):
+        top1 = final_top1 + 10.0 * (epochs - e)
+        lines.append(
+            json.dumps(
+                {
+                    "epoch": e,
+                    "lr": 0.1,
+                    "train_loss": 2.0 / e,
+                    "train_top1_err": top1 - 1,
+                    "train_top5_err": 1.0,
+                    "val_loss": 2.5 / e,
+                    "val_top1_err": top1,
+                    "val_top5_err": final_top5 if final_top5 is not None else top1 / 3,
+                    "images_per_s": 100.0,
+                    "unique_params": params,
+                    "shared": share,
+                }
+            )
+        )
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    # CIFAR-10 WRN-40-4, two seeds each way, and WRN-28-4 (Table 3's equal-size baseline).
+    for seed, (orig, shared) in enumerate([(4.0, 5.0), (4.4, 5.6)]):
+        make_run(
+            root,
+            f"w40-orig-{seed}",
+            arch="wrn_40_4",
+            dataset="cifar10",
+            share=False,
+            seed=seed,
+            params=8_949_210,
+            final_top1=orig,
+        )
+        make_run(
+            root,
+            f"w40-share-{seed}",
+            arch="wrn_40_4",
+            dataset="cifar10",
+            share=True,
+            seed=seed,
+            params=5_852_634,
+            final_top1=shared,
+        )
+    make_run(root, "w28-4", arch="wrn_28_4", dataset="cifar10", share=False, seed=0, params=5_849_050, final_top1=4.9)
+    # ImageNet ResNet-50, with top-5, from the other recipe.
+    make_run(
+        root,
+        "imnet/r50",
+        arch="resnet50",
+        dataset="imagenet",
+        share=False,
+        seed=0,
+        params=25_557_032,
+        final_top1=24.5,
+        final_top5=7.5,
+        recipe="imagenet",
+    )
+    make_run(
+        root,
+        "imnet/r50s",
+        arch="resnet50",
+        dataset="imagenet",
+        share=True,
+        seed=0,
+        params=20_469_800,
+        final_top1=25.0,
+        final_top5=7.9,
+        recipe="imagenet",
+        policy="imagenet",
+    )
+    # A set the paper does not have, and a run that did not finish.
+    make_run(root, "digits/s", arch="wrn_28_1", dataset="digits", share=True, seed=0, params=272_730, final_top1=2.0)
+    make_run(root, "digits/o", arch="wrn_28_1", dataset="digits", share=False, seed=0, params=369_498, final_top1=1.5)
+    make_run(
+        root,
+        "unfinished",
+        arch="wrn_28_1",
+        dataset="digits",
+        share=True,
+        seed=1,
+        params=272_730,
+        final_top1=50.0,
+        done=1,
+    )
+    return root
+
+
+def test_model_names_follow_the_paper():
+    assert model_name("wrn_28_10") == "WRN-28-10"
+    assert model_name("preact_resnet164") == "ResNet-164"
+    assert model_name("torchvision:resnet50") == "ResNet-50"
+    assert model_name("seresnext26d_32x4d") == "seresnext26d_32x4d"
+
+
+def test_runs_are_grouped_over_seeds_and_paired(runs):
+    report = build_report(find_runs([runs]))
+    assert len(report.runs) == 10
+    t2 = {(e.original.config.dataset, e.original.config.arch): e for e in report.table2}
+    assert set(t2) == {("cifar10", "wrn_40_4"), ("imagenet", "resnet50"), ("digits", "wrn_28_1")}
+
+    w40 = t2["cifar10", "wrn_40_4"]
+    assert w40.original.top1.values == (4.0, 4.4) and w40.shared.top1.values == (5.0, 5.6)
+    assert w40.shared.top1.mean == pytest.approx(5.3)
+    assert w40.shared.top1.std == pytest.approx(statistics.stdev([5.0, 5.6]))
+    assert w40.top1_diff == pytest.approx(5.3 - 4.2)
+    assert w40.decrease_pct == pytest.approx(100 * (1 - 5_852_634 / 8_949_210))
+    assert (w40.paper.top1_original, w40.paper.top1_shared) == (4.17, 5.1)
+
+    r50 = t2["imagenet", "resnet50"]
+    assert r50.top5_diff == pytest.approx(0.4)
+    assert (r50.paper.top5_original, r50.paper.top5_shared) == (7.02, 7.41)
+    assert t2["digits", "wrn_28_1"].paper is None
+    # The unfinished run is left out: the digits shared result has one seed, not two.
+    assert t2["digits", "wrn_28_1"].shared.top1.n == 1
+
+    (t3,) = report.table3
+    assert (t3.shared.config.arch, t3.baseline.config.arch) == ("wrn_40_4", "wrn_28_4")
+    assert (t3.paper_shared.accuracy, t3.paper_baseline.accuracy) == (94.9, 95.0)
+
+
+def test_report_files_carry_the_papers_numbers_beside_the_measured_ones(runs, tmp_path):
+    out = tmp_path / "report"
+    write_report([runs], out)
+    md = (out / "report.md").read_text()
+    # Table 2, WRN-40-4 on CIFAR-10: measured 4.20 ± 0.28 against 5.30 ± 0.42; the paper 4.17 -> 5.10.
+    w40 = next(line for line in md.splitlines() if "| CIFAR-10 | WRN-40-4 |" in line)
+    assert "8,949,210 → 5,852,634" in w40 and "34.6%" in w40
+    assert "4.20 ± 0.28" in w40 and "5.30 ± 0.42" in w40 and "+1.10" in w40
+    assert "4.17 → 5.10 (+0.93)" in w40
+    r50 = next(line for line in md.splitlines() if "| ImageNet | ResNet-50 |" in line)
+    assert "24.01 → 24.61 (+0.60)" in r50 and "7.02 → 7.41 (+0.39)" in r50
+    digits = next(line for line in md.splitlines() if "| digits | WRN-28-1 |" in line)
+    cells = [c.strip() for c in digits.strip().strip("|").split("|")]
+    assert cells[9] == cells[-1] == "—"  # no paper figure for this set, top-1 or top-5
+    # Table 3: WRN-40-4 Share beside WRN-28-4, with the paper's 5.85 M and errors 5.10 / 5.00.
+    assert "| CIFAR-10 | WRN-40-4 Share | 5,852,634 | 5.30 ± 0.42 | WRN-40-4 Share | 5.85 M | 5.10 |" in md
+    assert "| CIFAR-10 | WRN-28-4 | 5,849,050 | 4.90 | WRN-28-4 | 5.85 M | 5.00 |" in md
+    assert "unfinished`: 1/3 epochs" in md
+
+    data = json.loads((out / "report.json").read_text())
+    w40_json = next(e for e in data["table2"] if e["model"] == "WRN-40-4")
+    assert w40_json["paper"]["top1_original"] == 4.17 and w40_json["paper"]["top1_diff"] == 0.93
+    assert w40_json["shared"]["top1_err"]["values"] == [5.0, 5.6]
+    assert data["table3"][0]["paper_baseline"]["top1_err"] == 5.0
+    assert data["unfinished"] == [{"path": str(runs / "unfinished"), "epochs_done": 1, "epochs": 3}]
+    assert set(data["figures"].values()) == {FIGURE4_FILE, FIGURE5_FILE}
+
+
+def test_figures_are_drawn_from_the_runs(runs, tmp_path):
+    out = tmp_path / "report"
+    write_report([runs], out)
+    fig5 = matplotlib.image.imread(out / FIGURE5_FILE)
+    fig4 = matplotlib.image.imread(out / FIGURE4_FILE)
+    write_report([runs / "digits"], tmp_path / "one")
+    fig4_one_pair = matplotlib.image.imread(tmp_path / "one" / FIGURE4_FILE)
+    # Figure 5: one panel per dataset side by side (3 datasets); Figure 4: one row per pair (3 pairs).
+    assert fig5.shape[1] > 2.5 * fig5.shape[0]
+    assert fig4.shape[0] == pytest.approx(3 * fig4_one_pair.shape[0], rel=0.02)
+    # Both really hold plotted curves: the paper's blue and green appear.
+    for image in (fig4, fig5):
+        rgb = image[..., :3]
+        blue = (abs(rgb[..., 0] - 0.12) < 0.05) & (abs(rgb[..., 1] - 0.47) < 0.05) & (abs(rgb[..., 2] - 0.71) < 0.05)
+        green = (abs(rgb[..., 0] - 0.17) < 0.05) & (abs(rgb[..., 1] - 0.63) < 0.05) & (abs(rgb[..., 2] - 0.17) < 0.05)
+        assert blue.sum() > 200 and green.sum() > 200
+
+
+def test_only_figure5_without_a_pair(tmp_path):
+    make_run(tmp_path / "runs", "a", arch="wrn_28_1", dataset="digits", share=True, seed=0, params=1, final_top1=3)
+    report = write_report([tmp_path / "runs"], tmp_path / "out")
+    assert report.table2 == [] and (tmp_path / "out" / FIGURE5_FILE).exists()
+    assert not (tmp_path / "out" / FIGURE4_FILE).exists()
+    assert "No architecture was trained both shared and original." in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_epoch_logged_twice_after_resume_counts_once(tmp_path):
+    path = make_run(tmp_path, "r", arch="wrn_28_1", dataset="digits", share=True, seed=0, params=1, final_top1=3)
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    repeated = json.loads(lines[1]) | {"val_top1_err": 7.0}
+    (path / "metrics.jsonl").write_text("\n".join(lines[:2] + [json.dumps(repeated)] + lines[2:]) + "\n")
+    run = load_run(path)
+    assert [m["epoch"] for m in run.metrics] == [1, 2, 3]
+    assert run.metrics[1]["val_top1_err"] == 7.0 and run.complete
+
+
+def test_bad_run_directories_are_clear_errors(tmp_path):
+    with pytest.raises(ReportError, match="no run directories") as e:
+        find_runs([tmp_path])
+    assert isinstance(e.value, ShareError)
+    with pytest.raises(ReportError, match="not a directory"):
+        find_runs([tmp_path / "absent"])
+    path = make_run(tmp_path, "r", arch="wrn_28_1", dataset="digits", share=True, seed=0, params=1, final_top1=3)
+    (path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
+    with pytest.raises(ReportError, match="metrics.jsonl:2"):
+        load_run(path)
+    (path / "run.json").write_text('{"arch": "x"}')
+    with pytest.raises(ReportError, match="lacks dataset, share, epochs, unique_params"):
+        load_run(path)
