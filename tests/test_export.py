@@ -1,0 +1,89 @@
+"""ONNX export: one initializer per shared weight, outputs equal to PyTorch's, files that shrink with the
+parameter count, and nothing written when the export fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import share_transform as st
+from share_transform.errors import ExportError, InputSizeError
+from share_transform.export import export_onnx
+
+SIZE = (3, 96, 96)  # shape propagation is done at 224; a smaller check input keeps the CPU test fast
+
+
+def conv_weight_initializers(path: Path) -> tuple[int, int]:
+    """(Conv nodes, distinct initializers holding their weights), counted with the onnx package."""
+    graph = onnx.load(str(path)).graph
+    initializers = {i.name for i in graph.initializer}
+    weights = [n.input[1] for n in graph.node if n.op_type == "Conv"]
+    assert set(weights) <= initializers
+    return len(weights), len(set(weights))
+
+
+@pytest.fixture(scope="module")
+def sharesnet50(tmp_path_factory: pytest.TempPathFactory):
+    """ShaResNet-50 exported, then the same weights untied and exported again."""
+    out = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    model = st.apply(st.build_model("resnet50"))
+    shared = export_onnx(model, out / "shared.onnx", input_size=SIZE)
+    unshared = export_onnx(st.untie(model), out / "unshared.onnx", input_size=SIZE)
+    return model, shared, unshared
+
+
+def test_shared_weights_are_one_initializer_each(sharesnet50) -> None:
+    model, shared, unshared = sharesnet50
+    assert conv_weight_initializers(shared.path) == (53, 44)  # ResNet-50: 53 convs, 9 spatial convs fewer
+    assert conv_weight_initializers(unshared.path) == (53, 53)
+    assert (shared.conv_weight_initializers, shared.distinct_conv_weights) == (44, 44)
+    assert (unshared.conv_weight_initializers, unshared.distinct_conv_weights) == (53, 53)
+
+
+def test_onnxruntime_matches_pytorch(sharesnet50) -> None:
+    model, shared, _ = sharesnet50
+    assert shared.max_abs_diff <= 1e-4
+    # Checked here again, independently of export_onnx's own check, on another input and batch size.
+    model.eval()
+    x = torch.randn(4, *SIZE, generator=torch.Generator().manual_seed(7))
+    session = ort.InferenceSession(str(shared.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert got.shape == (4, 1000)
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_file_shrinks_with_the_parameter_count(sharesnet50) -> None:
+    _, shared, unshared = sharesnet50
+    param_ratio = 20_469_800 / 25_557_032  # Table 1: ShaResNet-50 over ResNet-50
+    size_ratio = shared.file_bytes / unshared.file_bytes
+    assert shared.file_bytes == shared.path.stat().st_size
+    # BatchNorm statistics and the graph itself add the same few bytes to both files.
+    assert size_ratio == pytest.approx(param_ratio, abs=0.003)
+
+
+class Fails(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("this forward cannot be traced")
+
+
+def test_failed_export_writes_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="torch.onnx.export failed"):
+        export_onnx(Fails(), target, input_size=(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputSizeError):
+        export_onnx(Fails(), target, input_size=(3, 0, 8))
+    assert list(tmp_path.iterdir()) == []
