@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from torch import nn
 from torch.utils.data import Dataset
 
 import share_transform
@@ -42,8 +43,8 @@ from share_transform.engine import (
 from share_transform.engine.imagenet import MEAN, STD, imagenet_datasets
 
 SYNTHETIC_CLASSES = 1000
-SYNTHETIC_TRAIN_BATCHES = 50
-SYNTHETIC_VAL_BATCHES = 10
+SYNTHETIC_TRAIN_BATCHES = 20
+SYNTHETIC_VAL_BATCHES = 5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -73,32 +74,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
     """``(train_set, val_set, num_classes)``: the ImageFolder splits, or random images with --synthetic."""
     if args.synthetic:
-        train = SyntheticDataset(
-            SYNTHETIC_TRAIN_BATCHES * args.batch_size, args.img_size, SYNTHETIC_CLASSES, args.seed
-        )
-        val = SyntheticDataset(
-            SYNTHETIC_VAL_BATCHES * args.batch_size, args.img_size, SYNTHETIC_CLASSES, args.seed + 1
-        )
+        train = SyntheticDataset(SYNTHETIC_TRAIN_BATCHES * args.batch_size, args.img_size, SYNTHETIC_CLASSES, args.seed)
+        val = SyntheticDataset(SYNTHETIC_VAL_BATCHES * args.batch_size, args.img_size, SYNTHETIC_CLASSES, args.seed + 1)
         return train, val, SYNTHETIC_CLASSES
     if args.data is None:
-        raise DataError(
-            "--data DIR is required (an ImageFolder root with train/ and val/), or pass --synthetic"
-        )
+        raise DataError("--data DIR is required (an ImageFolder root with train/ and val/), or pass --synthetic")
     train, val = imagenet_datasets(args.data, args.img_size, ten_crop=args.ten_crop)
     if len(train) < args.batch_size:
-        raise DataError(
-            f"{args.data}/train holds {len(train)} images, fewer than one --batch-size {args.batch_size}"
-        )
+        raise DataError(f"{args.data}/train holds {len(train)} images, fewer than one --batch-size {args.batch_size}")
     return train, val, len(train.classes)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> nn.Module:
+    """Train as ``args`` say; returns the trained model (unwrapped, on the training device)."""
     args = resolve_args(args, recipe="imagenet")
     batch_per_rank = per_rank_batch(args.batch_size, world_from_env()[1])
-    dist_info = init_distributed(args.device)
     setup_runtime(deterministic=args.deterministic)
     seed_all(args.seed)
 
+    # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     train_set, val_set, num_classes = load_data(args)
     model = share_transform.build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
     init_weights(model, args.init)
@@ -106,6 +100,8 @@ def main(args: argparse.Namespace) -> None:
     if args.share:
         share_transform.apply(model, args.policy)
     unique_params = share_transform.count_parameters(model)
+
+    dist_info = init_distributed(args.device)
     print0(
         f"{args.arch} ({'shared, policy ' + args.policy if args.share else 'original'}): "
         f"{params_unshared:,} -> {unique_params:,} parameters; {len(train_set):,} train / {len(val_set):,} val "
@@ -165,6 +161,7 @@ def main(args: argparse.Namespace) -> None:
         eval_preprocess=normalize,
         title=f"{args.arch} on ImageNet, {'ShaResNet' if args.share else 'original'}",
     )
+    return model
 
 
 if __name__ == "__main__":

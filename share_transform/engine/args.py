@@ -96,15 +96,9 @@ def add_training_args(
     g.add_argument("--lr-gamma", type=float, default=gamma, help=f"default {gamma}")
 
     g = parser.add_argument_group("run")
-    g.add_argument(
-        "--output", type=Path, default=None, help="run directory (default runs/RECIPE-ARCH-shared|original)"
-    )
-    g.add_argument(
-        "--resume", action="store_true", help="continue from the output directory's last checkpoint"
-    )
-    g.add_argument(
-        "--workers", type=int, default=workers, help=f"data loader processes per rank (default {workers})"
-    )
+    g.add_argument("--output", type=Path, default=None, help="run directory (default runs/RECIPE-ARCH-shared|original)")
+    g.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
+    g.add_argument("--workers", type=int, default=workers, help=f"data loader processes per rank (default {workers})")
     g.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",

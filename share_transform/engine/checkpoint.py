@@ -56,9 +56,7 @@ def save_checkpoint(output: Path, tag: str, model: nn.Module, state: dict[str, A
     atomic_write(state_path(output, tag), lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(
-    output: Path, tag: str, model: nn.Module, *, device: str | torch.device = "cpu"
-) -> dict[str, Any]:
+def load_checkpoint(output: Path, tag: str, model: nn.Module, *, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Copy checkpoint ``tag``'s weights into ``model`` in place and return its state dict.
 
     Copying keeps the model's own ``Parameter`` objects, so its ties, its device placement and an

@@ -94,10 +94,15 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def error0(message: str) -> None:
-    """The one-line error report: rank 0 writes ``error: message`` to stderr, the other ranks stay quiet."""
-    if is_main_process():
-        print(f"error: {message}", file=sys.stderr, flush=True)
+def print_error(message: str) -> None:
+    """The one-line error report on stderr: ``error: message``, or ``error: (rank R) message`` under torchrun.
+
+    Every failing rank reports: an error may be one rank's own (data missing on one node), and torchrun
+    stops the other ranks as soon as one exits, so rank 0 may never get to say it.
+    """
+    rank, world_size, _ = world_from_env()
+    where = f"(rank {rank}) " if world_size > 1 else ""
+    print(f"error: {where}{message}", file=sys.stderr, flush=True)
 
 
 def barrier() -> None:

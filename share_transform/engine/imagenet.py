@@ -27,7 +27,6 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .errors import DataError
 
@@ -104,7 +103,7 @@ def _image_folder(root: Path, transform: T.Compose) -> datasets.ImageFolder:
     try:
         return datasets.ImageFolder(str(root), transform=transform)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise DataError(f"{root}: {e} (image extensions: {' '.join(IMG_EXTENSIONS)})") from e
+        raise DataError(f"{root}: {e}") from None
 
 
 def imagenet_datasets(data: str | Path, img_size: int, *, ten_crop: bool = False) -> tuple[Dataset, Dataset]:
@@ -118,9 +117,7 @@ def imagenet_datasets(data: str | Path, img_size: int, *, ten_crop: bool = False
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
     if not any(root.iterdir()):
-        raise DataError(
-            f"data directory {root} is empty: expected {root}/train/CLASS/IMAGE and {root}/val/CLASS/IMAGE"
-        )
+        raise DataError(f"data directory {root} is empty: expected {root}/train/CLASS/IMAGE and {root}/val/CLASS/IMAGE")
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         found = ", ".join(sorted(p.name + "/" for p in root.iterdir() if p.is_dir())) or "no folders"

@@ -182,18 +182,17 @@ def train_one_epoch(
             return
         bad = _first_bad_step(window, window_start, device)
         if bad is not None:
+            of = f"/{len(loader)}" if hasattr(loader, "__len__") else ""
             raise NonFiniteLossError(
-                f"the training loss is not finite at epoch {epoch + 1}, step {bad} (global, from 0); "
-                "training stopped",
+                f"the training loss became NaN or infinite at epoch {epoch + 1}, step {bad - start_step + 1}{of} "
+                f"(step {bad + 1} of the run); training stopped",
                 epoch=epoch,
                 step=bad,
             )
         if progress is not None:
             s = sums.tolist()
             elapsed = time.perf_counter() - t0
-            progress.update(
-                step_after - start_step, loss=s[0] / s[3], img_s=s[3] / elapsed if elapsed else 0.0
-            )
+            progress.update(step_after - start_step, loss=s[0] / s[3], img_s=s[3] / elapsed if elapsed else 0.0)
         window, window_start = [], step_after
 
     for i, batch in enumerate(loader):

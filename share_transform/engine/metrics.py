@@ -68,9 +68,9 @@ def plot_curves(path: Path, history: Sequence[dict[str, Any]], *, title: str = "
     fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_err = fig.subplots(1, 2)
+    # Training loss alone, as Figure 4: an early test loss of an untrained BatchNorm can be 1000x larger.
     ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], marker=".", linestyle="--", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
     ax_err.plot(epochs, [r["val_top1_err"] for r in history], marker=".", label="test top-1")
     ax_err.plot(epochs, [r["val_top5_err"] for r in history], marker=".", linestyle="--", label="test top-5")
     ax_err.plot(epochs, [r["train_top1_err"] for r in history], linestyle=":", label="train top-1")
@@ -103,10 +103,7 @@ class ProgressBar:
         width = 24
         filled = int(width * done / self.total) if self.total else width
         fields = "  ".join(f"{k.replace('_', '/')} {v:.4g}" for k, v in values.items())
-        line = (
-            f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  {fields}  "
-            f"eta {_clock(eta)}"
-        )
+        line = f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  {fields}  eta {_clock(eta)}"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()

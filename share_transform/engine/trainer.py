@@ -2,7 +2,8 @@
 
 Run directory (``--output``), written by rank 0 only:
 
-* ``run.json`` at the start of a fresh run: ``recipe``, ``arch``, ``dataset``, ``share``, ``policy``,
+* ``run.json`` at the start of a run (``--resume`` checks it is the same run, then rewrites it):
+  ``recipe``, ``arch``, ``dataset``, ``share``, ``policy``,
   ``seed``, ``epochs``, ``batch_size``, ``lr`` (the optimizer's initial lr, after batch scaling),
   ``params_unshared``, ``unique_params``, ``args`` (every CLI argument);
 * ``metrics.jsonl``, one line per finished epoch, and ``curves.png`` (see :mod:`.metrics`);
@@ -42,7 +43,7 @@ from ..errors import CheckpointError, MissingFileError, OutputExistsError, Share
 from ..io import atomic_write
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, weights_path
 from .data import sample_seed
-from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, error0, print0
+from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
 from .errors import ConfigError, NonFiniteLossError
 from .loop import Preprocess, evaluate, train_one_epoch
 from .metrics import ProgressBar, append_metrics, plot_curves, write_metrics
@@ -147,9 +148,7 @@ def prepare_output(output: Path, *, resume: bool, dist_info: DistInfo) -> None:
     try:
         import matplotlib  # noqa: F401  (curves.png is part of the output contract)
     except ImportError as e:
-        raise ConfigError(
-            "matplotlib is needed to draw curves.png: pip install 'share-transform[train]'"
-        ) from e
+        raise ConfigError("matplotlib is needed to draw curves.png: pip install 'share-transform[train]'") from e
     if dist_info.is_main:
         output.mkdir(parents=True, exist_ok=True)
 
@@ -205,7 +204,7 @@ def fit(
         dist_info: from :func:`init_distributed`.
         output: the run directory.
         resume: continue from ``output``'s ``checkpoint-last``.
-        run_info: the ``run.json`` record (written on a fresh start; checked against on resume).
+        run_info: the ``run.json`` record (checked against the old one on resume, then rewritten).
         train_preprocess, eval_preprocess: device-side input transforms.
         title: heading of ``curves.png``.
 
@@ -226,9 +225,7 @@ def fit(
         model.to(memory_format=torch.channels_last)
     keep_ties(model, ties, f"moving the model to {device}")
 
-    optimizer = build_optimizer(
-        model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = build_optimizer(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, milestones=config.milestones, gamma=config.gamma)
     history: list[dict[str, Any]] = []
     best_err = float("inf")
@@ -244,8 +241,8 @@ def fit(
             # Rewritten from the checkpoint: drops the line of an epoch that was not checkpointed.
             write_metrics(output / "metrics.jsonl", history)
         print0(f"resumed from {weights_path(output, 'last')} after epoch {start_epoch}")
-    elif dist_info.is_main:
-        write_run_json(output, run_info)
+    if dist_info.is_main:
+        write_run_json(output, run_info)  # on resume too: --epochs may have grown
 
     train_model: nn.Module = model
     if dist_info.distributed:
@@ -342,10 +339,10 @@ def run_recipe(main: Callable[[argparse.Namespace], object], args: argparse.Name
     try:
         main(args)
     except (ShareError, OSError) as e:
-        error0(str(e))
+        print_error(str(e))
         return 2
     except KeyboardInterrupt:
-        error0("interrupted")
+        print_error("interrupted")
         return 130
     finally:
         sys.stdout.flush()

@@ -1,0 +1,283 @@
+"""Unit tests of the training engine (share_transform.engine): in-process, small tensors, CPU."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import share_transform
+import share_transform.io
+from share_transform.engine import (
+    METRIC_KEYS,
+    DistInfo,
+    NonFiniteLossError,
+    Normalize,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    init_weights,
+    load_checkpoint,
+    make_loader,
+    plot_curves,
+    save_checkpoint,
+    scaled_lr,
+    train_one_epoch,
+    unique_parameters,
+)
+from share_transform.engine.data import SeededDataset, sample_seed
+from share_transform.engine.imagenet import (
+    MEAN,
+    PCA_EIGVAL,
+    PCA_EIGVEC,
+    STD,
+    Lighting,
+    eval_resize,
+    eval_transform,
+    train_transform,
+)
+from share_transform.engine.metrics import ProgressBar
+from share_transform.engine.trainer import alias_groups, keep_ties
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+TINY = {"channels": [8, 16, 32, 64], "stem_width": 8, "layers": [2, 2, 2, 2]}
+
+
+@pytest.fixture(scope="module")
+def shared_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = share_transform.build_model("resnet18", num_classes=3, **TINY)
+    return share_transform.apply(model)
+
+
+def test_optimizer_sees_each_shared_weight_once(shared_model: nn.Module) -> None:
+    params = unique_parameters(shared_model)
+    assert len({id(p) for p in params}) == len(params)
+    assert sum(p.numel() for p in params) == share_transform.count_parameters(shared_model)
+    opt = build_optimizer(shared_model, lr=0.1)
+    group = opt.param_groups[0]
+    assert len(opt.param_groups) == 1 and len(group["params"]) == len(params)
+    # DESIGN §3: SGD Nesterov, momentum 0.9, dampening 0, weight decay 1e-4 on all parameters.
+    assert (group["nesterov"], group["momentum"], group["dampening"], group["weight_decay"]) == (True, 0.9, 0.0, 1e-4)
+
+
+def test_shared_weight_gets_summed_gradient_and_one_update() -> None:
+    conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+    model = nn.Sequential(conv, nn.Conv2d(2, 2, 3, padding=1, bias=False))
+    model[1].weight = conv.weight  # tied as share_transform.apply ties
+    opt = build_optimizer(model, lr=0.5, momentum=0.0, weight_decay=0.0)
+    x = torch.randn(1, 2, 4, 4)
+    model(x).sum().backward()
+    grad = conv.weight.grad.clone()
+    before = conv.weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(conv.weight.detach(), before - 0.5 * grad)  # one step, not two
+
+
+def test_multistep_schedule_matches_fb_resnet() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=scaled_lr(0.1, 256))
+    sched = build_scheduler(opt, milestones=[30, 60], gamma=0.1)
+    lrs = []
+    for _ in range(90):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == lrs[29] == 0.1
+    assert math.isclose(lrs[30], 0.01) and math.isclose(lrs[59], 0.01)
+    assert math.isclose(lrs[60], 0.001) and math.isclose(lrs[89], 0.001)
+    assert scaled_lr(0.1, 1024) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("mode", ["fan_out", "fan_in"])
+def test_init_weights_he_normal(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 128, 3, bias=True), nn.BatchNorm2d(128), nn.Flatten(), nn.Linear(8, 10))
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+    init_weights(model, mode)
+    fan = 9 * (128 if mode == "fan_out" else 64)
+    assert model[0].weight.std().item() == pytest.approx(math.sqrt(2 / fan), rel=0.02)
+    assert model[0].weight.mean().abs().item() < 1e-3
+    assert torch.count_nonzero(model[0].bias) == 0
+    assert torch.all(model[1].weight == 1) and torch.count_nonzero(model[1].bias) == 0
+    assert torch.count_nonzero(model[3].bias) == 0
+
+
+def test_lighting_adds_the_pca_offset() -> None:
+    img = torch.full((3, 4, 4), 0.5)
+    torch.manual_seed(3)
+    out = Lighting(0.1)(img)
+    torch.manual_seed(3)
+    alpha = torch.empty(3).normal_(0.0, 0.1)
+    expected = torch.tensor(PCA_EIGVEC) @ (alpha * torch.tensor(PCA_EIGVAL))
+    torch.testing.assert_close(out[:, 0, 0], 0.5 + expected)
+    assert torch.equal(Lighting(0.0)(img), img)
+    u8 = Lighting(0.1)(torch.full((3, 2, 2), 255, dtype=torch.uint8))
+    assert u8.dtype == torch.uint8  # clamped and rounded back to bytes
+
+
+def test_transforms_shapes_and_protocol_constants() -> None:
+    from PIL import Image
+
+    img = Image.new("RGB", (50, 40), (200, 10, 10))
+    assert train_transform(32)(img).shape == (3, 32, 32)
+    assert train_transform(32)(img).dtype == torch.uint8
+    assert eval_resize(224) == 256
+    val = eval_transform(32)(img)
+    assert val.shape == (3, 32, 32) and val.dtype == torch.uint8
+    assert eval_transform(32, ten_crop=True)(img).shape == (10, 3, 32, 32)
+    t = train_transform(224).transforms
+    crop, jitter = t[0], t[1]
+    assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
+        (0.6, 1.4),
+        (0.6, 1.4),
+        (0.6, 1.4),
+        None,
+    )
+    assert t[-1].p == 0.5
+
+
+def test_normalize_on_device_matches_torchvision() -> None:
+    from torchvision.transforms import functional as TF
+
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    out = Normalize(MEAN, STD, channels_last=True)(x)
+    torch.testing.assert_close(out, TF.normalize(x.float() / 255, MEAN, STD))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+class _RandomNoise(torch.utils.data.Dataset):
+    """Returns a draw from torch's global generator: shows which generator a loader seeds."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(3), i
+
+
+def test_augmentation_depends_on_seed_epoch_index_only() -> None:
+    ds = SeededDataset(_RandomNoise(), seed=5)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = ds[(1, 3)][0]
+    assert torch.equal(torch.get_rng_state(), state)  # the training stream is untouched
+    assert torch.equal(a, ds[(1, 3)][0])
+    assert not torch.equal(a, ds[(2, 3)][0]) and not torch.equal(a, ds[(1, 4)][0])
+    assert sample_seed(0, 1, 2) != sample_seed(0, 2, 1)
+
+    def epoch_batches(workers: int, epoch: int) -> list[torch.Tensor]:
+        loader = make_loader(_RandomNoise(), batch_size=4, train=True, seed=5, dist_info=CPU, workers=workers)
+        loader.sampler.set_epoch(epoch)
+        return [torch.cat([x, y[:, None].float()], 1) for x, y in loader]
+
+    in_process = epoch_batches(0, 1)
+    with_workers = epoch_batches(2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
+    assert not torch.equal(torch.cat(in_process), torch.cat(epoch_batches(0, 2)))
+
+
+def test_eval_shards_cover_every_sample_once() -> None:
+    ds = TensorDataset(torch.arange(11), torch.arange(11))
+    seen = []
+    for rank in range(3):
+        info = DistInfo(rank=rank, world_size=3, local_rank=rank, device=torch.device("cpu"))
+        loader = make_loader(ds, batch_size=2, train=False, seed=0, dist_info=info, workers=0)
+        seen += [int(v) for x, _ in loader for v in x]
+    assert sorted(seen) == list(range(11))
+
+
+def _linear_loader(n_batches: int, nan_at: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(n_batches):
+        x = torch.randn(4, 6, generator=g)
+        if i == nan_at:
+            x[0, 0] = float("nan")
+        batches.append((x, torch.randint(0, 3, (4,), generator=g)))
+    return batches
+
+
+def test_train_one_epoch_reports_errors_in_percent() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    opt = build_optimizer(model, lr=0.1)
+    stats = train_one_epoch(model, _linear_loader(5), opt, epoch=0, device=torch.device("cpu"), log_every=2)
+    assert stats.images == 20 and 0 <= stats.top1_err <= 100 and stats.top5_err == 0.0  # 3 classes: top-5 = all
+    assert stats.loss > 0 and stats.images_per_s > 0
+
+
+def test_nan_loss_names_the_first_bad_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    opt = build_optimizer(model, lr=0.1)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 4/6 \(step 10 of the run\)") as e:
+        loader = _linear_loader(6, nan_at=3)
+        train_one_epoch(model, loader, opt, epoch=1, device=torch.device("cpu"), log_every=4, start_step=6)
+    assert (e.value.epoch, e.value.step) == (1, 9)
+    assert isinstance(e.value, share_transform.ShareError)
+
+
+def test_evaluate_averages_ten_crop_logits() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    crops = torch.randn(3, 10, 3, 2, 2)
+    targets = torch.tensor([0, 1, 2])
+    stats = evaluate(model, [(crops, targets)], device=torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(crops.flatten(0, 1)).view(3, 10, 4).mean(1)
+    assert stats.loss == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+    hits = (logits.argmax(1) == targets).sum().item()
+    assert stats.top1_err == pytest.approx(100 * (1 - hits / 3))
+
+
+def test_channels_last_keeps_ties_and_an_untied_model_is_retied() -> None:
+    model = share_transform.build_model("resnet18", num_classes=3, **TINY)
+    share_transform.apply(model)
+    groups = alias_groups(model)
+    assert groups and all(len(g) >= 2 for g in groups)
+    model.to(memory_format=torch.channels_last)
+    assert alias_groups(model) == groups and share_transform.is_tied(model)
+    model.to("meta").to_empty(device="cpu")  # the DESIGN §4 trap: one new Parameter per module
+    assert alias_groups(model) != groups
+    keep_ties(model, groups, "a test")
+    assert alias_groups(model) == groups and share_transform.is_tied(model)
+
+
+def test_checkpoint_round_trip_keeps_ties(tmp_path, shared_model: nn.Module) -> None:
+    opt = build_optimizer(shared_model, lr=0.1)
+    shared_model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    state = {"epoch": 4, "optimizer": opt.state_dict(), "history": [{"epoch": 4}]}
+    save_checkpoint(tmp_path, "last", shared_model, state)
+    other = share_transform.apply(share_transform.build_model("resnet18", num_classes=3, **TINY))
+    got = load_checkpoint(tmp_path, "last", other)
+    assert got["epoch"] == 4 and got["history"] == [{"epoch": 4}]
+    assert share_transform.is_tied(other)
+    for (name, a), b in zip(shared_model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    loaded = share_transform.io.load(tmp_path / "checkpoint-last.safetensors")
+    assert share_transform.is_tied(loaded)
+    # A kill between the two renames leaves files of different epochs: resuming must refuse.
+    save_checkpoint(tmp_path, "mixed", shared_model, {"epoch": 5})
+    (tmp_path / "checkpoint-mixed.state.pt").write_bytes((tmp_path / "checkpoint-last.state.pt").read_bytes())
+    with pytest.raises(share_transform.errors.CheckpointError, match="epoch 5 .* epoch 4"):
+        load_checkpoint(tmp_path, "mixed", other)
+
+
+def test_curves_and_progress(tmp_path) -> None:
+    history = [{k: float(i) for k in METRIC_KEYS} | {"epoch": i, "shared": True} for i in range(1, 4)]
+    plot_curves(tmp_path / "curves.png", history, title="t")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = io.StringIO()
+    bar = ProgressBar(10, "epoch 1/1", stream=out)
+    for i in range(1, 11):
+        bar.update(i, loss=1.0 / i, img_s=100.0)
+    bar.close("done")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11 and "10/10" in lines[-2] and "img/s 100" in lines[-2] and lines[-1] == "done"
