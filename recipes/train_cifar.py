@@ -1,0 +1,245 @@
+"""Train a Wide ResNet or pre-act ResNet, or its ShaResNet, on CIFAR-10/100 with the paper's protocol.
+
+ShaResNet (Boulch, arXiv 1702.08782) shares one spatial conv weight per stage; for CIFAR the paper trained
+with the wide-residual-networks code: 200 epochs, batch 128, SGD Nesterov lr 0.1 (x0.2 after epochs 60, 120
+and 160), momentum 0.9, weight decay 5e-4, He fan_in init, dropout 0.3 in WRN blocks on CIFAR-100 only, and
+the first block of every stage keeps its own conv (policy "cifar"). Inputs: ZCA-whitened with flips (the
+paper's, ``--preprocess zca``) or per-channel mean/std with pad-crop-flip (the WRN default, ``meanstd``).
+
+    python recipes/train_cifar.py --dataset cifar10 --data ~/data --arch wrn_40_4 --share --output runs/w40
+    python recipes/train_cifar.py --dataset cifar100 --data ~/data --arch wrn_28_10 --no-share
+    torchrun --nproc_per_node=2 recipes/train_cifar.py --data ~/data --arch preact_resnet164
+
+Reduced sizes for quick runs: any ``wrn_<depth>_<k>`` (depth 6n+4) or ``preact_resnet<depth>`` (9n+2).
+Outputs in --output: run.json, metrics.jsonl, curves.png, checkpoint-{last,best}.{safetensors,state.pt} and
+preprocess.safetensors (the transform fitted on the training set; --resume reuses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import register_model
+
+import share_transform
+from share_transform.data import CifarData, load_cifar, load_preprocessing, save_preprocessing
+from share_transform.engine import (
+    ConfigError,
+    TrainConfig,
+    add_training_args,
+    fit,
+    init_distributed,
+    init_weights,
+    make_loader,
+    per_rank_batch,
+    print0,
+    resolve_args,
+    run_recipe,
+    scaled_lr,
+    seed_all,
+    setup_runtime,
+    world_from_env,
+)
+from share_transform.engine.trainer import prepare_output
+from share_transform.models import preact_resnet, wide_resnet
+
+PREPROCESS_FILE = "preprocess.safetensors"
+WRN_CIFAR100_DROPOUT = 0.3
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a ShaResNet (or, with --no-share, the original network) on CIFAR as in the paper.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100"))
+    g.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data"),
+        help="folder holding cifar-10-batches-py/ or cifar-100-python/ (the python version)",
+    )
+    g.add_argument("--download", action="store_true", help="fetch the set into --data if it is not there")
+    g.add_argument(
+        "--preprocess",
+        default="zca",
+        choices=("zca", "meanstd"),
+        help="zca: GCN + ZCA whitening and flips (the paper); meanstd: mean/std, pad-crop, flips (WRN)",
+    )
+    g.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random horizontal flips in training (off for data where a mirror changes the class)",
+    )
+    g.add_argument(
+        "--dataset-name",
+        default=None,
+        help="name recorded in run.json for the report (default --dataset); set it when the files "
+        "hold another image set written in CIFAR format",
+    )
+    g.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help=f"WRN dropout between the block's convs (default {WRN_CIFAR100_DROPOUT} on cifar100, else 0)",
+    )
+    return add_training_args(
+        parser,
+        arch="wrn_40_4",
+        epochs=200,
+        batch_size=128,
+        lr=0.1,
+        lr_reference_batch=128,
+        weight_decay=5e-4,
+        milestones=(60, 120, 160),
+        gamma=0.2,
+        policy="cifar",
+        init="fan_in",
+        workers=4,
+    )
+
+
+_REDUCED = re.compile(r"wrn_(\d+)_(\d+)|preact_resnet(\d+)")
+
+
+def register_reduced_size(arch: str) -> None:
+    """Make ``wrn_<d>_<k>`` / ``preact_resnet<d>`` buildable by name when timm does not know that size.
+
+    ``share_transform.models`` registers the paper's six sizes only; the builders take any depth.
+    """
+    m = _REDUCED.fullmatch(arch)
+    if m is None or timm.is_model(arch):
+        return
+    build = partial(wide_resnet, int(m[1]), int(m[2])) if m[1] else partial(preact_resnet, int(m[3]))
+
+    def entrypoint(pretrained: bool = False, **kwargs):
+        return build(pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = arch
+    register_model(entrypoint)
+
+
+def load_data(args: argparse.Namespace) -> CifarData:
+    """Both splits, preprocessed with the training set's statistics: fitted now, or the run's saved ones."""
+    if args.synthetic:
+        raise ConfigError(
+            "--synthetic is for the ImageNet recipe; to time CIFAR training, write a set of random "
+            "images with share_transform.data.write_cifar and train on it"
+        )
+    saved = args.output / PREPROCESS_FILE
+    preprocess = args.preprocess
+    if args.resume and saved.exists():
+        preprocess = load_preprocessing(saved)
+        if preprocess.kind != args.preprocess:
+            raise ConfigError(
+                f"--resume: {args.output} was trained with --preprocess {preprocess.kind}, "
+                f"this command gives {args.preprocess}"
+            )
+    data = load_cifar(args.data, args.dataset, preprocess, hflip=args.hflip, download=args.download)
+    if len(data.train) < args.batch_size:
+        raise ConfigError(
+            f"{args.data}: {len(data.train)} training images, fewer than one --batch-size {args.batch_size}"
+        )
+    return data
+
+
+def main(args: argparse.Namespace) -> None:
+    args = resolve_args(args, recipe="cifar")
+    batch_per_rank = per_rank_batch(args.batch_size, world_from_env()[1])
+    dist_info = init_distributed(args.device)
+    setup_runtime(deterministic=args.deterministic)
+    seed_all(args.seed)
+    # Before anything is written: a fresh run must not overwrite a finished run's preprocess file.
+    prepare_output(args.output, resume=args.resume, dist_info=dist_info)
+
+    data = load_data(args)
+    if dist_info.is_main and (not args.resume or not (args.output / PREPROCESS_FILE).exists()):
+        save_preprocessing(data.preprocessing, args.output / PREPROCESS_FILE)
+
+    is_wrn = args.arch.startswith("wrn_")
+    dropout = (
+        args.dropout
+        if args.dropout is not None
+        else (WRN_CIFAR100_DROPOUT if is_wrn and args.dataset == "cifar100" else 0.0)
+    )
+    if dropout and not is_wrn:
+        raise ConfigError(f"--dropout applies to Wide ResNets (wrn_*), not {args.arch}")
+    if is_wrn:
+        args.model_kwargs.setdefault("dropout", dropout)
+    register_reduced_size(args.arch)
+    model = share_transform.build_model(args.arch, num_classes=data.num_classes, **args.model_kwargs)
+    init_weights(model, args.init)
+    params_unshared = share_transform.count_parameters(model)
+    if args.share:
+        share_transform.apply(model, args.policy, input_size=(3, 32, 32))
+    unique_params = share_transform.count_parameters(model)
+    dataset = args.dataset_name or args.dataset
+    print0(
+        f"{args.arch} ({'shared, policy ' + args.policy if args.share else 'original'}): "
+        f"{params_unshared:,} -> {unique_params:,} parameters; {dataset}: {len(data.train):,} train / "
+        f"{len(data.val):,} test images, {data.num_classes} classes, {data.preprocessing.kind}; "
+        f"world size {dist_info.world_size}, {batch_per_rank} per rank"
+    )
+
+    train_loader, val_loader = (
+        make_loader(
+            ds, batch_size=batch_per_rank, train=train, seed=args.seed, dist_info=dist_info, workers=args.workers
+        )
+        for ds, train in ((data.train, True), (data.val, False))
+    )
+    # The datasets hold inputs already preprocessed on the host; only the memory format is left to set.
+    to_input = (lambda x: x.contiguous(memory_format=torch.channels_last)) if args.channels_last else None
+    lr = scaled_lr(args.lr, args.batch_size, args.lr_reference_batch)
+    config = TrainConfig(
+        epochs=args.epochs,
+        lr=lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        milestones=args.lr_milestones,
+        gamma=args.lr_gamma,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        seed=args.seed,
+        log_every=args.print_freq,
+    )
+    run_info = {
+        "recipe": "cifar",
+        "arch": args.arch,
+        "dataset": dataset,
+        "share": args.share,
+        "policy": args.policy if args.share else None,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": lr,
+        "params_unshared": params_unshared,
+        "unique_params": unique_params,
+        "preprocess": data.preprocessing.kind,
+        "args": vars(args),
+    }
+    fit(
+        model,
+        train_loader,
+        val_loader,
+        config=config,
+        dist_info=dist_info,
+        output=args.output,
+        resume=args.resume,
+        run_info=run_info,
+        train_preprocess=to_input,
+        eval_preprocess=to_input,
+        title=f"{args.arch} on {dataset}, {'ShaResNet' if args.share else 'original'}",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_recipe(main, get_args_parser().parse_args()))

@@ -1,0 +1,269 @@
+"""recipes/train_cifar.py end to end on tiny generated CIFAR-format data, reduced-size networks, CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import share_transform
+from share_transform.data import load_preprocessing, read_cifar, write_cifar
+from share_transform.engine import METRIC_KEYS
+from share_transform.errors import OutputExistsError
+from share_transform.io import read_info
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train_cifar.py"
+RUN_KEYS = {
+    "recipe",
+    "arch",
+    "dataset",
+    "share",
+    "policy",
+    "seed",
+    "epochs",
+    "batch_size",
+    "lr",
+    "params_unshared",
+    "unique_params",
+    "args",
+}
+FAST = ["--workers", "0", "--device", "cpu", "--print-freq", "1"]
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("train_cifar", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: timm's registry looks the recipe module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+train_cifar = _load_recipe()
+
+
+def train(*argv: str | Path) -> None:
+    """Run the recipe in this process (no interpreter start-up), restoring the global determinism flag."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        train_cifar.main(train_cifar.get_args_parser().parse_args([str(a) for a in (*argv, *FAST)]))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _learnable(rng: np.random.Generator, n: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose mean colour depends on the class, plus noise: a task the loss can fall on."""
+    labels = rng.integers(0, classes, n)
+    colour = rng.integers(0, 256, (classes, 3))[labels]
+    images = rng.normal(colour[:, None, None, :], 25.0, (n, 32, 32, 3))
+    return images.clip(0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    write_cifar(root, "cifar10", _learnable(rng, 64, 10), _learnable(rng, 32, 10))
+    write_cifar(root, "cifar100", _learnable(rng, 64, 100), _learnable(rng, 32, 100))
+    return root
+
+
+def _metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shared_wrn_with_zca_writes_the_run_and_evaluates_with_the_saved_transform(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(
+        "--data",
+        data_dir,
+        "--arch",
+        "wrn_22_1",
+        "--share",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.4",
+        "--output",
+        out,
+    )
+
+    run = json.loads((out / "run.json").read_text())
+    assert RUN_KEYS <= set(run)
+    assert (run["recipe"], run["arch"], run["dataset"], run["share"], run["policy"]) == (
+        "cifar",
+        "wrn_22_1",
+        "cifar10",
+        True,
+        "cifar",
+    )
+    # WRN-22-1 has 3 blocks per stage; policy "cifar" keeps block 1, so blocks 2-3 share one conv per stage.
+    assert (run["params_unshared"], run["unique_params"]) == (272_282, 223_898)
+    assert run["args"]["lr_milestones"] == [60, 120, 160] and run["args"]["lr_gamma"] == 0.2
+    assert run["args"]["weight_decay"] == 5e-4 and run["args"]["init"] == "fan_in"
+    metrics = _metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(set(METRIC_KEYS) <= set(m) for m in metrics)
+    assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
+    for name in ("curves.png", "checkpoint-last.safetensors", "checkpoint-best.safetensors", "preprocess.safetensors"):
+        assert (out / name).stat().st_size > 0, name
+
+    model = share_transform.io.load(out / "checkpoint-last.safetensors")
+    assert share_transform.is_tied(model) and share_transform.count_parameters(model) == 223_898
+
+    # Evaluation used the transform fitted on the *training* images and saved with the run: whitening the raw
+    # test split with that file reproduces the logged test loss and error exactly.
+    zca = load_preprocessing(out / "preprocess.safetensors")
+    assert zca.kind == "zca"
+    test = read_cifar(data_dir, "cifar10", train=False)
+    raw = torch.from_numpy(test.images).permute(0, 3, 1, 2).float() / 255
+    model.eval()
+    with torch.no_grad():
+        logits = model(zca(raw))
+    labels = torch.from_numpy(test.labels)
+    err = 100.0 * (logits.argmax(dim=1) != labels).float().mean().item()
+    assert err == pytest.approx(metrics[-1]["val_top1_err"])
+    assert F.cross_entropy(logits, labels).item() == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
+    train_raw = torch.from_numpy(read_cifar(data_dir, "cifar10", train=True).images).permute(0, 3, 1, 2) / 255
+    assert torch.allclose(zca.mean, zca.fit(train_raw).mean)
+
+
+def test_preact_resnet_shared_with_meanstd(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(
+        "--data",
+        data_dir,
+        "--arch",
+        "preact_resnet29",
+        "--preprocess",
+        "meanstd",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--output",
+        out,
+    )
+    run = json.loads((out / "run.json").read_text())
+    # Pre-act ResNet-29: 3 bottlenecks per stage, blocks 2-3 share their 3x3.
+    assert (run["params_unshared"], run["unique_params"]) == (312_218, 263_834)
+    assert run["preprocess"] == "meanstd"
+    assert load_preprocessing(out / "preprocess.safetensors").kind == "meanstd"
+    assert len(_metrics(out)) == 1 and (out / "curves.png").exists()
+
+
+def test_wrn_on_cifar100_gets_dropout_and_the_original_trains_unshared(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(
+        "--dataset",
+        "cifar100",
+        "--data",
+        data_dir,
+        "--arch",
+        "wrn_10_1",
+        "--no-share",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--output",
+        out,
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert (run["dataset"], run["share"], run["policy"]) == ("cifar100", False, None)
+    assert run["params_unshared"] == run["unique_params"]
+    build = read_info(out / "checkpoint-last.safetensors").build
+    assert build["kwargs"] == {"dropout": 0.3, "num_classes": 100}
+    model = share_transform.io.load(out / "checkpoint-last.safetensors")
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.modules())
+
+
+def test_resume_after_a_kill_continues_to_the_same_result(data_dir, tmp_path):
+    common = [
+        "--data",
+        data_dir,
+        "--arch",
+        "wrn_10_1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--deterministic",
+        "--seed",
+        "3",
+    ]
+    train(*common, "--output", tmp_path / "straight")
+
+    # Killed (SIGKILL) during epoch 2, in a real process, then resumed.
+    out = tmp_path / "killed"
+    env = {**os.environ, "SHARE_TRANSFORM_KILL_AT_STEP": "6"}  # 4 steps per epoch
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE), *map(str, common), "--output", str(out), *FAST],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr
+    assert [m["epoch"] for m in _metrics(out)] == [1]
+    fitted = (out / "preprocess.safetensors").read_bytes()
+    mtime = (out / "preprocess.safetensors").stat().st_mtime_ns
+
+    train(*common, "--output", out, "--resume")
+
+    def without_speed(output: Path) -> list[dict]:
+        return [{k: v for k, v in m.items() if k != "images_per_s"} for m in _metrics(output)]
+
+    assert without_speed(out) == without_speed(tmp_path / "straight")
+    resumed = load_file(out / "checkpoint-last.safetensors")
+    straight = load_file(tmp_path / "straight" / "checkpoint-last.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    # The resumed run reused the transform saved at the start rather than fitting a new one.
+    assert (out / "preprocess.safetensors").read_bytes() == fitted
+    assert (out / "preprocess.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_fresh_run_never_overwrites_a_finished_one(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train("--data", data_dir, "--arch", "wrn_10_1", "--epochs", "1", "--batch-size", "32", "--output", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(
+            "--data",
+            data_dir,
+            "--arch",
+            "wrn_10_1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--preprocess",
+            "meanstd",
+            "--output",
+            out,
+        )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_absent_data_is_one_error_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE), "--data", str(tmp_path), "--output", str(tmp_path / "o"), *FAST],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "no cifar10 data under" in proc.stderr and "--download" in proc.stderr
+    assert "Traceback" not in proc.stderr
