@@ -14,9 +14,14 @@ from . import models, paper  # models registers the paper's CIFAR networks with 
 from .apply import apply, count_parameters, get_plan, is_tied, retie, untie
 from .build import build_model, build_spec
 from .errors import (
+    CheckpointError,
+    ExportError,
+    FileFormatError,
     InputSizeError,
+    MissingFileError,
     NoSpatialConvError,
     NotAModuleError,
+    OutputExistsError,
     PlanMismatchError,
     ShareError,
     TraceError,
@@ -24,22 +29,33 @@ from .errors import (
     UnknownModelError,
     UnknownPolicyError,
 )
+from .export import OnnxExport, export_onnx
+from .io import FileInfo, load, load_checkpoint, read_checkpoint, read_info, save
 from .models import preact_resnet, wide_resnet
 from .plan import POLICIES, ShareGroup, SharePlan, SpatialConv, StagePlan, plan
 from .signature import ConvSignature
+from .summary import ShareSummary, summarize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "POLICIES",
+    "CheckpointError",
     "ConvSignature",
+    "ExportError",
+    "FileFormatError",
+    "FileInfo",
     "InputSizeError",
+    "MissingFileError",
     "NoSpatialConvError",
     "NotAModuleError",
+    "OnnxExport",
+    "OutputExistsError",
+    "POLICIES",
     "PlanMismatchError",
     "ShareError",
     "ShareGroup",
     "SharePlan",
+    "ShareSummary",
     "SpatialConv",
     "StagePlan",
     "TraceError",
@@ -50,13 +66,20 @@ __all__ = [
     "build_model",
     "build_spec",
     "count_parameters",
+    "export_onnx",
     "get_plan",
     "is_tied",
+    "load",
+    "load_checkpoint",
     "models",
     "paper",
     "plan",
     "preact_resnet",
+    "read_checkpoint",
+    "read_info",
     "retie",
+    "save",
+    "summarize",
     "untie",
     "wide_resnet",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .blocks import ResidualBlock, find_blocks, lost_reductions
+from .build import build_spec
 from .errors import InputSizeError, NoSpatialConvError, NotAModuleError, UnknownPolicyError
 from .signature import ConvSignature
 from .trace import propagate_shapes, trace_model
@@ -211,9 +212,10 @@ class SharePlan:
 
 
 def model_name(model: nn.Module) -> str:
-    """The name errors and reports use: timm's architecture name, else the class name."""
+    """The name errors and reports use: the name ``build_model`` recorded, timm's architecture, else the class."""
+    spec = build_spec(model) or {}
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(cfg.get("architecture") or type(model).__name__)
+    return str(spec.get("name") or cfg.get("architecture") or type(model).__name__)
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
