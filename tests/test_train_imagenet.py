@@ -273,13 +273,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
 
 
-def test_synthetic_data_and_original_model(recipe: ModuleType, tmp_path: Path, capsys) -> None:
+def test_original_model_with_ten_crop_evaluation(recipe: ModuleType, data: Path, tmp_path: Path, capsys) -> None:
     output = tmp_path / "run"
-    argv = recipe_argv(tmp_path / "unused", output, "--synthetic", "--no-share", "--epochs", "1", "--batch-size", "2")
-    rc, _, err = run_inprocess(recipe, argv, capsys)
+    rc, _, err = run_inprocess(recipe, recipe_argv(data, output, "--no-share", "--ten-crop", "--epochs", "1"), capsys)
     assert rc == 0, err
     run = json.loads((output / "run.json").read_text())
-    assert (run["dataset"], run["share"], run["policy"]) == ("synthetic", False, None)
+    assert (run["share"], run["policy"], run["args"]["ten_crop"]) == (False, None, True)
     assert run["unique_params"] == run["params_unshared"]
     (metrics,) = read_metrics(output)
     assert metrics["shared"] is False and metrics["unique_params"] == run["unique_params"]
+    assert share_transform.get_plan(share_transform.io.load(output / "checkpoint-last.safetensors")) is None
+
+
+def test_synthetic_data(recipe: ModuleType, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "run"
+    argv = recipe_argv(tmp_path / "unused", output, "--synthetic", "--epochs", "1", "--batch-size", "2")
+    rc, out, err = run_inprocess(recipe, argv, capsys)
+    assert rc == 0, err
+    assert "40 train / 10 val images, 1000 classes" in out
+    assert json.loads((output / "run.json").read_text())["dataset"] == "synthetic"
+    assert len(read_metrics(output)) == 1

@@ -97,6 +97,12 @@ def _hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack([match[:, 0].sum(), match.any(dim=-1).sum()]).float()
 
 
+def _reduce(sums: torch.Tensor, count: int) -> tuple[float, float, float, float]:
+    """``(loss sum, top-1 hits, top-5 hits, images)`` summed over ranks (images at least 1)."""
+    total = all_reduce_sum(torch.cat([sums, sums.new_tensor([float(count)])])).tolist()
+    return total[0], total[1], total[2], max(total[3], 1.0)
+
+
 def _to_device(
     batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, preprocess: Preprocess | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +176,8 @@ def train_one_epoch(
             unusable, so the caller must not checkpoint them.
     """
     model.train()
-    sums = torch.zeros(4, device=device)  # loss * n, top-1 hits, top-5 hits, n
+    sums = torch.zeros(3, device=device)  # loss * n, top-1 hits, top-5 hits
+    count = 0  # images, known on the host: no per-step copy to the device
     window: list[torch.Tensor] = []
     window_start = start_step
     step = start_step
@@ -190,9 +197,10 @@ def train_one_epoch(
                 step=bad,
             )
         if progress is not None:
-            s = sums.tolist()
             elapsed = time.perf_counter() - t0
-            progress.update(step_after - start_step, loss=s[0] / s[3], img_s=s[3] / elapsed if elapsed else 0.0)
+            progress.update(
+                step_after - start_step, loss=sums[0].item() / count, img_s=count / elapsed if elapsed else 0.0
+            )
         window, window_start = [], step_after
 
     for i, batch in enumerate(loader):
@@ -200,7 +208,8 @@ def train_one_epoch(
         images, targets = _to_device(batch, device, preprocess)
         loss, logits = train_step(model, images, targets, optimizer, amp=amp)
         n = targets.shape[0]
-        sums += torch.cat([(loss.float() * n).view(1), _hits(logits, targets), sums.new_tensor([n])])
+        sums += torch.cat([(loss.float() * n).view(1), _hits(logits, targets)])
+        count += n
         window.append(loss)
         if on_step is not None:
             on_step(step)
@@ -210,9 +219,7 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    all_reduce_sum(sums)
-    loss_sum, hit1, hit5, count = sums.tolist()
-    count = max(count, 1.0)
+    loss_sum, hit1, hit5, count = _reduce(sums, count)
     # Images/s over all ranks: the slowest rank sets the pace, so take the longest wall time.
     wall = torch.tensor([seconds], device=device)
     if dist.is_initialized():
@@ -243,7 +250,8 @@ def evaluate(
     different numbers of batches.
     """
     model.eval()
-    sums = torch.zeros(4, device=device)
+    sums = torch.zeros(3, device=device)
+    count = 0
     t0 = time.perf_counter()
     for batch in loader:
         images, targets = _to_device(batch, device, preprocess)
@@ -255,10 +263,9 @@ def evaluate(
         logits = logits.view(targets.shape[0], crops, -1).mean(dim=1)
         n = targets.shape[0]
         loss = F.cross_entropy(logits, targets, reduction="sum")
-        sums += torch.cat([loss.view(1), _hits(logits, targets), sums.new_tensor([n])])
-    all_reduce_sum(sums)
-    loss_sum, hit1, hit5, count = sums.tolist()
-    count = max(count, 1.0)
+        sums += torch.cat([loss.view(1), _hits(logits, targets)])
+        count += n
+    loss_sum, hit1, hit5, count = _reduce(sums, count)
     return EpochStats(
         loss=loss_sum / count,
         top1_err=100.0 * (1 - hit1 / count),
