@@ -26,6 +26,7 @@ from pathlib import Path
 import timm
 import torch
 from timm.models import register_model
+from torch import nn
 
 import share_transform
 from share_transform.data import CifarData, load_cifar, load_preprocessing, save_preprocessing
@@ -151,25 +152,19 @@ def load_data(args: argparse.Namespace) -> CifarData:
     return data
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> nn.Module:
+    """Train as ``args`` say; returns the trained model (unwrapped, on the training device)."""
     args = resolve_args(args, recipe="cifar")
     batch_per_rank = per_rank_batch(args.batch_size, world_from_env()[1])
-    dist_info = init_distributed(args.device)
     setup_runtime(deterministic=args.deterministic)
     seed_all(args.seed)
-    # Before anything is written: a fresh run must not overwrite a finished run's preprocess file.
-    prepare_output(args.output, resume=args.resume, dist_info=dist_info)
 
+    # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     data = load_data(args)
-    if dist_info.is_main and (not args.resume or not (args.output / PREPROCESS_FILE).exists()):
-        save_preprocessing(data.preprocessing, args.output / PREPROCESS_FILE)
-
     is_wrn = args.arch.startswith("wrn_")
-    dropout = (
-        args.dropout
-        if args.dropout is not None
-        else (WRN_CIFAR100_DROPOUT if is_wrn and args.dataset == "cifar100" else 0.0)
-    )
+    dropout = args.dropout
+    if dropout is None:
+        dropout = WRN_CIFAR100_DROPOUT if is_wrn and args.dataset == "cifar100" else 0.0
     if dropout and not is_wrn:
         raise ConfigError(f"--dropout applies to Wide ResNets (wrn_*), not {args.arch}")
     if is_wrn:
@@ -181,6 +176,12 @@ def main(args: argparse.Namespace) -> None:
     if args.share:
         share_transform.apply(model, args.policy, input_size=(3, 32, 32))
     unique_params = share_transform.count_parameters(model)
+
+    dist_info = init_distributed(args.device)
+    # Checked before the transform is written: a fresh run must not overwrite a finished run's file.
+    prepare_output(args.output, resume=args.resume, dist_info=dist_info)
+    if dist_info.is_main and (not args.resume or not (args.output / PREPROCESS_FILE).exists()):
+        save_preprocessing(data.preprocessing, args.output / PREPROCESS_FILE)
     dataset = args.dataset_name or args.dataset
     print0(
         f"{args.arch} ({'shared, policy ' + args.policy if args.share else 'original'}): "
@@ -239,6 +240,7 @@ def main(args: argparse.Namespace) -> None:
         eval_preprocess=to_input,
         title=f"{args.arch} on {dataset}, {'ShaResNet' if args.share else 'original'}",
     )
+    return model
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ not depend on the training code.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -266,3 +267,38 @@ def test_bad_run_directories_are_clear_errors(tmp_path):
     (path / "run.json").write_text('{"arch": "x"}')
     with pytest.raises(ReportError, match="lacks dataset, share, epochs, unique_params"):
         load_run(path)
+
+
+def _load_reproduce():
+    spec = importlib.util.spec_from_file_location(
+        "reproduce", Path(__file__).resolve().parents[1] / "recipes" / "reproduce.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduce_prints_every_paper_run_and_writes_the_report(runs, tmp_path, capsys):
+    reproduce = _load_reproduce()
+    parser = reproduce.get_args_parser()
+    reproduce.main(parser.parse_args(["--commands", "--data", "/d", "--seeds", "0", "1"]))
+    commands = capsys.readouterr().out.splitlines()
+    # Table 1's seven pairs and Table 3's three equal-size baselines, per seed.
+    assert len(commands) == 2 * (7 * 2 + 3)
+    assert (
+        "python recipes/train_cifar.py --dataset cifar100 --data /d --arch wrn_28_10 --share --seed 1 "
+        "--output runs/cifar100/wrn_28_10-shared-seed1" in commands
+    )
+    assert any(
+        c.startswith("python recipes/train_imagenet.py") and "--arch resnet152 --no-share" in c for c in commands
+    )
+    assert sum("--arch preact_resnet92 --no-share" in c for c in commands) == 2
+
+    reproduce.main(parser.parse_args([str(runs), "--out", str(tmp_path / "out")]))
+    assert "4.17 → 5.10 (+0.93)" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "report.md",
+        "report.json",
+        FIGURE4_FILE,
+        FIGURE5_FILE,
+    }

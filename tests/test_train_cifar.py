@@ -267,3 +267,20 @@ def test_absent_data_is_one_error_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "no cifar10 data under" in proc.stderr and "--download" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_digits_experiment_writes_the_digits_as_cifar(tmp_path):
+    spec = importlib.util.spec_from_file_location("digits_experiment", ROOT / "recipes" / "digits_experiment.py")
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)  # imports train_cifar, registered above under that name
+
+    digits.digits_as_cifar(tmp_path)
+    train_split = read_cifar(tmp_path, "cifar10", train=True)
+    test_split = read_cifar(tmp_path, "cifar10", train=False)
+    assert (len(train_split.labels), len(test_split.labels)) == (1347, 450)  # scikit-learn's 1,797, 25% held out
+    assert train_split.classes == tuple("0123456789")
+    assert np.bincount(test_split.labels).min() >= 43  # stratified: a quarter of each digit (174 to 183)
+    image = train_split.images[0]
+    assert image.shape == (32, 32, 3) and np.array_equal(image[..., 0], image[..., 2])  # grey in RGB
+    assert image.max() > 200 and image.min() == 0
+    assert digits.milestones(200) == [60, 120, 160] and digits.milestones(10) == [3, 6, 8]
