@@ -18,21 +18,8 @@ import timm
 import torch
 
 import share_transform as st
+from share_transform.build import TIMM_RESNET_FAMILIES
 
-TIMM_FAMILIES = [
-    "resnet*",
-    "resnetv2*",
-    "wide_resnet*",
-    "resnext*",
-    "seresnet*",
-    "seresnext*",
-    "ecaresnet*",
-    "resnetrs*",
-    "skresnet*",
-    "gcresnet*",
-    "resnetblur*",
-    "resnetaa*",
-]
 TORCHVISION = [
     "resnet18",
     "resnet34",
@@ -72,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write every row to this file")
     args = parser.parse_args()
-    names = [("timm", n) for n in timm.list_models(TIMM_FAMILIES)]
+    names = [("timm", n) for n in timm.list_models(list(TIMM_RESNET_FAMILIES))]
     names += [("torchvision", n) for n in TORCHVISION]
     rows = []
     for source, name in names:

@@ -15,6 +15,22 @@ from .errors import UnknownModelError
 
 SOURCES = ("timm", "torchvision")
 
+#: timm's ResNet-family name patterns: what the sweep (``benchmarks/sweep.py``, ``pytest --runslow``) covers.
+TIMM_RESNET_FAMILIES = (
+    "resnet*",
+    "resnetv2*",
+    "wide_resnet*",
+    "resnext*",
+    "seresnet*",
+    "seresnext*",
+    "ecaresnet*",
+    "resnetrs*",
+    "skresnet*",
+    "gcresnet*",
+    "resnetblur*",
+    "resnetaa*",
+)
+
 #: Attribute under which ``build_model`` records how the model was built.
 BUILD_ATTR = "_share_build"
 

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 import share_transform as st
+from share_transform.build import TIMM_RESNET_FAMILIES
 
 SIZE = (3, 64, 64)
 
@@ -93,22 +94,7 @@ def test_timm_family_sample(name: str) -> None:
 @pytest.mark.slow
 def test_full_timm_family_sweep() -> None:
     """Every timm ResNet-family model plans (built on the meta device); the README lists the outcome."""
-    names = timm.list_models(
-        [
-            "resnet*",
-            "resnetv2*",
-            "wide_resnet*",
-            "resnext*",
-            "seresnet*",
-            "seresnext*",
-            "ecaresnet*",
-            "resnetrs*",
-            "skresnet*",
-            "gcresnet*",
-            "resnetblur*",
-            "resnetaa*",
-        ]
-    )
+    names = timm.list_models(list(TIMM_RESNET_FAMILIES))
     nothing = []
     for name in names:
         with torch.device("meta"):
