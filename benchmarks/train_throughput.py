@@ -59,6 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on cuda)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on cuda")
     p.add_argument("--compile", choices=("off", "on", "both"), default=None, help="default: both on cuda, off on cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     return p
 
@@ -144,6 +145,8 @@ def describe(device: str) -> str:
 
 def main(args: argparse.Namespace) -> list[Result]:
     args = resolve(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"{args.arch} training step on {describe(args.device)}: batch {args.batch_size}, "
         f"{args.img_size}x{args.img_size}, {'bf16' if args.amp else 'fp32'}"

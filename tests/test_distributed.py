@@ -18,7 +18,6 @@ import torch
 from test_train_imagenet import RECIPE, ROOT, make_image_folder, read_metrics, recipe_argv
 
 import share_transform
-import share_transform.io
 
 LAUNCHER = textwrap.dedent(
     """
@@ -70,7 +69,7 @@ def test_two_ranks_train_agree_and_stay_tied(data: Path, tmp_path: Path) -> None
     assert all(i["tied"] and i["unique"] == run["unique_params"] for i in infos)
 
     # The run directory (rank 0's) holds the same model.
-    saved = share_transform.io.load(output / "checkpoint-last.safetensors")
+    saved = share_transform.load(output / "checkpoint-last.safetensors")
     assert share_transform.is_tied(saved)
     for name, t in saved.state_dict().items():
         assert torch.equal(t, rank0[name]), name

@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import share_transform
-import share_transform.io
 from share_transform.engine import (
     METRIC_KEYS,
     DistInfo,
@@ -261,7 +260,7 @@ def test_checkpoint_round_trip_keeps_ties(tmp_path, shared_model: nn.Module) -> 
     assert share_transform.is_tied(other)
     for (name, a), b in zip(shared_model.state_dict().items(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    loaded = share_transform.io.load(tmp_path / "checkpoint-last.safetensors")
+    loaded = share_transform.load(tmp_path / "checkpoint-last.safetensors")
     assert share_transform.is_tied(loaded)
     # A kill between the two renames leaves files of different epochs: resuming must refuse.
     save_checkpoint(tmp_path, "mixed", shared_model, {"epoch": 5})

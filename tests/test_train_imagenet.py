@@ -24,7 +24,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import share_transform
-import share_transform.io
 from share_transform.engine import METRIC_KEYS, run_recipe
 from share_transform.engine.trainer import KILL_AT_STEP_ENV
 
@@ -167,7 +166,7 @@ def test_two_epochs_end_to_end(reference: tuple[Path, subprocess.CompletedProces
         assert (output / f"checkpoint-{tag}.safetensors").is_file()
         assert (output / f"checkpoint-{tag}.state.pt").is_file()
     assert state_epoch(output) == 2
-    model = share_transform.io.load(output / "checkpoint-last.safetensors")
+    model = share_transform.load(output / "checkpoint-last.safetensors")
     assert share_transform.is_tied(model)
     assert share_transform.count_parameters(model) == run["unique_params"]
     groups = share_transform.get_plan(model).groups
@@ -268,7 +267,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert f"the last good checkpoint is {output / 'checkpoint-last.safetensors'} (epoch 1)" in err
     assert "epoch 1:" in out
     assert state_epoch(output) == 1 and [m["epoch"] for m in read_metrics(output)] == [1]
-    model = share_transform.io.load(output / "checkpoint-last.safetensors")
+    model = share_transform.load(output / "checkpoint-last.safetensors")
     assert share_transform.is_tied(model)
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
 
@@ -282,7 +281,7 @@ def test_original_model_with_ten_crop_evaluation(recipe: ModuleType, data: Path,
     assert run["unique_params"] == run["params_unshared"]
     (metrics,) = read_metrics(output)
     assert metrics["shared"] is False and metrics["unique_params"] == run["unique_params"]
-    assert share_transform.get_plan(share_transform.io.load(output / "checkpoint-last.safetensors")) is None
+    assert share_transform.get_plan(share_transform.load(output / "checkpoint-last.safetensors")) is None
 
 
 def test_synthetic_data(recipe: ModuleType, tmp_path: Path, capsys) -> None:

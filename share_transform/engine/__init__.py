@@ -12,7 +12,7 @@ Entry points, in the order a recipe's ``main`` uses them:
 * :func:`setup_runtime`, :func:`seed_all`: deterministic kernels or cuDNN autotuning + TF32;
 * :func:`init_weights` (``init``): fb.resnet.torch ("fan_out") or WRN ("fan_in") initialisation, before
   ``share_transform.apply``;
-* :func:`make_loader` (``data``): sharded loaders whose order and augmentation depend on
+* :func:`make_loader`, :func:`set_epoch` (``data``): sharded loaders whose order and augmentation depend on
   ``(seed, epoch)`` only; :class:`SyntheticDataset` for ``--synthetic``;
 * :class:`Normalize` (``loop``): the device-side uint8 -> normalised float transform;
 * :func:`fit` (``trainer``): epochs of :func:`train_one_epoch` + :func:`evaluate` (``loop``) with SGD
@@ -25,7 +25,7 @@ Entry points, in the order a recipe's ``main`` uses them:
 
 from .args import add_training_args, resolve_args
 from .checkpoint import load_checkpoint, save_checkpoint, state_path, weights_path
-from .data import SyntheticDataset, make_loader
+from .data import SyntheticDataset, make_loader, set_epoch
 from .distributed import DistInfo, init_distributed, print0, world_from_env
 from .errors import ConfigError, DataError, NonFiniteLossError
 from .init import init_weights
@@ -62,6 +62,7 @@ __all__ = [
     "save_checkpoint",
     "scaled_lr",
     "seed_all",
+    "set_epoch",
     "setup_runtime",
     "state_path",
     "train_one_epoch",

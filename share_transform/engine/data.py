@@ -9,7 +9,7 @@ sees exactly the batches an uninterrupted run would have. The training order is 
 Example:
     >>> train_loader = make_loader(train_set, batch_size=64, train=True, seed=0, dist_info=info, workers=8)
     >>> for epoch in range(epochs):
-    ...     train_loader.sampler.set_epoch(epoch)
+    ...     set_epoch(train_loader, epoch)
     ...     for images, targets in train_loader: ...
 """
 
@@ -119,12 +119,12 @@ def make_loader(
         workers: loader processes per rank (0 loads in the training process).
         pin_memory: default on when training on CUDA, for non-blocking host-to-device copies.
 
-    Call ``loader.sampler.set_epoch(epoch)`` before each epoch (an :class:`EpochSampler`).
+    Call :func:`set_epoch` before each epoch.
     """
     n = len(dataset)  # type: ignore[arg-type]
     if train:
         base: Sampler[int] = DistributedSampler(
-            range(n),
+            dataset,
             num_replicas=dist_info.world_size,
             rank=dist_info.rank,
             shuffle=True,
@@ -145,6 +145,13 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Select ``epoch``'s order and augmentation in a loader from :func:`make_loader`."""
+    if not isinstance(loader.sampler, EpochSampler):
+        raise TypeError("the engine needs loaders made by share_transform.engine.make_loader")
+    loader.sampler.set_epoch(epoch)
 
 
 class SyntheticDataset(Dataset):

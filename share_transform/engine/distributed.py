@@ -78,7 +78,7 @@ def init_distributed(device: str, *, timeout_s: float = 1800.0) -> DistInfo:
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
             timeout=timedelta(seconds=timeout_s),
-            **({"device_id": dev} if dev.type == "cuda" else {}),
+            device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -189,7 +189,7 @@ def train_one_epoch(
             return
         bad = _first_bad_step(window, window_start, device)
         if bad is not None:
-            of = f"/{len(loader)}" if hasattr(loader, "__len__") else ""
+            of = f"/{len(loader)}" if isinstance(loader, Sized) else ""
             raise NonFiniteLossError(
                 f"the training loss became NaN or infinite at epoch {epoch + 1}, step {bad - start_step + 1}{of} "
                 f"(step {bad + 1} of the run); training stopped",
@@ -219,16 +219,16 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    loss_sum, hit1, hit5, count = _reduce(sums, count)
+    loss_sum, hit1, hit5, total = _reduce(sums, count)
     # Images/s over all ranks: the slowest rank sets the pace, so take the longest wall time.
     wall = torch.tensor([seconds], device=device)
     if dist.is_initialized():
         dist.all_reduce(wall, op=dist.ReduceOp.MAX)
     return EpochStats(
-        loss=loss_sum / count,
-        top1_err=100.0 * (1 - hit1 / count),
-        top5_err=100.0 * (1 - hit5 / count),
-        images=int(count),
+        loss=loss_sum / total,
+        top1_err=100.0 * (1 - hit1 / total),
+        top5_err=100.0 * (1 - hit5 / total),
+        images=int(total),
         seconds=float(wall.item()),
     )
 
@@ -265,11 +265,11 @@ def evaluate(
         loss = F.cross_entropy(logits, targets, reduction="sum")
         sums += torch.cat([loss.view(1), _hits(logits, targets)])
         count += n
-    loss_sum, hit1, hit5, count = _reduce(sums, count)
+    loss_sum, hit1, hit5, total = _reduce(sums, count)
     return EpochStats(
-        loss=loss_sum / count,
-        top1_err=100.0 * (1 - hit1 / count),
-        top5_err=100.0 * (1 - hit5 / count),
-        images=int(count),
+        loss=loss_sum / total,
+        top1_err=100.0 * (1 - hit1 / total),
+        top5_err=100.0 * (1 - hit5 / total),
+        images=int(total),
         seconds=time.perf_counter() - t0,
     )

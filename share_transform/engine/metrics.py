@@ -50,8 +50,16 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` atomically from ``history`` (on resume: exactly the checkpointed epochs)."""
-    text = "".join(json.dumps(r) + "\n" for r in history)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

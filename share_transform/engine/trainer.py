@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -40,13 +40,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
-from ..io import atomic_write
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, weights_path
-from .data import sample_seed
+from .data import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
 from .errors import ConfigError, NonFiniteLossError
 from .loop import Preprocess, evaluate, train_one_epoch
-from .metrics import ProgressBar, append_metrics, plot_curves, write_metrics
+from .metrics import ProgressBar, append_metrics, plot_curves, write_metrics, write_text
 from .optim import build_optimizer, build_scheduler
 
 #: Test-only fault injection: the training process SIGKILLs itself after this global step.
@@ -79,7 +78,9 @@ def setup_runtime(*, deterministic: bool) -> None:
     """Kernel selection: cuDNN autotuning and TF32 for speed, or deterministic kernels throughout."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-        torch.use_deterministic_algorithms(True)
+        # warn_only: a few CUDA backward kernels (adaptive average pooling) have no deterministic version;
+        # they warn instead of stopping the run. Every CPU kernel used here is deterministic.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     else:
@@ -155,8 +156,7 @@ def prepare_output(output: Path, *, resume: bool, dist_info: DistInfo) -> None:
 
 def write_run_json(output: Path, run_info: dict[str, Any]) -> None:
     """Write ``run.json`` atomically (paths and other non-JSON values become strings)."""
-    text = json.dumps(run_info, indent=2, default=str) + "\n"
-    atomic_write(output / "run.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(output / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
 
 
 def _check_same_run(output: Path, run_info: dict[str, Any]) -> None:
@@ -252,7 +252,7 @@ def fit(
         )
         keep_ties(model, ties, "DistributedDataParallel")
     if config.compile:
-        train_model = torch.compile(train_model)
+        train_model = cast(nn.Module, torch.compile(train_model))
 
     kill_at = os.environ.get(KILL_AT_STEP_ENV)
     on_step = _kill_after(int(kill_at)) if kill_at else None
@@ -262,8 +262,8 @@ def fit(
     for epoch in range(start_epoch, config.epochs):
         # The epoch's randomness is a function of (seed, epoch, rank): resuming here replays it exactly.
         seed_all(sample_seed(config.seed, epoch, -1 - dist_info.rank))
-        train_loader.sampler.set_epoch(epoch)
-        val_loader.sampler.set_epoch(epoch)
+        set_epoch(train_loader, epoch)
+        set_epoch(val_loader, epoch)
         lr = optimizer.param_groups[0]["lr"]
         bar = ProgressBar(steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
         try:
