@@ -14,6 +14,7 @@ Outputs in --output: run.json, metrics.jsonl, curves.png, checkpoint-{last,best}
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,11 +23,13 @@ from torch.utils.data import Dataset
 
 import share_transform
 from share_transform.engine import (
+    ConfigError,
     DataError,
     Normalize,
     SyntheticDataset,
     TrainConfig,
     add_training_args,
+    check_output,
     fit,
     init_distributed,
     init_weights,
@@ -89,12 +92,16 @@ def main(args: argparse.Namespace) -> nn.Module:
     """Train as ``args`` say; returns the trained model (unwrapped, on the training device)."""
     args = resolve_args(args, recipe="imagenet")
     batch_per_rank = per_rank_batch(args.batch_size, world_from_env()[1])
+    check_output(args.output, resume=args.resume)
     setup_runtime(deterministic=args.deterministic)
     seed_all(args.seed)
 
     # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     train_set, val_set, num_classes = load_data(args)
-    model = share_transform.build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
+    try:
+        model = share_transform.build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
+    except TypeError as e:  # a constructor argument the architecture does not take
+        raise ConfigError(f"--arch {args.arch} with --model-kwargs {json.dumps(args.model_kwargs)}: {e}") from None
     init_weights(model, args.init)
     params_unshared = share_transform.count_parameters(model)
     if args.share:

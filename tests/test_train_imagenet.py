@@ -232,6 +232,21 @@ def test_bad_data_dir(case: str, recipe: ModuleType, data: Path, tmp_path: Path,
     assert snapshot(output) == {"notes.txt": b"mine"}
 
 
+BAD_FLAGS = {
+    "unknown policy": (["--policy", "resnet"], "unknown policy 'resnet'"),
+    "constructor argument": (["--model-kwargs", '{"bogus": 1}'], "unexpected keyword argument 'bogus'"),
+    "resume without a run": (["--resume"], "holds no checkpoint-last to continue from"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags(case: str, recipe: ModuleType, data: Path, tmp_path: Path, capsys) -> None:
+    flags, expected = BAD_FLAGS[case]
+    rc, _, err = run_inprocess(recipe, recipe_argv(data, tmp_path / "run", *flags), capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_batch_not_divisible_by_world_size(
     recipe: ModuleType, data: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ Entry points, in the order a recipe's ``main`` uses them:
 * :func:`add_training_args` / :func:`resolve_args` (``args``): the shared flags and their defaults;
 * :func:`world_from_env`, :func:`per_rank_batch`, :func:`init_distributed` (``distributed``,
   ``trainer``): torchrun/DDP set-up, NCCL on GPUs, gloo on CPUs; :func:`print0` prints on rank 0 only;
+* :func:`check_output`: fail fast, before any work, on an output directory the run cannot use;
 * :func:`setup_runtime`, :func:`seed_all`: deterministic kernels or cuDNN autotuning + TF32;
 * :func:`init_weights` (``init``): fb.resnet.torch ("fan_out") or WRN ("fan_in") initialisation, before
   ``share_transform.apply``;
@@ -32,7 +33,7 @@ from .init import init_weights
 from .loop import EpochStats, Normalize, evaluate, train_one_epoch, train_step
 from .metrics import METRIC_KEYS, plot_curves, read_metrics
 from .optim import build_optimizer, build_scheduler, scaled_lr, unique_parameters
-from .trainer import TrainConfig, fit, per_rank_batch, run_recipe, seed_all, setup_runtime
+from .trainer import TrainConfig, check_output, fit, per_rank_batch, run_recipe, seed_all, setup_runtime
 
 __all__ = [
     "METRIC_KEYS",
@@ -47,6 +48,7 @@ __all__ = [
     "add_training_args",
     "build_optimizer",
     "build_scheduler",
+    "check_output",
     "evaluate",
     "fit",
     "init_distributed",

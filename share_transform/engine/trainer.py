@@ -129,20 +129,25 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
         raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
 
-def prepare_output(output: Path, *, resume: bool, dist_info: DistInfo) -> None:
-    """Check that ``output`` can take this run and create it (rank 0).
+def check_output(output: Path, *, resume: bool) -> None:
+    """Check, without writing anything, that ``output`` can take this run.
+
+    Call it early (before building data and model) to fail fast; :func:`fit` checks again.
 
     Raises:
-        OutputExistsError: a fresh run into a directory holding a checkpoint.
+        OutputExistsError: ``output`` is a file, or a fresh run would overwrite a run (a checkpoint or
+            metrics).
         MissingFileError: ``resume`` without a checkpoint.
+        ConfigError: matplotlib, needed for ``curves.png``, is missing.
     """
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"--output {output} is a file, not a directory")
     found = has_checkpoint(output, "last")
-    if found and not resume:
+    metrics = output / "metrics.jsonl"
+    if not resume and (found or (metrics.is_file() and metrics.stat().st_size > 0)):
+        held = weights_path(output, "last").name if found else metrics.name
         raise OutputExistsError(
-            f"{output} already holds a run ({weights_path(output, 'last').name}); "
-            "pass --resume to continue it, or choose another --output"
+            f"{output} already holds a run ({held}); pass --resume to continue it, or choose another --output"
         )
     if resume and not found:
         raise MissingFileError(f"--resume: {output} holds no checkpoint-last to continue from")
@@ -150,6 +155,11 @@ def prepare_output(output: Path, *, resume: bool, dist_info: DistInfo) -> None:
         import matplotlib  # noqa: F401  (curves.png is part of the output contract)
     except ImportError as e:
         raise ConfigError("matplotlib is needed to draw curves.png: pip install 'share-transform[train]'") from e
+
+
+def prepare_output(output: Path, *, resume: bool, dist_info: DistInfo) -> None:
+    """:func:`check_output`, then create ``output`` (rank 0)."""
+    check_output(output, resume=resume)
     if dist_info.is_main:
         output.mkdir(parents=True, exist_ok=True)
 
@@ -212,7 +222,7 @@ def fit(
         The metrics history, one record per epoch (also in ``metrics.jsonl``).
 
     Raises:
-        OutputExistsError, MissingFileError: see :func:`prepare_output`.
+        OutputExistsError, MissingFileError: see :func:`check_output`.
         CheckpointError: an unreadable checkpoint, or ``resume`` with other settings than the run's.
         NonFiniteLossError: the loss became NaN/inf; nothing from that epoch was written.
     """
