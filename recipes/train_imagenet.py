@@ -53,11 +53,12 @@ SYNTHETIC_VAL_BATCHES = 5
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a ShaResNet (or, with --no-share, the original ResNet) on ImageNet as in the paper.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = parser.add_argument_group("data")
     g.add_argument("--data", type=Path, help="ImageFolder root holding train/CLASS/* and val/CLASS/*")
-    g.add_argument("--img-size", type=int, default=224, help="training crop; val resizes to img_size*256/224")
+    g.add_argument(
+        "--img-size", type=int, default=224, help="training crop (default 224); val resizes to img_size*256/224"
+    )
     g.add_argument("--ten-crop", action="store_true", help="evaluate on ten crops instead of the centre one")
     return add_training_args(
         parser,

@@ -116,7 +116,12 @@ def recipe() -> ModuleType:
 
 def run_inprocess(recipe: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     capsys.readouterr()
-    rc = run_recipe(recipe.main, recipe.get_args_parser().parse_args(argv))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses: small kernels lose more than they gain from threads
+    try:
+        rc = run_recipe(recipe.main, recipe.get_args_parser().parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
     out, err = capsys.readouterr()
     return rc, out, err
 

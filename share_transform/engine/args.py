@@ -118,7 +118,9 @@ def add_training_args(
         help="NHWC memory format (default: on for cuda)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the training model")
-    g.add_argument("--synthetic", action="store_true", help="random images instead of --data (benchmarking)")
+    g.add_argument(
+        "--synthetic", action="store_true", help="random images instead of --data (benchmarking; a short epoch)"
+    )
     g.add_argument(
         "--deterministic",
         action="store_true",
