@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import UnknownModelError
+from .errors import ModelArgumentError, UnknownModelError
 
 SOURCES = ("timm", "torchvision")
 
@@ -72,6 +72,7 @@ def build_model(name: str, *, source: str | None = None, num_classes: int | None
 
     Raises:
         UnknownModelError: no model of that name, with close matches in the message.
+        ModelArgumentError: the constructor does not take ``kwargs``.
 
     Example:
         >>> model = build_model("torchvision:resnet34", num_classes=10)
@@ -85,14 +86,17 @@ def build_model(name: str, *, source: str | None = None, num_classes: int | None
     ctor_kwargs = dict(kwargs)
     if num_classes is not None:
         ctor_kwargs["num_classes"] = num_classes
-    if source == "timm":
-        import timm
+    try:
+        if source == "timm":
+            import timm
 
-        model = timm.create_model(arch, pretrained=False, **ctor_kwargs)
-    else:
-        import torchvision
+            model = timm.create_model(arch, pretrained=False, **ctor_kwargs)
+        else:
+            import torchvision
 
-        model = torchvision.models.get_model(arch, weights=None, **ctor_kwargs)
+            model = torchvision.models.get_model(arch, weights=None, **ctor_kwargs)
+    except TypeError as exc:  # an argument the constructor does not take
+        raise ModelArgumentError(f"{source} model {arch!r} rejected its arguments {ctor_kwargs}: {exc}") from None
     setattr(model, BUILD_ATTR, {"source": source, "name": arch, "kwargs": ctor_kwargs})
     return model
 

@@ -40,6 +40,10 @@ class UnknownModelError(ShareError, ValueError):
     """No timm or torchvision model has this name."""
 
 
+class ModelArgumentError(ShareError, TypeError):
+    """The model's constructor does not take the keyword arguments given."""
+
+
 class UnknownInitError(ShareError, ValueError):
     """The init mode of a shared weight is not one of the known modes."""
 

@@ -79,15 +79,19 @@ def test_unknown_model_name_suggests_close_matches() -> None:
         st.build_model("torchvision:resnet51")
 
 
+def test_constructor_arguments_the_model_rejects() -> None:
+    with pytest.raises(st.ModelArgumentError, match=r"timm model 'resnet18' rejected its arguments \{'depth': 3\}"):
+        st.build_model("resnet18", depth=3)
+    with pytest.raises(TypeError):
+        st.build_model("torchvision:resnet18", depth=3)
+
+
 def test_all_errors_derive_from_share_error() -> None:
-    for cls in (
-        st.NotAModuleError,
-        st.UnknownPolicyError,
-        st.TraceError,
-        st.InputSizeError,
-        st.NoSpatialConvError,
-        st.PlanMismatchError,
-        st.UnknownModelError,
-        st.UnknownInitError,
-    ):
-        assert issubclass(cls, st.ShareError)
+    import inspect
+
+    import share_transform.errors as errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, Exception)]
+    assert len(classes) >= 14
+    assert all(issubclass(c, st.ShareError) for c in classes)
+    assert {c.__name__ for c in classes} <= set(st.__all__)

@@ -4,7 +4,8 @@ The Wide ResNets of the ShaResNet paper (Table 1 WRN-40-4 and WRN-28-10, Table 3
 built as the wide-residual-networks Torch7 code the paper used: a 3x3 stem to 16 channels, three stages of
 ``n = (depth - 4) / 6`` pre-activation wide basic blocks of width 16k/32k/64k (stride 2 on the first 3x3 of
 stages 2 and 3), optional dropout between the two 3x3 convs, a 1x1 projection shortcut where the block changes
-shape, and a final BN-ReLU-avgpool-linear head. Init as :func:`~share_transform.models.preact_resnet.init_cifar_weights`.
+shape, and a final BN-ReLU-avgpool-linear head. Init as
+:func:`~share_transform.models.preact_resnet.init_cifar_weights`.
 
 Papers:
 * `ShaResNet: reducing residual network parameter number by sharing weights` - https://arxiv.org/abs/1702.08782
