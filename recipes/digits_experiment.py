@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> None:
                 "--share" if share else "--no-share", "--epochs", str(args.epochs),
                 "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                 "--lr-milestones", *map(str, milestones(args.epochs)), "--seed", str(seed),
-                "--workers", str(args.workers), "--device", args.device, "--output", str(output),
+                "--workers", str(args.workers), "--device", args.device, "--output", str(output)
             ]  # fmt: skip
             if has_checkpoint(output, "last"):
                 argv.append("--resume")

@@ -296,9 +296,4 @@ def test_reproduce_prints_every_paper_run_and_writes_the_report(runs, tmp_path, 
 
     reproduce.main(parser.parse_args([str(runs), "--out", str(tmp_path / "out")]))
     assert "4.17 → 5.10 (+0.93)" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {
-        "report.md",
-        "report.json",
-        FIGURE4_FILE,
-        FIGURE5_FILE,
-    }
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.md", "report.json", FIGURE4_FILE, FIGURE5_FILE}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import share_transform
-from share_transform.data import load_preprocessing, read_cifar, write_cifar
+from share_transform.data import ZCA, load_preprocessing, read_cifar, write_cifar
 from share_transform.engine import METRIC_KEYS
 from share_transform.errors import OutputExistsError
 from share_transform.io import read_info
@@ -51,11 +51,15 @@ def _load_recipe():
 train_cifar = _load_recipe()
 
 
-def train(*argv: str | Path) -> None:
+def argv(data: Path, output: Path, flags: str) -> list[str]:
+    return ["--data", str(data), "--output", str(output), *flags.split(), *FAST]
+
+
+def train(data: Path, output: Path, flags: str) -> None:
     """Run the recipe in this process (no interpreter start-up), restoring the global determinism flag."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        train_cifar.main(train_cifar.get_args_parser().parse_args([str(a) for a in (*argv, *FAST)]))
+        train_cifar.main(train_cifar.get_args_parser().parse_args(argv(data, output, flags)))
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -83,31 +87,12 @@ def _metrics(output: Path) -> list[dict]:
 
 def test_shared_wrn_with_zca_writes_the_run_and_evaluates_with_the_saved_transform(data_dir, tmp_path):
     out = tmp_path / "run"
-    train(
-        "--data",
-        data_dir,
-        "--arch",
-        "wrn_22_1",
-        "--share",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--lr",
-        "0.4",
-        "--output",
-        out,
-    )
+    train(data_dir, out, "--arch wrn_22_1 --share --epochs 2 --batch-size 32 --lr 0.4")
 
     run = json.loads((out / "run.json").read_text())
     assert RUN_KEYS <= set(run)
-    assert (run["recipe"], run["arch"], run["dataset"], run["share"], run["policy"]) == (
-        "cifar",
-        "wrn_22_1",
-        "cifar10",
-        True,
-        "cifar",
-    )
+    what = (run["recipe"], run["arch"], run["dataset"], run["share"], run["policy"])
+    assert what == ("cifar", "wrn_22_1", "cifar10", True, "cifar")
     # WRN-22-1 has 3 blocks per stage; policy "cifar" keeps block 1, so blocks 2-3 share one conv per stage.
     assert (run["params_unshared"], run["unique_params"]) == (272_282, 223_898)
     assert run["args"]["lr_milestones"] == [60, 120, 160] and run["args"]["lr_gamma"] == 0.2
@@ -135,25 +120,12 @@ def test_shared_wrn_with_zca_writes_the_run_and_evaluates_with_the_saved_transfo
     assert err == pytest.approx(metrics[-1]["val_top1_err"])
     assert F.cross_entropy(logits, labels).item() == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
     train_raw = torch.from_numpy(read_cifar(data_dir, "cifar10", train=True).images).permute(0, 3, 1, 2) / 255
-    assert torch.allclose(zca.mean, zca.fit(train_raw).mean)
+    assert torch.allclose(zca.mean, ZCA.fit(train_raw).mean)
 
 
 def test_preact_resnet_shared_with_meanstd(data_dir, tmp_path):
     out = tmp_path / "run"
-    train(
-        "--data",
-        data_dir,
-        "--arch",
-        "preact_resnet29",
-        "--preprocess",
-        "meanstd",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--output",
-        out,
-    )
+    train(data_dir, out, "--arch preact_resnet29 --preprocess meanstd --epochs 1 --batch-size 32")
     run = json.loads((out / "run.json").read_text())
     # Pre-act ResNet-29: 3 bottlenecks per stage, blocks 2-3 share their 3x3.
     assert (run["params_unshared"], run["unique_params"]) == (312_218, 263_834)
@@ -164,21 +136,7 @@ def test_preact_resnet_shared_with_meanstd(data_dir, tmp_path):
 
 def test_wrn_on_cifar100_gets_dropout_and_the_original_trains_unshared(data_dir, tmp_path):
     out = tmp_path / "run"
-    train(
-        "--dataset",
-        "cifar100",
-        "--data",
-        data_dir,
-        "--arch",
-        "wrn_10_1",
-        "--no-share",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--output",
-        out,
-    )
+    train(data_dir, out, "--dataset cifar100 --arch wrn_10_1 --no-share --epochs 1 --batch-size 32")
     run = json.loads((out / "run.json").read_text())
     assert (run["dataset"], run["share"], run["policy"]) == ("cifar100", False, None)
     assert run["params_unshared"] == run["unique_params"]
@@ -189,37 +147,20 @@ def test_wrn_on_cifar100_gets_dropout_and_the_original_trains_unshared(data_dir,
 
 
 def test_resume_after_a_kill_continues_to_the_same_result(data_dir, tmp_path):
-    common = [
-        "--data",
-        data_dir,
-        "--arch",
-        "wrn_10_1",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--deterministic",
-        "--seed",
-        "3",
-    ]
-    train(*common, "--output", tmp_path / "straight")
+    flags = "--arch wrn_10_1 --epochs 2 --batch-size 32 --deterministic --seed 3"
+    train(data_dir, tmp_path / "straight", flags)
 
     # Killed (SIGKILL) during epoch 2, in a real process, then resumed.
     out = tmp_path / "killed"
-    env = {**os.environ, "SHARE_TRANSFORM_KILL_AT_STEP": "6"}  # 4 steps per epoch
-    proc = subprocess.run(
-        [sys.executable, str(RECIPE), *map(str, common), "--output", str(out), *FAST],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {**os.environ, "SHARE_TRANSFORM_KILL_AT_STEP": "3"}  # 2 steps per epoch: mid epoch 2
+    cmd = [sys.executable, str(RECIPE), *argv(data_dir, out, flags)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     assert [m["epoch"] for m in _metrics(out)] == [1]
     fitted = (out / "preprocess.safetensors").read_bytes()
     mtime = (out / "preprocess.safetensors").stat().st_mtime_ns
 
-    train(*common, "--output", out, "--resume")
+    train(data_dir, out, flags + " --resume")
 
     def without_speed(output: Path) -> list[dict]:
         return [{k: v for k, v in m.items() if k != "images_per_s"} for m in _metrics(output)]
@@ -236,23 +177,10 @@ def test_resume_after_a_kill_continues_to_the_same_result(data_dir, tmp_path):
 
 def test_a_fresh_run_never_overwrites_a_finished_one(data_dir, tmp_path):
     out = tmp_path / "run"
-    train("--data", data_dir, "--arch", "wrn_10_1", "--epochs", "1", "--batch-size", "32", "--output", out)
+    train(data_dir, out, "--arch wrn_10_1 --epochs 1 --batch-size 32")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(OutputExistsError, match="--resume"):
-        train(
-            "--data",
-            data_dir,
-            "--arch",
-            "wrn_10_1",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--preprocess",
-            "meanstd",
-            "--output",
-            out,
-        )
+        train(data_dir, out, "--arch wrn_10_1 --epochs 1 --batch-size 32 --preprocess meanstd")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
