@@ -119,7 +119,16 @@ def register_reduced_size(arch: str) -> None:
     m = _REDUCED.fullmatch(arch)
     if m is None or timm.is_model(arch):
         return
-    build = partial(wide_resnet, int(m[1]), int(m[2])) if m[1] else partial(preact_resnet, int(m[3]))
+    if m[1]:
+        depth, widen_factor = int(m[1]), int(m[2])
+        if depth < 10 or (depth - 4) % 6 or widen_factor < 1:
+            raise ConfigError(f"--arch {arch}: a WRN-d-k needs depth 6n+4 (10, 16, 22, 28, 40, ...) and k >= 1")
+        build = partial(wide_resnet, depth, widen_factor)
+    else:
+        depth = int(m[3])
+        if depth < 11 or (depth - 2) % 9:
+            raise ConfigError(f"--arch {arch}: a pre-act ResNet needs depth 9n+2 (11, 20, 29, ..., 92, ..., 164)")
+        build = partial(preact_resnet, depth)
 
     def entrypoint(pretrained: bool = False, **kwargs):
         return build(pretrained=pretrained, **kwargs)

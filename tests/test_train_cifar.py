@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import share_transform
 from share_transform.data import ZCA, load_preprocessing, read_cifar, write_cifar
-from share_transform.engine import METRIC_KEYS
+from share_transform.engine import METRIC_KEYS, ConfigError
 from share_transform.errors import OutputExistsError
 from share_transform.io import read_info
 
@@ -103,7 +103,7 @@ def test_shared_wrn_with_zca_writes_the_run_and_evaluates_with_the_saved_transfo
     for name in ("curves.png", "checkpoint-last.safetensors", "checkpoint-best.safetensors", "preprocess.safetensors"):
         assert (out / name).stat().st_size > 0, name
 
-    model = share_transform.io.load(out / "checkpoint-last.safetensors")
+    model = share_transform.load(out / "checkpoint-last.safetensors")
     assert share_transform.is_tied(model) and share_transform.count_parameters(model) == 223_898
 
     # Evaluation used the transform fitted on the *training* images and saved with the run: whitening the raw
@@ -142,7 +142,7 @@ def test_wrn_on_cifar100_gets_dropout_and_the_original_trains_unshared(data_dir,
     assert run["params_unshared"] == run["unique_params"]
     build = read_info(out / "checkpoint-last.safetensors").build
     assert build["kwargs"] == {"dropout": 0.3, "num_classes": 100}
-    model = share_transform.io.load(out / "checkpoint-last.safetensors")
+    model = share_transform.load(out / "checkpoint-last.safetensors")
     assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.modules())
 
 
@@ -182,6 +182,13 @@ def test_a_fresh_run_never_overwrites_a_finished_one(data_dir, tmp_path):
     with pytest.raises(OutputExistsError, match="--resume"):
         train(data_dir, out, "--arch wrn_10_1 --epochs 1 --batch-size 32 --preprocess meanstd")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_reduced_sizes_must_follow_the_depth_formulas(data_dir, tmp_path):
+    for arch, formula in (("wrn_23_1", r"6n\+4"), ("preact_resnet30", r"9n\+2")):
+        with pytest.raises(ConfigError, match=formula):
+            train(data_dir, tmp_path / arch, f"--arch {arch} --epochs 1 --batch-size 32 --preprocess meanstd")
+    assert not (tmp_path / "wrn_23_1").exists()  # nothing written
 
 
 def test_absent_data_is_one_error_line(tmp_path):
