@@ -34,6 +34,7 @@ from share_transform.engine import (
     ConfigError,
     TrainConfig,
     add_training_args,
+    check_output,
     fit,
     init_distributed,
     init_weights,
@@ -47,7 +48,6 @@ from share_transform.engine import (
     setup_runtime,
     world_from_env,
 )
-from share_transform.engine.trainer import prepare_output
 from share_transform.models import preact_resnet, wide_resnet
 
 PREPROCESS_FILE = "preprocess.safetensors"
@@ -165,6 +165,7 @@ def main(args: argparse.Namespace) -> nn.Module:
     """Train as ``args`` say; returns the trained model (unwrapped, on the training device)."""
     args = resolve_args(args, recipe="cifar")
     batch_per_rank = per_rank_batch(args.batch_size, world_from_env()[1])
+    check_output(args.output, resume=args.resume)
     setup_runtime(deterministic=args.deterministic)
     seed_all(args.seed)
 
@@ -187,8 +188,7 @@ def main(args: argparse.Namespace) -> nn.Module:
     unique_params = share_transform.count_parameters(model)
 
     dist_info = init_distributed(args.device)
-    # Checked before the transform is written: a fresh run must not overwrite a finished run's file.
-    prepare_output(args.output, resume=args.resume, dist_info=dist_info)
+    # check_output above made sure a fresh run does not overwrite a finished run's transform.
     if dist_info.is_main and (not args.resume or not (args.output / PREPROCESS_FILE).exists()):
         save_preprocessing(data.preprocessing, args.output / PREPROCESS_FILE)
     dataset = args.dataset_name or args.dataset

@@ -56,12 +56,22 @@ def argv(data: Path, output: Path, flags: str) -> list[str]:
 
 
 def train(data: Path, output: Path, flags: str) -> None:
-    """Run the recipe in this process (no interpreter start-up), restoring the global determinism flag."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    """Run the recipe in this process (no interpreter start-up), on one thread as the subprocesses (same kernels,
+    so exact comparisons hold), restoring the global determinism flag and thread count."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         train_cifar.main(train_cifar.get_args_parser().parse_args(argv(data, output, flags)))
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(RECIPE), *args], env=full_env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _learnable(rng: np.random.Generator, n: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,9 +162,7 @@ def test_resume_after_a_kill_continues_to_the_same_result(data_dir, tmp_path):
 
     # Killed (SIGKILL) during epoch 2, in a real process, then resumed.
     out = tmp_path / "killed"
-    env = {**os.environ, "SHARE_TRANSFORM_KILL_AT_STEP": "3"}  # 2 steps per epoch: mid epoch 2
-    cmd = [sys.executable, str(RECIPE), *argv(data_dir, out, flags)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(*argv(data_dir, out, flags), env={"SHARE_TRANSFORM_KILL_AT_STEP": "3"})  # 2 steps an epoch
     assert proc.returncode == -9, proc.stderr
     assert [m["epoch"] for m in _metrics(out)] == [1]
     fitted = (out / "preprocess.safetensors").read_bytes()
@@ -192,12 +200,7 @@ def test_reduced_sizes_must_follow_the_depth_formulas(data_dir, tmp_path):
 
 
 def test_absent_data_is_one_error_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(RECIPE), "--data", str(tmp_path), "--output", str(tmp_path / "o"), *FAST],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script("--data", str(tmp_path), "--output", str(tmp_path / "o"), *FAST)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "no cifar10 data under" in proc.stderr and "--download" in proc.stderr
