@@ -18,14 +18,10 @@ preprocess.safetensors (the transform fitted on the training set; --resume reuse
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from functools import partial
 from pathlib import Path
 
-import timm
 import torch
-from timm.models import register_model
 from torch import nn
 
 import share_transform
@@ -48,7 +44,6 @@ from share_transform.engine import (
     setup_runtime,
     world_from_env,
 )
-from share_transform.models import preact_resnet, wide_resnet
 
 PREPROCESS_FILE = "preprocess.safetensors"
 WRN_CIFAR100_DROPOUT = 0.3
@@ -108,35 +103,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
 
-_REDUCED = re.compile(r"wrn_(\d+)_(\d+)|preact_resnet(\d+)")
-
-
-def register_reduced_size(arch: str) -> None:
-    """Make ``wrn_<d>_<k>`` / ``preact_resnet<d>`` buildable by name when timm does not know that size.
-
-    ``share_transform.models`` registers the paper's six sizes only; the builders take any depth.
-    """
-    m = _REDUCED.fullmatch(arch)
-    if m is None or timm.is_model(arch):
-        return
-    if m[1]:
-        depth, widen_factor = int(m[1]), int(m[2])
-        if depth < 10 or (depth - 4) % 6 or widen_factor < 1:
-            raise ConfigError(f"--arch {arch}: a WRN-d-k needs depth 6n+4 (10, 16, 22, 28, 40, ...) and k >= 1")
-        build = partial(wide_resnet, depth, widen_factor)
-    else:
-        depth = int(m[3])
-        if depth < 11 or (depth - 2) % 9:
-            raise ConfigError(f"--arch {arch}: a pre-act ResNet needs depth 9n+2 (11, 20, 29, ..., 92, ..., 164)")
-        build = partial(preact_resnet, depth)
-
-    def entrypoint(pretrained: bool = False, **kwargs):
-        return build(pretrained=pretrained, **kwargs)
-
-    entrypoint.__name__ = arch
-    register_model(entrypoint)
-
-
 def load_data(args: argparse.Namespace) -> CifarData:
     """Both splits, preprocessed with the training set's statistics: fitted now, or the run's saved ones."""
     if args.synthetic:
@@ -179,7 +145,6 @@ def main(args: argparse.Namespace) -> nn.Module:
         raise ConfigError(f"--dropout applies to Wide ResNets (wrn_*), not {args.arch}")
     if is_wrn:
         args.model_kwargs.setdefault("dropout", dropout)
-    register_reduced_size(args.arch)
     model = share_transform.build_model(args.arch, num_classes=data.num_classes, **args.model_kwargs)
     init_weights(model, args.init)
     params_unshared = share_transform.count_parameters(model)

@@ -65,7 +65,8 @@ def build_model(name: str, *, source: str | None = None, num_classes: int | None
     """Build ``name`` with random weights (``pretrained=False`` always: nothing is downloaded).
 
     Args:
-        name: a timm model name (``"resnet50"``, ``"wrn_28_10"``) or ``"torchvision:resnet50"``.
+        name: a timm model name (``"resnet50"``, ``"wrn_28_10"``, any ``"wrn_<d>_<k>"`` or
+            ``"preact_resnet<d>"``) or ``"torchvision:resnet50"``.
         source: ``"timm"`` or ``"torchvision"``; a ``source:`` prefix in ``name`` does the same.
         num_classes: classifier size; the model's default when None.
         **kwargs: passed to the constructor (must be JSON-serialisable for ``save`` to record them).
@@ -78,6 +79,10 @@ def build_model(name: str, *, source: str | None = None, num_classes: int | None
         >>> model = build_model("torchvision:resnet34", num_classes=10)
     """
     source, arch = split_name(name, source)
+    if source == "timm":
+        from .models import register_cifar_size
+
+        register_cifar_size(arch)  # reduced CIFAR sizes such as wrn_22_1 build by name
     names = list_model_names(source)
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)

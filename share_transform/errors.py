@@ -40,6 +40,10 @@ class UnknownModelError(ShareError, ValueError):
     """No timm or torchvision model has this name."""
 
 
+class DataError(ShareError, ValueError):
+    """Training data is missing, empty, malformed or not laid out as the recipe expects."""
+
+
 class ModelArgumentError(ShareError, TypeError):
     """The model's constructor does not take the keyword arguments given."""
 

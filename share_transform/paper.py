@@ -236,9 +236,7 @@ def measure_table1(rows: Sequence[Table1Row] = TABLE1) -> list[Table1Measurement
     Builds full-size models (ResNet-152 and WRN-28-10 included): a few seconds and about 1 GB on a CPU.
     """
     return [
-        Table1Measurement.from_plan(
-            row, plan(timm.create_model(row.arch, num_classes=row.num_classes), row.policy)
-        )
+        Table1Measurement.from_plan(row, plan(timm.create_model(row.arch, num_classes=row.num_classes), row.policy))
         for row in rows
     ]
 

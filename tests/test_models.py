@@ -125,9 +125,7 @@ def test_preact_resnet164_imagenet_policy_shares_first_block(paper_models: dict[
     assert share_plan.params_after == 1_703_258 - 17 * 9 * (16**2 + 32**2 + 64**2) == 880_730
 
 
-@pytest.mark.parametrize(
-    ("depth", "widen_factor", "params"), [(16, 2, 691_674), (16, 8, 10_961_370), (10, 1, 77_850)]
-)
+@pytest.mark.parametrize(("depth", "widen_factor", "params"), [(16, 2, 691_674), (16, 8, 10_961_370), (10, 1, 77_850)])
 def test_any_wrn_depth(depth: int, widen_factor: int, params: int) -> None:
     model = wide_resnet(depth, widen_factor)
     assert model.pretrained_cfg["architecture"] == f"wrn_{depth}_{widen_factor}"

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import share_transform
 from share_transform.data import ZCA, load_preprocessing, read_cifar, write_cifar
-from share_transform.engine import METRIC_KEYS, ConfigError
-from share_transform.errors import OutputExistsError
+from share_transform.engine import METRIC_KEYS
+from share_transform.errors import OutputExistsError, UnknownModelError
 from share_transform.io import read_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_a_fresh_run_never_overwrites_a_finished_one(data_dir, tmp_path):
 
 def test_reduced_sizes_must_follow_the_depth_formulas(data_dir, tmp_path):
     for arch, formula in (("wrn_23_1", r"6n\+4"), ("preact_resnet30", r"9n\+2")):
-        with pytest.raises(ConfigError, match=formula):
+        with pytest.raises(UnknownModelError, match=formula):
             train(data_dir, tmp_path / arch, f"--arch {arch} --epochs 1 --batch-size 32 --preprocess meanstd")
     assert not (tmp_path / "wrn_23_1").exists()  # nothing written
 

@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from share_transform.errors import ShareError
+from share_transform.errors import DataError
 
 __all__ = [
     "CIFAR_DIRS",
@@ -80,10 +80,6 @@ _IMAGE_BYTES = 3 * 32 * 32
 #: pylearn2's CIFAR whitening constants (``CIFAR10(gcn=55.)`` then ``ZCA(filter_bias=0.1)``).
 GCN_SCALE = 55.0
 ZCA_FILTER_BIAS = 0.1
-
-
-class DataError(ShareError, ValueError):
-    """The CIFAR data is absent or malformed, or a saved preprocessing file does not fit the run."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

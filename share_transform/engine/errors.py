@@ -8,15 +8,13 @@ stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
-from ..errors import ShareError
+from ..errors import DataError, ShareError
+
+__all__ = ["ConfigError", "DataError", "NonFiniteLossError"]
 
 
 class ConfigError(ShareError, ValueError):
     """A flag combination that cannot run (batch not divisible by the world size, no CUDA, ...)."""
-
-
-class DataError(ShareError, ValueError):
-    """The data directory is missing, empty or not laid out as the recipe expects."""
 
 
 class NonFiniteLossError(ShareError, FloatingPointError):

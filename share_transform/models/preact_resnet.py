@@ -130,9 +130,7 @@ class PreActResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 11 or (depth - 2) % 9:
-            raise ValueError(
-                f"pre-act ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 92, ..., 164), got {depth}"
-            )
+            raise ValueError(f"pre-act ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 92, ..., 164), got {depth}")
         blocks_per_stage = (depth - 2) // 9
         self.depth = depth
         self.num_classes = num_classes

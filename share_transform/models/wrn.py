@@ -176,9 +176,7 @@ def wide_resnet(
     )
 
 
-default_cfgs = generate_default_cfgs(
-    {name: cifar_cfg() for name in ("wrn_40_4", "wrn_28_4", "wrn_28_10", "wrn_22_10")}
-)
+default_cfgs = generate_default_cfgs({name: cifar_cfg() for name in ("wrn_40_4", "wrn_28_4", "wrn_28_10", "wrn_22_10")})
 
 
 @register_model
