@@ -68,7 +68,7 @@ def _onnx_modules() -> tuple[Any, Any]:
         import onnxruntime
     except ImportError as e:
         raise ExportError(
-            f"ONNX export needs onnx, onnxruntime and onnxscript ({e}); pip install "share-transform[onnx]"
+            f"ONNX export needs onnx, onnxruntime and onnxscript ({e}); pip install 'share-transform[onnx]'"
         ) from None
     return onnx, onnxruntime
 
