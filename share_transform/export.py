@@ -27,7 +27,8 @@ from torch import nn
 from .apply import get_plan
 from .errors import ExportError, InputSizeError
 from .io import atomic_write
-from .plan import check_model, default_input_size, model_name
+from .plan import check_model, default_input_size, distinct_conv_weights, model_name
+from .trace import eval_mode
 
 __all__ = ["OnnxExport", "export_onnx"]
 
@@ -71,10 +72,6 @@ def _onnx_modules() -> tuple[Any, Any]:
             f"ONNX export needs onnx, onnxruntime and onnxscript ({e}); pip install 'share-transform[onnx]'"
         ) from None
     return onnx, onnxruntime
-
-
-def _distinct_conv_weights(model: nn.Module) -> int:
-    return len({id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)})
 
 
 def _conv_weight_initializers(graph: Any, name: str) -> tuple[int, int]:
@@ -138,9 +135,7 @@ def export_onnx(
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(2, *size, generator=generator).to(device)
     check = torch.randn(3, *size, generator=generator).to(device)  # another batch size: the axis is dynamic
-    expected_convs = _distinct_conv_weights(model)
-    was_training = model.training
-    model.eval()
+    expected_convs = distinct_conv_weights(model)
     result: dict[str, Any] = {}
 
     def write(tmp: str) -> None:
@@ -183,10 +178,8 @@ def export_onnx(
             max_abs_diff=diff,
         )
 
-    try:
+    with eval_mode(model):  # restores every submodule's own flag (a frozen BatchNorm stays in eval)
         written = atomic_write(path, write)
-    finally:
-        model.train(was_training)
     return OnnxExport(
         path=written,
         file_bytes=written.stat().st_size,

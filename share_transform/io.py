@@ -389,10 +389,12 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
     """Copy ``state`` into ``model`` after checking that every name and shape fits, exactly.
 
     Wrapper prefixes are stripped first. Tied parameters may appear under every alias (all are copied into
-    the one Parameter) or under one (the rest count as present). Dtypes are cast to the model's.
+    the one Parameter, so they must hold equal values) or under one (the rest count as present). Dtypes are
+    cast to the model's.
 
     Raises:
-        CheckpointError naming the missing and unexpected keys and the shape mismatches.
+        CheckpointError naming the missing and unexpected keys and the shape mismatches, or two aliases of
+        one shared weight with different values.
     """
     model = check_model(model)
     own = model.state_dict(keep_vars=True)
@@ -407,6 +409,18 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         for k in state
         if k in own and state[k].shape != own[k].shape
     ]
+    if not (missing or unexpected or shapes):
+        # The aliases of one shared weight must agree: copying differing values into one Parameter would
+        # silently keep whichever came last (an unshared checkpoint loaded into a tied model).
+        first: dict[int, str] = {}
+        for k in state:
+            name = first.setdefault(id(own[k]), k)
+            if name != k and not torch.equal(state[name], state[k]):
+                raise CheckpointError(
+                    f"{source} holds different weights under {name} and {k}, which {model_name(model)} shares. "
+                    "It is an unshared checkpoint: load it before share_transform.apply (init='mean' averages "
+                    "the kernels), or convert it with sharetx convert --checkpoint"
+                )
     if missing or unexpected or shapes:
         parts = []
         if missing:

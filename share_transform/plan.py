@@ -253,7 +253,8 @@ def _stages(blocks: Sequence[ResidualBlock]) -> list[list[ResidualBlock]]:
     return stages
 
 
-def _distinct_conv_weights(model: nn.Module) -> int:
+def distinct_conv_weights(model: nn.Module) -> int:
+    """Distinct ``nn.Conv2d`` weights of ``model``: a shared weight counts once."""
     return len({id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)})
 
 
@@ -340,7 +341,7 @@ def plan(model: nn.Module, policy: str = "imagenet", *, input_size: Sequence[int
         stages.append(StagePlan(s, members[0].output, tuple(b.name for b in members), tuple(convs)))
 
     params_before = sum(p.numel() for p in model.parameters())
-    convs_before = _distinct_conv_weights(model)
+    convs_before = distinct_conv_weights(model)
     return SharePlan(
         model_name=name,
         policy=rule.name,

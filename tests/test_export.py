@@ -87,3 +87,13 @@ def test_failed_export_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(InputSizeError):
         export_onnx(Fails(), target, input_size=(3, 0, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_restores_each_submodules_mode(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = st.apply(st.build_model("resnet18", layers=[2, 2, 2, 2], channels=[8, 16, 32, 64], num_classes=5))
+    model.train()
+    model.bn1.eval()  # a frozen BatchNorm must stay frozen
+    modes = [m.training for m in model.modules()]
+    export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32))
+    assert [m.training for m in model.modules()] == modes

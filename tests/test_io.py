@@ -284,3 +284,19 @@ def test_load_onto_a_device_and_metadata_json_is_checked(tmp_path: Path) -> None
     with pytest.raises(FileFormatError, match="not valid JSON"):
         load(tmp_path / "bad.safetensors")
     assert json.loads(meta["sharetx.aliases"])  # the aliases are JSON too
+
+
+def test_unshared_checkpoint_into_a_tied_model_is_refused(tmp_path: Path) -> None:
+    # Copying differing member weights into one shared Parameter would keep whichever came last.
+    torch.manual_seed(1)
+    unshared = st.build_model("resnet18", **SMALL)
+    torch.save(unshared.state_dict(), tmp_path / "unshared.pth")
+    model = small_shared()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"holds different weights under layer1.0.conv2.weight and layer1.1"):
+        load_checkpoint(model, tmp_path / "unshared.pth")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing copied
+    # Loaded before sharing, the same checkpoint is fine, and apply then ties it.
+    fresh = st.build_model("resnet18", **SMALL)
+    load_checkpoint(fresh, tmp_path / "unshared.pth")
+    assert st.is_tied(st.apply(fresh))
