@@ -21,6 +21,7 @@ from .blocks import ResidualBlock, find_blocks, lost_reductions
 from .build import build_spec
 from .errors import InputSizeError, NoSpatialConvError, NotAModuleError, UnknownPolicyError
 from .signature import ConvSignature
+from .text import format_columns
 from .trace import propagate_shapes, trace_model
 
 
@@ -198,14 +199,8 @@ class SharePlan:
                     f"{sum(g.saved for g in groups):,}",
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f'ShaResNet plan for {self.model_name} (policy "{self.policy}", input {size})']
-        for r in rows:
-            lines.append(
-                "  ".join(
-                    c.rjust(w) if i in (0, 2, 3, 5) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
-                ).rstrip()
-            )
+        lines += format_columns(rows, left={1, 4})
         lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} (-{100 * self.decrease:.1f}%)")
         lines.append(f"distinct conv weights: {self.convs_before} -> {self.convs_after}")
         return "\n".join(lines)

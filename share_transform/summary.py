@@ -18,6 +18,7 @@ from torch import nn
 
 from .build import build_spec
 from .plan import ShareGroup, SharePlan
+from .text import format_columns
 
 __all__ = ["ShareSummary", "StageSummary", "summarize"]
 
@@ -116,13 +117,9 @@ class ShareSummary:
                     f"{r.bytes_after:,}",
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        left = {1, 7}  # text columns; numbers align right
         source = f" ({self.source})" if self.source else ""
         lines = [f"ShaResNet {self.model}{source}, policy {self.policy}, input {'x'.join(map(str, self.input_size))}"]
-        for row in rows:
-            cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-            lines.append("  ".join(cells).rstrip())
+        lines += format_columns(rows, left={1, 7})  # text columns; numbers align right
         for g in self.groups:
             members = g.members if len(g.members) <= 3 else (g.members[0], "...", g.members[-1])
             lines.append(
