@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -197,6 +198,10 @@ def test_preprocessing_round_trips_through_safetensors(tmp_path):
         assert type(loaded) is type(fitted)
         assert torch.equal(loaded(x), fitted(x))
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write leaves no temporary file
+    umask = os.umask(0)
+    os.umask(umask)
+    # share_transform.io.atomic_write's mode: what a plain open() gives, not mkstemp's 0600.
+    assert (tmp_path / "zca.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(DataError, match="delete it to refit"):
         load_preprocessing(tmp_path / "bad.safetensors")

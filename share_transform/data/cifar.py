@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from share_transform.errors import DataError
+from share_transform.io import atomic_write
 
 __all__ = [
     "CIFAR_DIRS",
@@ -389,17 +389,7 @@ def save_preprocessing(preprocessing: Preprocessing, path: str | os.PathLike[str
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"kind": preprocessing.kind, **preprocessing.metadata()}
     tensors = {k: v.contiguous() for k, v in preprocessing.tensors().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_preprocessing(path: str | os.PathLike[str]) -> Preprocessing:
