@@ -14,7 +14,6 @@ Outputs in --output: run.json, metrics.jsonl, curves.png, checkpoint-{last,best}
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from torch.utils.data import Dataset
 
 import share_transform
 from share_transform.engine import (
-    ConfigError,
     DataError,
     Normalize,
     SyntheticDataset,
@@ -99,10 +97,7 @@ def main(args: argparse.Namespace) -> nn.Module:
 
     # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     train_set, val_set, num_classes = load_data(args)
-    try:
-        model = share_transform.build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
-    except TypeError as e:  # a constructor argument the architecture does not take
-        raise ConfigError(f"--arch {args.arch} with --model-kwargs {json.dumps(args.model_kwargs)}: {e}") from None
+    model = share_transform.build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
     init_weights(model, args.init)
     params_unshared = share_transform.count_parameters(model)
     if args.share:
