@@ -91,6 +91,14 @@ def test_multistep_schedule_matches_fb_resnet() -> None:
     assert scaled_lr(0.1, 1024) == pytest.approx(0.4)
 
 
+def test_engine_and_cifar_models_share_one_init_function() -> None:
+    import share_transform.engine
+    import share_transform.init
+
+    assert share_transform.engine.init_weights is share_transform.init.init_weights
+    assert share_transform.init.MODES == ("fan_out", "fan_in")
+
+
 @pytest.mark.parametrize("mode", ["fan_out", "fan_in"])
 def test_init_weights_he_normal(mode: str) -> None:
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ Entry points, in the order a recipe's ``main`` uses them:
   ``trainer``): torchrun/DDP set-up, NCCL on GPUs, gloo on CPUs; :func:`print0` prints on rank 0 only;
 * :func:`check_output`: fail fast, before any work, on an output directory the run cannot use;
 * :func:`setup_runtime`, :func:`seed_all`: deterministic kernels or cuDNN autotuning + TF32;
-* :func:`init_weights` (``init``): fb.resnet.torch ("fan_out") or WRN ("fan_in") initialisation, before
-  ``share_transform.apply``;
+* :func:`init_weights` (:mod:`share_transform.init`, re-exported): fb.resnet.torch ("fan_out") or WRN
+  ("fan_in") initialisation, before ``share_transform.apply``;
 * :func:`make_loader`, :func:`set_epoch` (``data``): sharded loaders whose order and augmentation depend on
   ``(seed, epoch)`` only; :class:`SyntheticDataset` for ``--synthetic``;
 * :class:`Normalize` (``loop``): the device-side uint8 -> normalised float transform;
@@ -24,12 +24,12 @@ Entry points, in the order a recipe's ``main`` uses them:
 :mod:`.imagenet` holds the ImageNet datasets and fb.resnet.torch augmentation.
 """
 
+from ..init import init_weights
 from .args import add_training_args, resolve_args
 from .checkpoint import load_checkpoint, save_checkpoint, state_path, weights_path
 from .data import SyntheticDataset, make_loader, set_epoch
 from .distributed import DistInfo, init_distributed, print0, world_from_env
 from .errors import ConfigError, DataError, NonFiniteLossError
-from .init import init_weights
 from .loop import EpochStats, Normalize, evaluate, train_one_epoch, train_step
 from .metrics import METRIC_KEYS, plot_curves, read_metrics
 from .optim import build_optimizer, build_scheduler, scaled_lr, unique_parameters

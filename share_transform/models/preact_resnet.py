@@ -7,7 +7,8 @@ the stride on the first 1x1 conv of the first block of stages 2 and 3, a 1x1 pro
 block of every stage, and a final BN-ReLU-avgpool-linear head. Init follows the CIFAR code: conv weights
 N(0, sqrt(2 / (k*k*in_channels))), no conv bias, BN weight 1 and bias 0, linear bias 0.
 
-The CIFAR helpers shared with :mod:`share_transform.models.wrn` (mean/std, pretrained_cfg, init) live here.
+The CIFAR helpers shared with :mod:`share_transform.models.wrn` (mean/std, pretrained_cfg) live here; the init is
+:func:`share_transform.init.init_weights` with ``"fan_in"``.
 
 Papers:
 * `ShaResNet: reducing residual network parameter number by sharing weights` - https://arxiv.org/abs/1702.08782
@@ -25,6 +26,8 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..init import init_weights
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -33,7 +36,6 @@ __all__ = [
     "PreActBottleneck",
     "PreActResNet",
     "cifar_cfg",
-    "init_cifar_weights",
     "preact_resnet",
 ]
 
@@ -60,19 +62,6 @@ def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
         "paper_ids": "arXiv:1702.08782",
         **kwargs,
     }
-
-
-def init_cifar_weights(model: nn.Module) -> None:
-    """Initialise as the paper's CIFAR code: conv N(0, sqrt(2/(k*k*in))), BN (1, 0), linear bias 0."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            # fan_in = k*k*in_channels/groups, so std = sqrt(2 / fan_in).
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
 
 
 class PreActBottleneck(nn.Module):
@@ -158,7 +147,7 @@ class PreActResNet(nn.Module):
         self.feature_info.append({"num_chs": in_chs, "reduction": 4, "module": "norm"})
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        init_cifar_weights(self)
+        init_weights(self, "fan_in")
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> str | nn.Module:

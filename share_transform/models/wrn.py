@@ -4,8 +4,8 @@ The Wide ResNets of the ShaResNet paper (Table 1 WRN-40-4 and WRN-28-10, Table 3
 built as the wide-residual-networks Torch7 code the paper used: a 3x3 stem to 16 channels, three stages of
 ``n = (depth - 4) / 6`` pre-activation wide basic blocks of width 16k/32k/64k (stride 2 on the first 3x3 of
 stages 2 and 3), optional dropout between the two 3x3 convs, a 1x1 projection shortcut where the block changes
-shape, and a final BN-ReLU-avgpool-linear head. Init as
-:func:`~share_transform.models.preact_resnet.init_cifar_weights`.
+shape, and a final BN-ReLU-avgpool-linear head. Init as the CIFAR code:
+:func:`share_transform.init.init_weights` with ``"fan_in"``.
 
 Papers:
 * `ShaResNet: reducing residual network parameter number by sharing weights` - https://arxiv.org/abs/1702.08782
@@ -22,7 +22,8 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from .preact_resnet import cifar_cfg, init_cifar_weights
+from ..init import init_weights
+from .preact_resnet import cifar_cfg
 
 __all__ = ["WideBasicBlock", "WideResNet", "wide_resnet"]
 
@@ -113,7 +114,7 @@ class WideResNet(nn.Module):
         self.feature_info.append({"num_chs": in_chs, "reduction": 4, "module": "norm"})
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        init_cifar_weights(self)
+        init_weights(self, "fan_in")
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> str | nn.Module:

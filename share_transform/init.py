@@ -5,8 +5,12 @@
   weight keeps the default U(-1/sqrt(in), 1/sqrt(in)), as Torch7's).
 * CIFAR, wide-residual-networks: the same with fan_in, N(0, sqrt(2 / (k*k*in_channels))).
 
-Initialise the unshared model, then ``share_transform.apply(model, init="first")``: each shared weight
-keeps its first member's draw, so it has the distribution of any other conv.
+The CIFAR networks (:mod:`share_transform.models`) initialise themselves with "fan_in" when built; the
+recipes (:mod:`share_transform.engine`) re-initialise any model with their ``--init``. Initialise the
+unshared model, then ``share_transform.apply(model, init="first")``: each shared weight keeps its first
+member's draw, so it has the distribution of any other conv.
+
+Paper: `Delving Deep into Rectifiers` (He et al. 2015) - https://arxiv.org/abs/1502.01852
 
 Example:
     >>> init_weights(model, mode="fan_out")
@@ -19,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+__all__ = ["MODES", "init_weights"]
+
 MODES = ("fan_out", "fan_in")
 
 
@@ -28,6 +34,9 @@ def init_weights(model: nn.Module, mode: str = "fan_out") -> nn.Module:
 
     Overrides library defaults such as timm's zero-initialised last BatchNorm of each block, which the
     paper's recipes did not use.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`MODES`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown init mode {mode!r}; choose one of {', '.join(MODES)}")
