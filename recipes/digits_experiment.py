@@ -33,6 +33,7 @@ from sklearn.model_selection import train_test_split
 from share_transform.data import write_cifar
 from share_transform.engine import run_recipe
 from share_transform.engine.checkpoint import has_checkpoint
+from share_transform.engine.metrics import RUN_FILE
 from share_transform.report import load_run, write_report
 
 #: Fraction of the 1,797 digits held out for testing (450 images), stratified by class.
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for arch, share in configs:
             output = args.out / "runs" / f"{arch}-{'shared' if share else 'original'}-seed{seed}"
-            if (output / "run.json").exists():
+            if (output / RUN_FILE).exists():
                 done = load_run(output)
                 if done.complete and done.epochs == args.epochs:
                     continue

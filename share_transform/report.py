@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from share_transform import paper
-from share_transform.errors import ShareError
+from share_transform.engine.metrics import METRICS_FILE, RUN_FILE, read_metrics
+from share_transform.errors import FileFormatError, ShareError
 
 __all__ = [
     "EQUAL_SIZE_TOLERANCE",
@@ -56,11 +57,10 @@ __all__ = [
     "build_report",
     "find_runs",
     "load_run",
+    "paper_model_name",
     "write_report",
 ]
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 FIGURE4_FILE = "figure4_curves.png"
@@ -120,18 +120,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     missing = [k for k in ("arch", "dataset", "share", "epochs", "unique_params") if k not in info]
     if missing:
         raise ReportError(f"{path / RUN_FILE} lacks {', '.join(missing)}")
-    by_epoch: dict[int, dict[str, Any]] = {}
     metrics_file = path / METRICS_FILE
-    if metrics_file.exists():
-        for n, line in enumerate(metrics_file.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                epoch = int(row["epoch"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ReportError(f"{metrics_file}:{n} is not a metrics line ({e})") from e
-            by_epoch[epoch] = row  # an epoch logged again after --resume: the later line wins
+    try:
+        metrics = read_metrics(metrics_file) if metrics_file.exists() else []
+    except FileFormatError as e:
+        raise ReportError(str(e)) from e
     return Run(
         path=path,
         recipe=str(info.get("recipe", "")),
@@ -143,7 +136,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         epochs=int(info["epochs"]),
         unique_params=int(info["unique_params"]),
         params_unshared=info.get("params_unshared"),
-        metrics=tuple(by_epoch[e] for e in sorted(by_epoch)),
+        metrics=tuple(metrics),
     )
 
 
@@ -226,7 +219,7 @@ class Result:
 
     @property
     def label(self) -> str:
-        return model_name(self.config.arch) + (" Share" if self.config.share else "")
+        return paper_model_name(self.config.arch) + (" Share" if self.config.share else "")
 
     def to_json(self) -> dict[str, Any]:
         top5 = self.top5
@@ -253,7 +246,7 @@ def group_results(runs: Sequence[Run]) -> list[Result]:
     return [Result(c, sorted(rs, key=lambda r: (r.seed is None, r.seed or 0))) for c, rs in sorted(groups.items())]
 
 
-def model_name(arch: str) -> str:
+def paper_model_name(arch: str) -> str:
     """The paper's name for an architecture: ``wrn_28_10`` -> WRN-28-10, ``preact_resnet164`` -> ResNet-164."""
     arch = arch.split(":")[-1]
     if m := re.fullmatch(r"wrn_(\d+)_(\d+)", arch):
@@ -317,7 +310,7 @@ class Table2Entry:
         p = self.paper
         return {
             "dataset": self.original.config.dataset,
-            "model": model_name(self.original.config.arch),
+            "model": paper_model_name(self.original.config.arch),
             "original": self.original.to_json(),
             "shared": self.shared.to_json(),
             "decrease_pct": self.decrease_pct,
@@ -444,7 +437,7 @@ class Report:
             o, s, p = e.original, e.shared, e.paper
             paper1 = "—" if p is None else f"{p.top1_original:.2f} → {p.top1_shared:.2f} ({p.top1_diff:+.2f})"
             line = (
-                f"| {dataset_name(o.config.dataset)} | {model_name(o.config.arch)} "
+                f"| {dataset_name(o.config.dataset)} | {paper_model_name(o.config.arch)} "
                 f"| {o.params:,} → {s.params:,} | {e.decrease_pct:.1f}% | {o.config.epochs} "
                 f"| {o.top1.n} / {s.top1.n} | {o.top1} | {s.top1} | {_fmt(e.top1_diff, True)} | {paper1} |"
             )
@@ -642,7 +635,7 @@ def plot_figure4(report: Report, path: str | os.PathLike[str]) -> Path:
     rows = len(report.table2)
     fig, axes = plt.subplots(rows, 2, figsize=(11, 3.6 * rows), squeeze=False)
     for (ax_loss, ax_acc), entry in zip(axes, report.table2):
-        title = f"{model_name(entry.original.config.arch)}, {dataset_name(entry.original.config.dataset)}"
+        title = f"{paper_model_name(entry.original.config.arch)}, {dataset_name(entry.original.config.dataset)}"
         for result, colour in ((entry.original, _ORIGINAL_COLOUR), (entry.shared, _SHARED_COLOUR)):
             label = f"{result.label} (n={len(result.runs)})"
             for ax, key, to_acc in ((ax_loss, "train_loss", False), (ax_acc, "val_top1_err", True)):

@@ -23,6 +23,7 @@ from share_transform.engine import (
     load_checkpoint,
     make_loader,
     plot_curves,
+    read_metrics,
     save_checkpoint,
     scaled_lr,
     train_one_epoch,
@@ -39,7 +40,7 @@ from share_transform.engine.imagenet import (
     eval_transform,
     train_transform,
 )
-from share_transform.engine.metrics import ProgressBar
+from share_transform.engine.metrics import METRICS_FILE, ProgressBar
 from share_transform.engine.trainer import alias_groups, keep_ties
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -275,6 +276,17 @@ def test_checkpoint_round_trip_keeps_ties(tmp_path, shared_model: nn.Module) -> 
     (tmp_path / "checkpoint-mixed.state.pt").write_bytes((tmp_path / "checkpoint-last.state.pt").read_bytes())
     with pytest.raises(share_transform.errors.CheckpointError, match="epoch 5 .* epoch 4"):
         load_checkpoint(tmp_path, "mixed", other)
+
+
+def test_read_metrics_is_one_record_per_epoch_and_names_a_bad_line(tmp_path) -> None:
+    path = tmp_path / METRICS_FILE
+    # Epoch 2 logged, then logged again after a resume: the later line wins, in epoch order.
+    path.write_text('{"epoch": 1, "x": 1}\n{"epoch": 2, "x": 2}\n\n{"epoch": 2, "x": 3}\n')
+    assert read_metrics(path) == [{"epoch": 1, "x": 1}, {"epoch": 2, "x": 3}]
+    for bad in ("not json", '{"x": 1}', "[1]"):
+        path.write_text('{"epoch": 1}\n' + bad + "\n")
+        with pytest.raises(share_transform.errors.FileFormatError, match=f"{METRICS_FILE}:2 is not a metrics line"):
+            read_metrics(path)
 
 
 def test_curves_and_progress(tmp_path) -> None:

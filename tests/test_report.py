@@ -14,6 +14,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from share_transform.engine.metrics import METRICS_FILE, RUN_FILE
 from share_transform.errors import ShareError
 from share_transform.report import (
     FIGURE4_FILE,
@@ -22,7 +23,7 @@ from share_transform.report import (
     build_report,
     find_runs,
     load_run,
-    model_name,
+    paper_model_name,
     write_report,
 )
 
@@ -46,7 +47,7 @@ def make_run(
     """A run directory as the recipes write it; the error falls linearly to ``final_top1``."""
     path = root / name
     path.mkdir(parents=True)
-    (path / "run.json").write_text(
+    (path / RUN_FILE).write_text(
         json.dumps(
             {
                 "recipe": recipe,
@@ -84,7 +85,7 @@ def make_run(
                 }
             )
         )
-    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (path / METRICS_FILE).write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -158,10 +159,10 @@ def runs(tmp_path: Path) -> Path:
 
 
 def test_model_names_follow_the_paper():
-    assert model_name("wrn_28_10") == "WRN-28-10"
-    assert model_name("preact_resnet164") == "ResNet-164"
-    assert model_name("torchvision:resnet50") == "ResNet-50"
-    assert model_name("seresnext26d_32x4d") == "seresnext26d_32x4d"
+    assert paper_model_name("wrn_28_10") == "WRN-28-10"
+    assert paper_model_name("preact_resnet164") == "ResNet-164"
+    assert paper_model_name("torchvision:resnet50") == "ResNet-50"
+    assert paper_model_name("seresnext26d_32x4d") == "seresnext26d_32x4d"
 
 
 def test_runs_are_grouped_over_seeds_and_paired(runs):
@@ -246,9 +247,9 @@ def test_only_figure5_without_a_pair(tmp_path):
 
 def test_an_epoch_logged_twice_after_resume_counts_once(tmp_path):
     path = make_run(tmp_path, "r", arch="wrn_28_1", dataset="digits", share=True, seed=0, params=1, final_top1=3)
-    lines = (path / "metrics.jsonl").read_text().splitlines()
+    lines = (path / METRICS_FILE).read_text().splitlines()
     repeated = json.loads(lines[1]) | {"val_top1_err": 7.0}
-    (path / "metrics.jsonl").write_text("\n".join(lines[:2] + [json.dumps(repeated)] + lines[2:]) + "\n")
+    (path / METRICS_FILE).write_text("\n".join(lines[:2] + [json.dumps(repeated)] + lines[2:]) + "\n")
     run = load_run(path)
     assert [m["epoch"] for m in run.metrics] == [1, 2, 3]
     assert run.metrics[1]["val_top1_err"] == 7.0 and run.complete
@@ -261,10 +262,10 @@ def test_bad_run_directories_are_clear_errors(tmp_path):
     with pytest.raises(ReportError, match="not a directory"):
         find_runs([tmp_path / "absent"])
     path = make_run(tmp_path, "r", arch="wrn_28_1", dataset="digits", share=True, seed=0, params=1, final_top1=3)
-    (path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
+    (path / METRICS_FILE).write_text('{"epoch": 1}\nnot json\n')
     with pytest.raises(ReportError, match="metrics.jsonl:2"):
         load_run(path)
-    (path / "run.json").write_text('{"arch": "x"}')
+    (path / RUN_FILE).write_text('{"arch": "x"}')
     with pytest.raises(ReportError, match="lacks dataset, share, epochs, unique_params"):
         load_run(path)
 

@@ -1,5 +1,9 @@
 """Run outputs: ``metrics.jsonl`` (one JSON object per finished epoch), ``curves.png``, a progress bar.
 
+The file names of a run directory (:data:`RUN_FILE`, :data:`METRICS_FILE`, :data:`CURVES_FILE`) are defined
+here once, for the trainer that writes them and :mod:`share_transform.report` that reads them;
+:func:`read_metrics` is the one reader of ``metrics.jsonl``.
+
 ``metrics.jsonl`` keys (errors in percent): ``epoch`` (1-based), ``lr``, ``train_loss``,
 ``train_top1_err``, ``train_top5_err``, ``val_loss``, ``val_top1_err``, ``val_top5_err``,
 ``images_per_s`` (training, all ranks), ``unique_params``, ``shared``.
@@ -23,7 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..errors import FileFormatError
 from ..io import atomic_write
+
+RUN_FILE = "run.json"  # what was trained (written by the trainer, read by the report)
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
 
 METRIC_KEYS = (
     "epoch",
@@ -63,8 +72,25 @@ def write_text(path: Path, text: str) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` file, one per epoch, in epoch order.
+
+    An epoch logged twice (a line written after the last checkpoint, then again after ``--resume``) counts
+    once: the later line wins.
+
+    Raises:
+        FileFormatError: a line is not a JSON object with an integer ``epoch``; the message names the line.
+    """
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            epoch = int(record["epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise FileFormatError(f"{path}:{n} is not a metrics line ({e})") from e
+        by_epoch[epoch] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def plot_curves(path: Path, history: Sequence[dict[str, Any]], *, title: str = "") -> None:

@@ -45,7 +45,16 @@ from .data import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
 from .errors import ConfigError, NonFiniteLossError
 from .loop import Preprocess, evaluate, train_one_epoch
-from .metrics import ProgressBar, append_metrics, plot_curves, write_metrics, write_text
+from .metrics import (
+    CURVES_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    ProgressBar,
+    append_metrics,
+    plot_curves,
+    write_metrics,
+    write_text,
+)
 from .optim import build_optimizer, build_scheduler
 
 #: Test-only fault injection: the training process SIGKILLs itself after this global step.
@@ -143,7 +152,7 @@ def check_output(output: Path, *, resume: bool) -> None:
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"--output {output} is a file, not a directory")
     found = has_checkpoint(output, "last")
-    metrics = output / "metrics.jsonl"
+    metrics = output / METRICS_FILE
     if not resume and (found or (metrics.is_file() and metrics.stat().st_size > 0)):
         held = weights_path(output, "last").name if found else metrics.name
         raise OutputExistsError(
@@ -166,11 +175,11 @@ def prepare_output(output: Path, *, resume: bool, dist_info: DistInfo) -> None:
 
 def write_run_json(output: Path, run_info: dict[str, Any]) -> None:
     """Write ``run.json`` atomically (paths and other non-JSON values become strings)."""
-    write_text(output / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
+    write_text(output / RUN_FILE, json.dumps(run_info, indent=2, default=str) + "\n")
 
 
 def _check_same_run(output: Path, run_info: dict[str, Any]) -> None:
-    path = output / "run.json"
+    path = output / RUN_FILE
     if not path.is_file():
         return
     before = json.loads(path.read_text(encoding="utf-8"))
@@ -249,7 +258,7 @@ def fit(
         start_epoch = int(state["epoch"])
         if dist_info.is_main:
             # Rewritten from the checkpoint: drops the line of an epoch that was not checkpointed.
-            write_metrics(output / "metrics.jsonl", history)
+            write_metrics(output / METRICS_FILE, history)
         print0(f"resumed from {weights_path(output, 'last')} after epoch {start_epoch}")
     if dist_info.is_main:
         write_run_json(output, run_info)  # on resume too: --epochs may have grown
@@ -335,8 +344,8 @@ def fit(
             save_checkpoint(output, "last", model, state)
             if is_best:
                 save_checkpoint(output, "best", model, state)
-            append_metrics(output / "metrics.jsonl", record)
-            plot_curves(output / "curves.png", history, title=title)
+            append_metrics(output / METRICS_FILE, record)
+            plot_curves(output / CURVES_FILE, history, title=title)
     barrier()
     return history
 
