@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from share_transform import paper
-from share_transform.engine.metrics import METRICS_FILE, RUN_FILE, read_metrics
+from share_transform.engine.metrics import METRICS_FILE, RUN_FILE, read_metrics, write_text
 from share_transform.errors import FileFormatError, ShareError
+from share_transform.io import atomic_write
 
 __all__ = [
     "EQUAL_SIZE_TOLERANCE",
@@ -526,7 +527,9 @@ def write_report(run_paths: Iterable[str | os.PathLike[str]], out_dir: str | os.
     """Collect the runs under ``run_paths`` and write the report into ``out_dir``.
 
     Writes ``report.md``, ``report.json``, ``figure5_error_vs_params.png`` and, when some architecture was
-    trained both ways, ``figure4_curves.png``. Returns the :class:`Report`.
+    trained both ways, ``figure4_curves.png``, each atomically (a crash leaves the old file or none). Draws on
+    matplotlib's Agg canvas directly: no display needed and the global backend is left alone. Returns the
+    :class:`Report`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -537,8 +540,8 @@ def write_report(run_paths: Iterable[str | os.PathLike[str]], out_dir: str | os.
     if report.table2:
         plot_figure4(report, out / FIGURE4_FILE)
         report.figures["Figure 4 (training loss and test accuracy of each pair)"] = FIGURE4_FILE
-    (out / REPORT_MD).write_text(report.markdown())
-    (out / REPORT_JSON).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    write_text(out / REPORT_MD, report.markdown())
+    write_text(out / REPORT_JSON, json.dumps(report.to_json(), indent=2) + "\n")
     return report
 
 
@@ -549,13 +552,19 @@ def write_report(run_paths: Iterable[str | os.PathLike[str]], out_dir: str | os.
 _ORIGINAL_COLOUR, _SHARED_COLOUR = "tab:blue", "tab:green"  # the paper's Figure 5 colours
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A figure on its own Agg canvas: no display needed, and matplotlib's global backend is left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: no display on training machines
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
-    return plt
+
+def _save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` to ``path`` atomically (a crash leaves the old figure or none)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def _paper_points(dataset: str) -> tuple[list[tuple[float, float, str]], list[tuple[float, float, str]]]:
@@ -576,9 +585,9 @@ def _paper_points(dataset: str) -> tuple[list[tuple[float, float, str]], list[tu
 
 def plot_figure5(report: Report, path: str | os.PathLike[str]) -> Path:
     """Top-1 error against millions of parameters, originals and shared nets, one panel per dataset."""
-    plt = _pyplot()
     datasets = sorted({r.config.dataset for r in report.results})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    fig = _figure((6 * len(datasets), 4.5))
+    axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for share, colour in ((False, _ORIGINAL_COLOUR), (True, _SHARED_COLOUR)):
             points = sorted(
@@ -614,9 +623,7 @@ def plot_figure5(report: Report, path: str | os.PathLike[str]) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("Figure 5: top-1 error against model size")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, path)
 
 
 def _curve(result: Result, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -629,11 +636,11 @@ def _curve(result: Result, key: str) -> tuple[list[int], list[float], list[float
 
 def plot_figure4(report: Report, path: str | os.PathLike[str]) -> Path:
     """For each original/shared pair: training loss (left) and test accuracy (right) per epoch."""
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     rows = len(report.table2)
-    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.6 * rows), squeeze=False)
+    fig = _figure((11, 3.6 * rows))
+    axes = fig.subplots(rows, 2, squeeze=False)
     for (ax_loss, ax_acc), entry in zip(axes, report.table2):
         title = f"{paper_model_name(entry.original.config.arch)}, {dataset_name(entry.original.config.dataset)}"
         for result, colour in ((entry.original, _ORIGINAL_COLOUR), (entry.shared, _SHARED_COLOUR)):
@@ -653,6 +660,4 @@ def plot_figure4(report: Report, path: str | os.PathLike[str]) -> Path:
             ax.legend(fontsize=8)
     fig.suptitle("Figure 4: training loss and test accuracy, original against shared")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, path)

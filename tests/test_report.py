@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+import matplotlib
 import matplotlib.image
 import pytest
 
@@ -19,6 +20,7 @@ from share_transform.errors import ShareError
 from share_transform.report import (
     FIGURE4_FILE,
     FIGURE5_FILE,
+    Report,
     ReportError,
     build_report,
     find_runs,
@@ -235,6 +237,29 @@ def test_figures_are_drawn_from_the_runs(runs, tmp_path):
         blue = (abs(rgb[..., 0] - 0.12) < 0.05) & (abs(rgb[..., 1] - 0.47) < 0.05) & (abs(rgb[..., 2] - 0.71) < 0.05)
         green = (abs(rgb[..., 0] - 0.17) < 0.05) & (abs(rgb[..., 1] - 0.63) < 0.05) & (abs(rgb[..., 2] - 0.17) < 0.05)
         assert blue.sum() > 200 and green.sum() > 200
+
+
+def test_report_leaves_the_matplotlib_backend_alone(runs, tmp_path):
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        write_report([runs / "digits"], tmp_path / "out")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "out" / FIGURE4_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_rewrite_keeps_the_old_report(runs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    write_report([runs / "digits"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # A text that cannot be encoded fails half-way through writing report.md.
+    monkeypatch.setattr(Report, "markdown", lambda self: "# report\n\ud800")
+    with pytest.raises(UnicodeEncodeError):
+        write_report([runs / "digits"], out)
+    assert (out / "report.md").read_bytes() == before["report.md"]
+    assert {p.name for p in out.iterdir()} == set(before)  # no temporary file left either
 
 
 def test_only_figure5_without_a_pair(tmp_path):
