@@ -271,11 +271,51 @@ def test_checkpoint_round_trip_keeps_ties(tmp_path, shared_model: nn.Module) -> 
         assert torch.equal(a, b), name
     loaded = share_transform.load(tmp_path / "checkpoint-last.safetensors")
     assert share_transform.is_tied(loaded)
-    # A kill between the two renames leaves files of different epochs: resuming must refuse.
+    # Files of different epochs that save_checkpoint did not write as a pair: resuming must refuse.
     save_checkpoint(tmp_path, "mixed", shared_model, {"epoch": 5})
     (tmp_path / "checkpoint-mixed.state.pt").write_bytes((tmp_path / "checkpoint-last.state.pt").read_bytes())
     with pytest.raises(share_transform.errors.CheckpointError, match="epoch 5 .* epoch 4"):
         load_checkpoint(tmp_path, "mixed", other)
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs (BaseException: no ``except Exception`` catches it)."""
+
+
+def _kill(*args: object) -> None:
+    raise Killed
+
+
+@pytest.mark.parametrize(
+    ("killed_in", "resumed_epoch"),
+    [("_write_weights", 1), ("_commit_state", 2)],
+    ids=["before-the-weights", "before-the-state-rename"],
+)
+def test_a_kill_while_checkpointing_leaves_a_pair_to_resume_from(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, killed_in: str, resumed_epoch: int
+) -> None:
+    from share_transform.engine import checkpoint
+
+    model = nn.Linear(3, 2)
+    weights = {1: torch.full((2, 3), 1.0), 2: torch.full((2, 3), 2.0)}
+    with torch.no_grad():
+        model.weight.copy_(weights[1])
+    save_checkpoint(tmp_path, "last", model, {"epoch": 1, "history": [1]})
+    with torch.no_grad():
+        model.weight.copy_(weights[2])
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, killed_in, _kill)
+        with pytest.raises(Killed):
+            save_checkpoint(tmp_path, "last", model, {"epoch": 2, "history": [1, 2]})
+
+    resumed = nn.Linear(3, 2)
+    state = load_checkpoint(tmp_path, "last", resumed)
+    assert state["epoch"] == resumed_epoch and state["history"] == [1, 2][:resumed_epoch]
+    assert torch.equal(resumed.weight, weights[resumed_epoch])
+    # The next save completes the pair under the usual names and leaves no epoch-stamped state behind.
+    save_checkpoint(tmp_path, "last", model, {"epoch": 3, "history": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last.safetensors", "checkpoint-last.state.pt"]
+    assert load_checkpoint(tmp_path, "last", resumed)["epoch"] == 3
 
 
 def test_read_metrics_is_one_record_per_epoch_and_names_a_bad_line(tmp_path) -> None:

@@ -10,8 +10,18 @@ output directory:
   the metrics history; read back only with ``torch.load(..., weights_only=True)``.
 
 Each file is written to a temporary name beside it, fsynced, then renamed over the old one
-(``share_transform.io.atomic_write``), so a kill at any moment leaves the previous complete file. Both
-files carry the epoch; a resume that finds them disagree (a kill between the two renames) refuses.
+(``share_transform.io.atomic_write``), so a kill at any moment leaves the previous complete file. The two
+files are also a consistent *pair* at every kill point, because :func:`save_checkpoint` writes them in
+this order:
+
+1. the state, as ``checkpoint-TAG.epochN.state.pt`` (the previous epoch's ``checkpoint-TAG.state.pt`` stays);
+2. the weights, ``checkpoint-TAG.safetensors``, whose metadata says epoch N;
+3. the rename of the epoch-N state to ``checkpoint-TAG.state.pt``, over the previous epoch's.
+
+:func:`load_checkpoint` reads the epoch in the weights and takes the state of that epoch: the epoch-stamped
+file when a kill came between 2 and 3, else ``checkpoint-TAG.state.pt``. A kill before 2 leaves the previous
+pair (and a stray epoch-stamped state, removed by the next save). Files that still disagree were not
+written by this module, and resuming from them refuses.
 
 Random state: the training process reseeds its generators from ``(seed, epoch, rank)`` at the start of
 every epoch and data augmentation is seeded per sample (see :mod:`.data`), so the RNG state at an epoch
@@ -25,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -45,32 +56,63 @@ def state_path(output: Path, tag: str) -> Path:
     return Path(output) / f"checkpoint-{tag}.state.pt"
 
 
+def epoch_state_path(output: Path, tag: str, epoch: int) -> Path:
+    """The state of epoch ``epoch`` before it takes :func:`state_path`'s name (see the module docstring)."""
+    return Path(output) / f"checkpoint-{tag}.epoch{epoch}.state.pt"
+
+
 def has_checkpoint(output: Path, tag: str = "last") -> bool:
     """True when either file of checkpoint ``tag`` exists (a half-written pair counts: never overwrite it)."""
     return weights_path(output, tag).exists() or state_path(output, tag).exists()
 
 
 def save_checkpoint(output: Path, tag: str, model: nn.Module, state: dict[str, Any]) -> None:
-    """Write checkpoint ``tag``: ``model`` (unwrapped: no DDP, no compile) and ``state`` (needs ``"epoch"``)."""
-    save(model, weights_path(output, tag), metadata={"epoch": str(state["epoch"]), "checkpoint": tag})
-    atomic_write(state_path(output, tag), lambda tmp: torch.save(state, tmp))
+    """Write checkpoint ``tag``: ``model`` (unwrapped: no DDP, no compile) and ``state`` (needs ``"epoch"``).
+
+    A kill at any point leaves a pair :func:`load_checkpoint` resumes from: this epoch's or the previous one's.
+    """
+    epoch = int(state["epoch"])
+    _write_state(output, tag, state)
+    _write_weights(output, tag, model, epoch)
+    _commit_state(output, tag, epoch)
+
+
+def _write_state(output: Path, tag: str, state: dict[str, Any]) -> None:
+    atomic_write(epoch_state_path(output, tag, int(state["epoch"])), lambda tmp: torch.save(state, tmp))
+
+
+def _write_weights(output: Path, tag: str, model: nn.Module, epoch: int) -> None:
+    save(model, weights_path(output, tag), metadata={"epoch": str(epoch), "checkpoint": tag})
+
+
+def _commit_state(output: Path, tag: str, epoch: int) -> None:
+    # Not fsynced: until the directory reaches the disk the epoch-stamped name is there, which resumes
+    # as well; the next atomic_write in this directory fsyncs it.
+    os.replace(epoch_state_path(output, tag, epoch), state_path(output, tag))
+    for stray in Path(output).glob(f"checkpoint-{tag}.epoch*.state.pt"):  # states of saves killed before 3
+        stray.unlink(missing_ok=True)
 
 
 def load_checkpoint(output: Path, tag: str, model: nn.Module, *, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Copy checkpoint ``tag``'s weights into ``model`` in place and return its state dict.
+    """Copy checkpoint ``tag``'s weights into ``model`` in place and return the state of the same epoch.
 
     Copying keeps the model's own ``Parameter`` objects, so its ties, its device placement and an
-    optimizer built on it all stay valid.
+    optimizer built on it all stay valid. Nothing in ``output`` is changed (every rank may call it).
 
     Raises:
-        MissingFileError: a file of the pair is missing.
-        CheckpointError: the state file is unreadable, or the two files are of different epochs.
+        MissingFileError: the weights, or a state of their epoch, are missing.
+        CheckpointError: the state file is unreadable, or of another epoch than the weights.
         share_transform.ShareError: the weights file is corrupt or does not fit ``model``.
     """
-    wpath, spath = weights_path(output, tag), state_path(output, tag)
-    for p in (wpath, spath):
-        if not p.is_file():
-            raise MissingFileError(f"cannot resume: {p} is missing")
+    wpath = weights_path(output, tag)
+    if not wpath.is_file():
+        raise MissingFileError(f"cannot resume: {wpath} is missing")
+    file_epoch = read_info(wpath).user.get("epoch")
+    spath = state_path(output, tag)
+    if file_epoch is not None and epoch_state_path(output, tag, int(file_epoch)).is_file():
+        spath = epoch_state_path(output, tag, int(file_epoch))  # killed after the weights, before the rename
+    if not spath.is_file():
+        raise MissingFileError(f"cannot resume: {spath} is missing")
     try:
         state = torch.load(spath, map_location=device, weights_only=True)
     except (
@@ -80,11 +122,10 @@ def load_checkpoint(output: Path, tag: str, model: nn.Module, *, device: str | t
         ValueError,
     ) as e:  # what torch raises for bad files
         raise CheckpointError(f"cannot resume: {spath} is unreadable ({type(e).__name__})") from None
-    file_epoch = read_info(wpath).user.get("epoch")
     if file_epoch is not None and int(file_epoch) != state.get("epoch"):
         raise CheckpointError(
             f"cannot resume: {wpath.name} is from epoch {file_epoch} but {spath.name} from epoch "
-            f"{state.get('epoch')} (the run was killed while saving); start afresh in another --output"
+            f"{state.get('epoch')} (these files were not written together); start afresh in another --output"
         )
     load_weights_file(model, wpath)
     return state
