@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> nn.Module:
     """Train as ``args`` say; returns the trained model (unwrapped, on the training device)."""
     args = resolve_args(args, recipe="imagenet")
     batch_per_rank = per_rank_batch(args.batch_size, world_from_env()[1])
-    check_output(args.output, resume=args.resume)
+    check_output(args.output, resume=args.resume, args=args)
     setup_runtime(deterministic=args.deterministic)
     seed_all(args.seed)
 

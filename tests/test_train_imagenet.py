@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,6 +279,43 @@ def test_fresh_run_never_overwrites_a_run(
     rc, _, err = run_inprocess(recipe, recipe_argv(data, output), capsys)
     assert rc == 2 and err.count("\n") == 1 and "--resume" in err
     assert snapshot(output) == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--lr", "1.6"], "was trained with --lr 0.8, this command gives --lr 1.6;"),
+        (["--momentum", "0.8"], "was trained with --momentum 0.9, this command gives --momentum 0.8;"),
+        (["--weight-decay", "0"], "was trained with --weight-decay 0.0001, this command gives --weight-decay 0.0;"),
+        (["--lr-milestones", "1"], "was trained with --lr-milestones 30 60, this command gives --lr-milestones 1;"),
+        (["--lr-gamma", "0.5"], "was trained with --lr-gamma 0.1, this command gives --lr-gamma 0.5;"),
+    ],
+    ids=["lr", "momentum", "weight-decay", "lr-milestones", "lr-gamma"],
+)
+def test_resume_refuses_other_optimisation_flags(
+    flags: list[str],
+    expected: str,
+    reference: tuple[Path, subprocess.CompletedProcess[str]],
+    recipe: ModuleType,
+    data: Path,
+    capsys,
+) -> None:
+    output, _ = reference
+    before = snapshot(output)
+    rc, _, err = run_inprocess(recipe, recipe_argv(data, output, "--resume", "--epochs", "3", *flags), capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: --resume: {output} {expected}"), err
+    assert snapshot(output) == before
+
+
+def test_resume_may_add_epochs(
+    reference: tuple[Path, subprocess.CompletedProcess[str]], recipe: ModuleType, data: Path, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "run"
+    shutil.copytree(reference[0], output)
+    rc, out, err = run_inprocess(recipe, recipe_argv(data, output, "--share", "--resume", "--epochs", "3"), capsys)
+    assert rc == 0, err
+    assert "after epoch 2" in out and [m["epoch"] for m in read_metrics(output)] == [1, 2, 3]
+    assert json.loads((output / "run.json").read_text())["epochs"] == 3
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(

@@ -138,15 +138,27 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
         raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
 
-def check_output(output: Path, *, resume: bool) -> None:
+#: The optimisation flags a resume must repeat: the checkpoint's optimizer and schedule carry the run's values,
+#: so a new value would be recorded in run.json but not used. ``--epochs`` may change (grow) on resume.
+PROTOCOL_FLAGS = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
+
+
+def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[str, Any] | None = None) -> None:
     """Check, without writing anything, that ``output`` can take this run.
 
     Call it early (before building data and model) to fail fast; :func:`fit` checks again.
+
+    Args:
+        output: the run directory.
+        resume: continue the run in ``output``.
+        args: the command's arguments (see :func:`share_transform.engine.add_training_args`); on resume, their
+            :data:`PROTOCOL_FLAGS` must equal the run's (its ``run.json`` ``args``).
 
     Raises:
         OutputExistsError: ``output`` is a file, or a fresh run would overwrite a run (a checkpoint or
             metrics).
         MissingFileError: ``resume`` without a checkpoint.
+        CheckpointError: ``resume`` with another value of an optimisation flag than the run's.
         ConfigError: matplotlib, needed for ``curves.png``, is missing.
     """
     if output.exists() and not output.is_dir():
@@ -160,15 +172,37 @@ def check_output(output: Path, *, resume: bool) -> None:
         )
     if resume and not found:
         raise MissingFileError(f"--resume: {output} holds no checkpoint-last to continue from")
+    if resume and args is not None:
+        _check_same_protocol(output, vars(args) if isinstance(args, argparse.Namespace) else args)
     try:
         import matplotlib  # noqa: F401  (curves.png is part of the output contract)
     except ImportError as e:
         raise ConfigError("matplotlib is needed to draw curves.png: pip install 'share-transform[train]'") from e
 
 
-def prepare_output(output: Path, *, resume: bool, dist_info: DistInfo) -> None:
+def _check_same_protocol(output: Path, args: dict[str, Any]) -> None:
+    path = output / RUN_FILE
+    before = json.loads(path.read_text(encoding="utf-8")).get("args", {}) if path.is_file() else {}
+    for key in PROTOCOL_FLAGS:
+        if key in before and key in args and before[key] != args[key]:
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(
+                f"--resume: {output} was trained with {flag} {_flag_text(before[key])}, this command gives "
+                f"{flag} {_flag_text(args[key])}; the run's optimizer and schedule keep its values, so resume "
+                f"with the same {flag} or start a new run in another --output"
+            )
+
+
+def _flag_text(value: Any) -> str:
+    """A flag's value as typed on the command line (``--lr-milestones 30 60``)."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def prepare_output(
+    output: Path, *, resume: bool, dist_info: DistInfo, args: argparse.Namespace | dict[str, Any] | None = None
+) -> None:
     """:func:`check_output`, then create ``output`` (rank 0)."""
-    check_output(output, resume=resume)
+    check_output(output, resume=resume, args=args)
     if dist_info.is_main:
         output.mkdir(parents=True, exist_ok=True)
 
@@ -232,11 +266,12 @@ def fit(
 
     Raises:
         OutputExistsError, MissingFileError: see :func:`check_output`.
-        CheckpointError: an unreadable checkpoint, or ``resume`` with other settings than the run's.
+        CheckpointError: an unreadable checkpoint, or ``resume`` with other settings than the run's (arch,
+            share, policy, dataset, batch size, or a :data:`PROTOCOL_FLAGS` value; ``epochs`` may grow).
         NonFiniteLossError: the loss became NaN/inf; nothing from that epoch was written.
     """
     output = Path(output)
-    prepare_output(output, resume=resume, dist_info=dist_info)
+    prepare_output(output, resume=resume, dist_info=dist_info, args=run_info.get("args"))
     device = dist_info.device
     ties = alias_groups(model)
     model.to(device)
