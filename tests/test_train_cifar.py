@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_train_imagenet import kill_on_line
 
 import share_transform
 from share_transform.data import ZCA, load_preprocessing, read_cifar, write_cifar
@@ -162,8 +164,9 @@ def test_resume_after_a_kill_continues_to_the_same_result(data_dir, tmp_path):
 
     # Killed (SIGKILL) during epoch 2, in a real process, then resumed.
     out = tmp_path / "killed"
-    proc = run_script(*argv(data_dir, out, flags), env={"SHARE_TRANSFORM_KILL_AT_STEP": "3"})  # 2 steps an epoch
-    assert proc.returncode == -9, proc.stderr
+    # 2 steps an epoch: killed after the first step of epoch 2.
+    rc, output = kill_on_line(RECIPE, argv(data_dir, out, flags), r"^epoch 2/2 \[.*\] 1/2 ")
+    assert rc == -signal.SIGKILL, output
     assert [m["epoch"] for m in _metrics(out)] == [1]
     fitted = (out / "preprocess.safetensors").read_bytes()
     mtime = (out / "preprocess.safetensors").stat().st_mtime_ns

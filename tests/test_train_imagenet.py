@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -26,7 +28,6 @@ from safetensors.torch import load_file
 
 import share_transform
 from share_transform.engine import METRIC_KEYS, run_recipe
-from share_transform.engine.trainer import KILL_AT_STEP_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_imagenet.py"
@@ -83,6 +84,42 @@ def run_script(argv: list[str], *, env: dict[str, str] | None = None) -> subproc
     return subprocess.run(
         [sys.executable, str(RECIPE), *argv], capture_output=True, text=True, env=full_env, timeout=300, cwd=ROOT
     )
+
+
+def kill_on_line(script: Path, argv: list[str], pattern: str, *, timeout: float = 300) -> tuple[int, str]:
+    """Run ``script``; SIGKILL it from outside as soon as it prints a line matching ``pattern``.
+
+    Returns ``(returncode, output up to that line)``; the test fails if the line never comes (the run ends or
+    ``timeout`` seconds pass first). The recipe flushes every progress line, so the kill lands within
+    moments of the step the line reports.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                proc.kill()
+                break
+        else:
+            pytest.fail(f"{script.name} never printed a line matching {pattern!r}:\n{''.join(lines)}")
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    return proc.returncode, "".join(lines)
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -187,9 +224,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
     output = tmp_path / "run"
     # More loader processes than the reference's none: the data stream must not depend on them.
     argv = recipe_argv(data, output, "--share", "--deterministic", "--workers", "2")
-    kill_step = STEPS_PER_EPOCH + 2  # the middle of epoch 2, after two of its updates
-    killed = run_script(argv, env={KILL_AT_STEP_ENV: str(kill_step)})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # Killed in the middle of epoch 2, after two of its updates (the progress line of step 2/4).
+    rc, out = kill_on_line(RECIPE, argv, rf"^epoch 2/2 \[.*\] 2/{STEPS_PER_EPOCH} ")
+    assert rc == -signal.SIGKILL, out
     assert state_epoch(output) == 1 and len(read_metrics(output)) == 1
 
     resumed = run_script([*argv, "--resume"])

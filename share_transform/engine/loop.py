@@ -154,7 +154,6 @@ def train_one_epoch(
     log_every: int = 20,
     start_step: int = 0,
     progress: ProgressBar | None = None,
-    on_step: Callable[[int], None] | None = None,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader``.
 
@@ -167,9 +166,8 @@ def train_one_epoch(
         preprocess: device-side input transform (e.g. :class:`Normalize`).
         amp: bf16 autocast.
         log_every: steps between synchronisations (progress update and the NaN check).
-        start_step: global step of the first batch (``epoch * len(loader)``), for messages and ``on_step``.
+        start_step: global step of the first batch (``epoch * len(loader)``), for messages.
         progress: a rank-0 progress bar, updated at each synchronisation.
-        on_step: called with the global step after each optimizer step (tests use it to fault-inject).
 
     Raises:
         NonFiniteLossError: a loss was NaN/inf; every rank raises for the same step. Weights are then
@@ -211,8 +209,6 @@ def train_one_epoch(
         sums += torch.cat([(loss.float() * n).view(1), _hits(logits, targets)])
         count += n
         window.append(loss)
-        if on_step is not None:
-            on_step(step)
         if len(window) >= log_every:
             sync(step + 1)
     sync(step + 1)

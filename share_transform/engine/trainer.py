@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,9 +55,6 @@ from .metrics import (
     write_text,
 )
 from .optim import build_optimizer, build_scheduler
-
-#: Test-only fault injection: the training process SIGKILLs itself after this global step.
-KILL_AT_STEP_ENV = "SHARE_TRANSFORM_KILL_AT_STEP"
 
 
 @dataclass(frozen=True)
@@ -225,14 +221,6 @@ def _check_same_run(output: Path, run_info: dict[str, Any]) -> None:
             )
 
 
-def _kill_after(step: int) -> Callable[[int], None]:
-    def on_step(global_step: int) -> None:
-        if global_step >= step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return on_step
-
-
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -308,8 +296,6 @@ def fit(
     if config.compile:
         train_model = cast(nn.Module, torch.compile(train_model))
 
-    kill_at = os.environ.get(KILL_AT_STEP_ENV)
-    on_step = _kill_after(int(kill_at)) if kill_at else None
     unique = sum(p.numel() for p in model.parameters())
     shared = bool(run_info.get("share", False))
     steps = len(train_loader)
@@ -332,7 +318,6 @@ def fit(
                 log_every=config.log_every,
                 start_step=epoch * steps,
                 progress=bar,
-                on_step=on_step,
             )
         except NonFiniteLossError as e:
             last = (
