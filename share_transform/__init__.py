@@ -15,6 +15,7 @@ from .apply import apply, count_parameters, get_plan, is_tied, retie, untie
 from .build import build_model, build_spec
 from .errors import (
     CheckpointError,
+    DataError,
     ExportError,
     FileFormatError,
     InputSizeError,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConvSignature",
+    "DataError",
     "ExportError",
     "FileFormatError",
     "FileInfo",
