@@ -242,15 +242,15 @@ def test_cifar_init_is_the_package_init_without_the_engine(monkeypatch: pytest.M
 
     # import_module: the package's ``preact_resnet`` attribute is the builder function, not the module.
     preact_module = importlib.import_module("share_transform.models.preact_resnet")
-    wrn_module = importlib.import_module("share_transform.models.wrn")
+    frame_module = importlib.import_module("share_transform.models._cifar")
 
     assert not hasattr(preact_module, "init_cifar_weights")
-    for build, module in ((partial(wide_resnet, 10, 2), wrn_module), (partial(preact_resnet, 11), preact_module)):
+    for build in (partial(wide_resnet, 10, 2), partial(preact_resnet, 11)):
         torch.manual_seed(0)
         built = build(num_classes=5)
         # The same construction without the models' own init, then the package's: the same draws.
         with monkeypatch.context() as m:
-            m.setattr(module, "init_weights", lambda model, mode: model)
+            m.setattr(frame_module, "init_weights", lambda model, mode: model)
             torch.manual_seed(0)
             expected = build(num_classes=5)
         share_transform.init.init_weights(expected, "fan_in")

@@ -7,8 +7,8 @@ the stride on the first 1x1 conv of the first block of stages 2 and 3, a 1x1 pro
 block of every stage, and a final BN-ReLU-avgpool-linear head. Init follows the CIFAR code: conv weights
 N(0, sqrt(2 / (k*k*in_channels))), no conv bias, BN weight 1 and bias 0, linear bias 0.
 
-The CIFAR helpers shared with :mod:`share_transform.models.wrn` (mean/std, pretrained_cfg) live here; the init is
-:func:`share_transform.init.init_weights` with ``"fan_in"``.
+The frame, init and timm API shared with :mod:`share_transform.models.wrn` are in
+:class:`share_transform.models._cifar.CifarResNet`.
 
 Papers:
 * `ShaResNet: reducing residual network parameter number by sharing weights` - https://arxiv.org/abs/1702.08782
@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..init import init_weights
+from ._cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarResNet, cifar_cfg
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -38,30 +37,6 @@ __all__ = [
     "cifar_cfg",
     "preact_resnet",
 ]
-
-# Per-channel statistics of the training sets (RGB, [0, 1] scale).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-
-
-def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
-    """pretrained_cfg of a CIFAR model: 3x32x32 input, CIFAR-10 mean/std, 10 classes, no weights."""
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": CIFAR10_MEAN,
-        "std": CIFAR10_STD,
-        "first_conv": "stem",
-        "classifier": "fc",
-        "paper_ids": "arXiv:1702.08782",
-        **kwargs,
-    }
 
 
 class PreActBottleneck(nn.Module):
@@ -96,7 +71,7 @@ class PreActBottleneck(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(CifarResNet):
     """Pre-activation bottleneck ResNet-(9n+2) for 32x32 inputs.
 
     Args:
@@ -117,63 +92,19 @@ class PreActResNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
         if depth < 11 or (depth - 2) % 9:
             raise ValueError(f"pre-act ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 92, ..., 164), got {depth}")
-        blocks_per_stage = (depth - 2) // 9
+        super().__init__(
+            PreActBottleneck,
+            [base_width * PreActBottleneck.expansion * 2**s for s in range(3)],
+            (depth - 2) // 9,
+            stem_chs=base_width,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            global_pool=global_pool,
+            drop_rate=drop_rate,
+        )
         self.depth = depth
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-
-        self.stem = nn.Conv2d(in_chans, base_width, 3, padding=1, bias=False)
-        self.feature_info = [{"num_chs": base_width, "reduction": 1, "module": "stem"}]
-        stages = []
-        in_chs = base_width
-        for stage_idx in range(3):
-            out_chs = base_width * PreActBottleneck.expansion * 2**stage_idx
-            stride = 1 if stage_idx == 0 else 2
-            blocks = [PreActBottleneck(in_chs, out_chs, stride)]
-            blocks += [PreActBottleneck(out_chs, out_chs) for _ in range(blocks_per_stage - 1)]
-            stages.append(nn.Sequential(*blocks))
-            in_chs = out_chs
-            if stage_idx < 2:
-                self.feature_info.append(
-                    {"num_chs": out_chs, "reduction": 2**stage_idx, "module": f"stages.{stage_idx}"}
-                )
-        self.stages = nn.Sequential(*stages)
-        # Pre-activation nets end with the BN-ReLU the last block left out.
-        self.norm = nn.BatchNorm2d(in_chs)
-        self.feature_info.append({"num_chs": in_chs, "reduction": 4, "module": "norm"})
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        init_weights(self, "fan_in")
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> str | nn.Module:
-        return "fc" if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one of ``num_classes`` outputs (bias 0)."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        if isinstance(self.fc, nn.Linear):
-            nn.init.zeros_(self.fc.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return F.relu(self.norm(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def preact_resnet(depth: int, num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> PreActResNet:

@@ -14,16 +14,15 @@ Papers:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..init import init_weights
-from .preact_resnet import cifar_cfg
+from ._cifar import CifarResNet, cifar_cfg
 
 __all__ = ["WideBasicBlock", "WideResNet", "wide_resnet"]
 
@@ -55,7 +54,7 @@ class WideBasicBlock(nn.Module):
         return out + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(CifarResNet):
     """Wide ResNet WRN-``depth``-``widen_factor`` for 32x32 inputs.
 
     Args:
@@ -78,69 +77,24 @@ class WideResNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
-        super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
         if widen_factor < 1:
             raise ValueError(f"WRN widen_factor must be a positive integer, got {widen_factor}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"WRN dropout must be in [0, 1), got {dropout}")
-        blocks_per_stage = (depth - 4) // 6
+        super().__init__(
+            partial(WideBasicBlock, dropout=dropout),
+            [16 * widen_factor * 2**s for s in range(3)],
+            (depth - 4) // 6,
+            stem_chs=16,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            global_pool=global_pool,
+            drop_rate=drop_rate,
+        )
         self.depth = depth
         self.widen_factor = widen_factor
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-
-        stem_chs = 16
-        self.stem = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=False)
-        self.feature_info = [{"num_chs": stem_chs, "reduction": 1, "module": "stem"}]
-        stages = []
-        in_chs = stem_chs
-        for stage_idx in range(3):
-            out_chs = stem_chs * widen_factor * 2**stage_idx
-            stride = 1 if stage_idx == 0 else 2
-            blocks = [WideBasicBlock(in_chs, out_chs, stride, dropout)]
-            blocks += [WideBasicBlock(out_chs, out_chs, 1, dropout) for _ in range(blocks_per_stage - 1)]
-            stages.append(nn.Sequential(*blocks))
-            in_chs = out_chs
-            if stage_idx < 2:
-                self.feature_info.append(
-                    {"num_chs": out_chs, "reduction": 2**stage_idx, "module": f"stages.{stage_idx}"}
-                )
-        self.stages = nn.Sequential(*stages)
-        # Pre-activation nets end with the BN-ReLU the last block left out.
-        self.norm = nn.BatchNorm2d(in_chs)
-        self.feature_info.append({"num_chs": in_chs, "reduction": 4, "module": "norm"})
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        init_weights(self, "fan_in")
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> str | nn.Module:
-        return "fc" if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one of ``num_classes`` outputs (bias 0)."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        if isinstance(self.fc, nn.Linear):
-            nn.init.zeros_(self.fc.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return F.relu(self.norm(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def wide_resnet(
