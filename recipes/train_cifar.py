@@ -24,22 +24,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import share_transform
 from share_transform.data import CifarData, load_cifar, load_preprocessing, save_preprocessing
 from share_transform.engine import (
     ConfigError,
     TrainConfig,
     add_training_args,
+    build_recipe_model,
     check_output,
     fit,
     init_distributed,
-    init_weights,
     make_loader,
     per_rank_batch,
     print0,
     resolve_args,
+    run_info,
     run_recipe,
-    scaled_lr,
     seed_all,
     setup_runtime,
     world_from_env,
@@ -145,12 +144,7 @@ def main(args: argparse.Namespace) -> nn.Module:
         raise ConfigError(f"--dropout applies to Wide ResNets (wrn_*), not {args.arch}")
     if is_wrn:
         args.model_kwargs.setdefault("dropout", dropout)
-    model = share_transform.build_model(args.arch, num_classes=data.num_classes, **args.model_kwargs)
-    init_weights(model, args.init)
-    params_unshared = share_transform.count_parameters(model)
-    if args.share:
-        share_transform.apply(model, args.policy, input_size=(3, 32, 32))
-    unique_params = share_transform.count_parameters(model)
+    model, params_unshared, unique_params = build_recipe_model(args, data.num_classes, input_size=(3, 32, 32))
 
     dist_info = init_distributed(args.device)
     # check_output above made sure a fresh run does not overwrite a finished run's transform.
@@ -172,35 +166,16 @@ def main(args: argparse.Namespace) -> nn.Module:
     )
     # The datasets hold inputs already preprocessed on the host; only the memory format is left to set.
     to_input = (lambda x: x.contiguous(memory_format=torch.channels_last)) if args.channels_last else None
-    lr = scaled_lr(args.lr, args.batch_size, args.lr_reference_batch)
-    config = TrainConfig(
-        epochs=args.epochs,
-        lr=lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        milestones=args.lr_milestones,
-        gamma=args.lr_gamma,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        seed=args.seed,
-        log_every=args.print_freq,
+    config = TrainConfig.from_args(args)
+    info = run_info(
+        args,
+        recipe="cifar",
+        dataset=dataset,
+        config=config,
+        params_unshared=params_unshared,
+        unique_params=unique_params,
+        preprocess=data.preprocessing.kind,
     )
-    run_info = {
-        "recipe": "cifar",
-        "arch": args.arch,
-        "dataset": dataset,
-        "share": args.share,
-        "policy": args.policy if args.share else None,
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": lr,
-        "params_unshared": params_unshared,
-        "unique_params": unique_params,
-        "preprocess": data.preprocessing.kind,
-        "args": vars(args),
-    }
     fit(
         model,
         train_loader,
@@ -209,7 +184,7 @@ def main(args: argparse.Namespace) -> nn.Module:
         dist_info=dist_info,
         output=args.output,
         resume=args.resume,
-        run_info=run_info,
+        run_info=info,
         train_preprocess=to_input,
         eval_preprocess=to_input,
         title=f"{args.arch} on {dataset}, {'ShaResNet' if args.share else 'original'}",

@@ -20,23 +20,22 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
-import share_transform
 from share_transform.engine import (
     DataError,
     Normalize,
     SyntheticDataset,
     TrainConfig,
     add_training_args,
+    build_recipe_model,
     check_output,
     fit,
     init_distributed,
-    init_weights,
     make_loader,
     per_rank_batch,
     print0,
     resolve_args,
+    run_info,
     run_recipe,
-    scaled_lr,
     seed_all,
     setup_runtime,
     world_from_env,
@@ -97,12 +96,7 @@ def main(args: argparse.Namespace) -> nn.Module:
 
     # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     train_set, val_set, num_classes = load_data(args)
-    model = share_transform.build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
-    init_weights(model, args.init)
-    params_unshared = share_transform.count_parameters(model)
-    if args.share:
-        share_transform.apply(model, args.policy)
-    unique_params = share_transform.count_parameters(model)
+    model, params_unshared, unique_params = build_recipe_model(args, num_classes)
 
     dist_info = init_distributed(args.device)
     print0(
@@ -123,34 +117,15 @@ def main(args: argparse.Namespace) -> nn.Module:
         for ds, train in ((train_set, True), (val_set, False))
     )
     normalize = Normalize(MEAN, STD, channels_last=args.channels_last)
-    lr = scaled_lr(args.lr, args.batch_size, args.lr_reference_batch)
-    config = TrainConfig(
-        epochs=args.epochs,
-        lr=lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        milestones=args.lr_milestones,
-        gamma=args.lr_gamma,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        seed=args.seed,
-        log_every=args.print_freq,
+    config = TrainConfig.from_args(args)
+    info = run_info(
+        args,
+        recipe="imagenet",
+        dataset="synthetic" if args.synthetic else "imagenet",
+        config=config,
+        params_unshared=params_unshared,
+        unique_params=unique_params,
     )
-    run_info = {
-        "recipe": "imagenet",
-        "arch": args.arch,
-        "dataset": "synthetic" if args.synthetic else "imagenet",
-        "share": args.share,
-        "policy": args.policy if args.share else None,
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": lr,
-        "params_unshared": params_unshared,
-        "unique_params": unique_params,
-        "args": vars(args),
-    }
     fit(
         model,
         train_loader,
@@ -159,7 +134,7 @@ def main(args: argparse.Namespace) -> nn.Module:
         dist_info=dist_info,
         output=args.output,
         resume=args.resume,
-        run_info=run_info,
+        run_info=info,
         train_preprocess=normalize,
         eval_preprocess=normalize,
         title=f"{args.arch} on ImageNet, {'ShaResNet' if args.share else 'original'}",

@@ -33,7 +33,17 @@ from .errors import ConfigError, DataError, NonFiniteLossError
 from .loop import EpochStats, Normalize, evaluate, train_one_epoch, train_step
 from .metrics import METRIC_KEYS, plot_curves, read_metrics
 from .optim import build_optimizer, build_scheduler, scaled_lr, unique_parameters
-from .trainer import TrainConfig, check_output, fit, per_rank_batch, run_recipe, seed_all, setup_runtime
+from .trainer import (
+    TrainConfig,
+    build_recipe_model,
+    check_output,
+    fit,
+    per_rank_batch,
+    run_info,
+    run_recipe,
+    seed_all,
+    setup_runtime,
+)
 
 __all__ = [
     "METRIC_KEYS",
@@ -45,6 +55,8 @@ __all__ = [
     "Normalize",
     "SyntheticDataset",
     "TrainConfig",
+    "build_recipe_model",
+    "run_info",
     "add_training_args",
     "build_optimizer",
     "build_scheduler",

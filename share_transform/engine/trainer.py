@@ -38,7 +38,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+import share_transform
+
 from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
+from ..init import init_weights
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, weights_path
 from .data import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
@@ -54,7 +57,7 @@ from .metrics import (
     write_metrics,
     write_text,
 )
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, scaled_lr
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,63 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     log_every: int = 20
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """The config of the recipes' common flags; ``--lr`` is per ``--lr-reference-batch`` images."""
+        return cls(
+            epochs=args.epochs,
+            lr=scaled_lr(args.lr, args.batch_size, args.lr_reference_batch),
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            milestones=args.lr_milestones,
+            gamma=args.lr_gamma,
+            amp=args.amp,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            seed=args.seed,
+            log_every=args.print_freq,
+        )
+
+
+def build_recipe_model(
+    args: argparse.Namespace, num_classes: int, *, input_size: tuple[int, int, int] | None = None
+) -> tuple[nn.Module, int, int]:
+    """Build ``--arch`` with the recipe's init, share it when ``--share``; also the unshared and unique counts."""
+    model = share_transform.build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
+    init_weights(model, args.init)
+    params_unshared = share_transform.count_parameters(model)
+    if args.share:
+        share_transform.apply(model, args.policy, input_size=input_size)
+    return model, params_unshared, share_transform.count_parameters(model)
+
+
+def run_info(
+    args: argparse.Namespace,
+    *,
+    recipe: str,
+    dataset: str,
+    config: TrainConfig,
+    params_unshared: int,
+    unique_params: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``run.json`` record both recipes write (the report reads it)."""
+    return {
+        "recipe": recipe,
+        "arch": args.arch,
+        "dataset": dataset,
+        "share": args.share,
+        "policy": args.policy if args.share else None,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": config.lr,
+        "params_unshared": params_unshared,
+        "unique_params": unique_params,
+        **extra,
+        "args": vars(args),
+    }
 
 
 def setup_runtime(*, deterministic: bool) -> None:
