@@ -14,24 +14,10 @@ import argparse
 import json
 import time
 
-import timm
 import torch
 
 import share_transform as st
-from share_transform.build import TIMM_RESNET_FAMILIES
-
-TORCHVISION = [
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-]
+from share_transform.build import resnet_family
 
 
 def sweep_one(source: str, name: str) -> dict:
@@ -59,8 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write every row to this file")
     args = parser.parse_args()
-    names = [("timm", n) for n in timm.list_models(list(TIMM_RESNET_FAMILIES))]
-    names += [("torchvision", n) for n in TORCHVISION]
+    names = [(source, n) for source in ("timm", "torchvision") for n in resnet_family(source)]
     rows = []
     for source, name in names:
         row = sweep_one(source, name)

@@ -48,6 +48,16 @@ def split_name(name: str, source: str | None = None) -> tuple[str, str]:
     return source, name
 
 
+def resnet_family(source: str) -> list[str]:
+    """The ResNet-family names of ``source``: timm's :data:`TIMM_RESNET_FAMILIES`, torchvision's ResNet,
+    ResNeXt and Wide-ResNet builders."""
+    if source == "timm":
+        import timm
+
+        return list(timm.list_models(list(TIMM_RESNET_FAMILIES)))
+    return [n for n in list_model_names("torchvision") if n.startswith(("resnet", "resnext", "wide_resnet"))]
+
+
 def list_model_names(source: str) -> list[str]:
     """Names ``build_model`` accepts for ``source`` (timm's include the paper's CIFAR networks)."""
     if source == "timm":
