@@ -100,7 +100,7 @@ def _branch(start: fx.Node, block_input: fx.Node | None) -> set[fx.Node]:
 
 
 def _conv_nodes(nodes: Iterable[fx.Node], modules: dict[str, nn.Module]) -> list[fx.Node]:
-    return [n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.Conv2d)]
+    return [n for n in nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Conv2d)]
 
 
 def _common_path(paths: list[str]) -> str:

@@ -298,8 +298,8 @@ def plan(model: nn.Module, policy: str = "imagenet", *, input_size: Sequence[int
     stage_blocks = _stages(blocks)
     candidates: dict[tuple[tuple[int, int], ConvSignature], list[str]] = {}
     placed: list[tuple[int, int, ResidualBlock, str | None]] = []
-    for s, members in enumerate(stage_blocks, start=1):
-        for position, b in enumerate(members):
+    for s, stage in enumerate(stage_blocks, start=1):
+        for position, b in enumerate(stage):
             kept = None
             if not b.signature.is_stride_one:
                 kept = KEPT_STRIDE
@@ -327,13 +327,13 @@ def plan(model: nn.Module, policy: str = "imagenet", *, input_size: Sequence[int
         groups.append(ShareGroup(stage_of[members[0]], resolution, sig, tuple(members), weights[0].numel()))
 
     stages = []
-    for s, members in enumerate(stage_blocks, start=1):
+    for s, stage in enumerate(stage_blocks, start=1):
         convs = []
         for _, position, b, kept in (p for p in placed if p[0] == s):
             group = group_of.get(b.spatial_conv)
             reason = kept or (KEPT_UNIQUE if group is None else None)
             convs.append(SpatialConv(b.spatial_conv, b.name, s, position, b.conv_input, b.signature, group, reason))
-        stages.append(StagePlan(s, members[0].output, tuple(b.name for b in members), tuple(convs)))
+        stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(convs)))
 
     params_before = sum(p.numel() for p in model.parameters())
     convs_before = distinct_conv_weights(model)
