@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_train_imagenet import kill_on_line
+from test_train_imagenet import RUN_KEYS, kill_on_line
 
 import share_transform
 from share_transform.data import ZCA, load_preprocessing, read_cifar, write_cifar
@@ -25,20 +25,6 @@ from share_transform.io import read_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_cifar.py"
-RUN_KEYS = {
-    "recipe",
-    "arch",
-    "dataset",
-    "share",
-    "policy",
-    "seed",
-    "epochs",
-    "batch_size",
-    "lr",
-    "params_unshared",
-    "unique_params",
-    "args",
-}
 FAST = ["--workers", "0", "--device", "cpu", "--print-freq", "1"]
 
 
