@@ -1,6 +1,6 @@
 """Training throughput of a ShaResNet against its original: images/s of the recipe's training step.
 
-The step is the one ``recipes/train_imagenet.py`` runs (``share_transform.engine.loop.train_step``): the
+The step is the one ``recipes/train_imagenet.py`` runs (``share_transform.train.loop.train_step``): the
 device-side uint8 -> float normalisation, forward and cross-entropy under bf16 autocast (GPU), backward,
 SGD Nesterov with weight decay on the de-duplicated parameters. Data are synthetic and already on the
 device, so the figure is the model's speed, not the input pipeline's.
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 import share_transform
-from share_transform.engine import Normalize, build_optimizer, init_weights, setup_runtime, train_step
-from share_transform.engine.imagenet import MEAN, STD
-from share_transform.engine.trainer import alias_groups, keep_ties
+from share_transform.train import Normalize, build_optimizer, init_weights, setup_runtime, train_step
+from share_transform.train.data.imagenet import MEAN, STD
+from share_transform.train.trainer import alias_groups, keep_ties
 
 
 @dataclass(frozen=True)

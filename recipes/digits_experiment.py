@@ -30,11 +30,11 @@ import train_cifar  # the sibling recipe (this script's folder is on sys.path wh
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from share_transform.data import write_cifar
-from share_transform.engine import run_recipe
-from share_transform.engine.checkpoint import has_checkpoint
-from share_transform.engine.metrics import RUN_FILE
-from share_transform.report import load_run, write_report
+from share_transform.train import run_recipe
+from share_transform.train.checkpoint import has_checkpoint
+from share_transform.train.data import write_cifar
+from share_transform.train.metrics import RUN_FILE
+from share_transform.train.report import load_run, write_report
 
 #: Fraction of the 1,797 digits held out for testing (450 images), stratified by class.
 TEST_FRACTION = 0.25

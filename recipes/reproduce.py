@@ -6,7 +6,7 @@
     python recipes/reproduce.py runs/ --out report/
 
 The report (``report.md``, ``report.json``, ``figure4_curves.png``, ``figure5_error_vs_params.png``) takes any
-run directories of ``train_cifar.py`` and ``train_imagenet.py``; see :mod:`share_transform.report`.
+run directories of ``train_cifar.py`` and ``train_imagenet.py``; see :mod:`share_transform.train.report`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from share_transform import paper
-from share_transform.engine import run_recipe
-from share_transform.report import write_report
+from share_transform.train import run_recipe
+from share_transform.train.report import write_report
 
 _DATASETS = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ImageNet": "imagenet"}
 

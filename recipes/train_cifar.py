@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from share_transform.data import CifarData, load_cifar, load_preprocessing, save_preprocessing
-from share_transform.engine import (
+from share_transform.train import (
     ConfigError,
     TrainConfig,
     add_training_args,
@@ -43,6 +42,7 @@ from share_transform.engine import (
     setup_runtime,
     world_from_env,
 )
+from share_transform.train.data import CifarData, load_cifar, load_preprocessing, save_preprocessing
 
 PREPROCESS_FILE = "preprocess.safetensors"
 WRN_CIFAR100_DROPOUT = 0.3
@@ -107,7 +107,7 @@ def load_data(args: argparse.Namespace) -> CifarData:
     if args.synthetic:
         raise ConfigError(
             "--synthetic is for the ImageNet recipe; to time CIFAR training, write a set of random "
-            "images with share_transform.data.write_cifar and train on it"
+            "images with share_transform.train.data.write_cifar and train on it"
         )
     saved = args.output / PREPROCESS_FILE
     preprocess = args.preprocess

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
-from share_transform.engine import (
+from share_transform.train import (
     DataError,
     Normalize,
     SyntheticDataset,
@@ -40,7 +40,7 @@ from share_transform.engine import (
     setup_runtime,
     world_from_env,
 )
-from share_transform.engine.imagenet import MEAN, STD, imagenet_datasets
+from share_transform.train.data.imagenet import MEAN, STD, imagenet_datasets
 
 SYNTHETIC_CLASSES = 1000
 SYNTHETIC_TRAIN_BATCHES = 20

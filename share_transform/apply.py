@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .errors import PlanMismatchError, ShareError, UnknownInitError
-from .plan import SharePlan, check_model, check_policy, model_name
+from .modelinfo import check_model, model_name
+from .plan import SharePlan, check_policy
 from .plan import plan as make_plan
 from .signature import ConvSignature
 

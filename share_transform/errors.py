@@ -70,3 +70,23 @@ class OutputExistsError(ShareError, FileExistsError):
 
 class ExportError(ShareError, RuntimeError):
     """The ONNX export failed, or the exported graph does not match the model (sharing or outputs)."""
+
+
+class ConfigError(ShareError, ValueError):
+    """A flag combination that cannot run (batch not divisible by the world size, no CUDA, ...)."""
+
+
+class NonFiniteLossError(ShareError, FloatingPointError):
+    """The training loss became NaN or infinite; training stopped before writing anything from that step.
+
+    ``epoch`` and ``step`` are 0-based (``step`` counts from the start of the run); the message is 1-based.
+    """
+
+    def __init__(self, message: str, *, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+class ReportError(ShareError, ValueError):
+    """A run directory is missing its files or holds malformed ones."""

@@ -26,8 +26,8 @@ from torch import nn
 
 from .apply import get_plan
 from .errors import ExportError, InputSizeError
-from .io import atomic_write
-from .plan import check_model, default_input_size, distinct_conv_weights, model_name
+from .fs import atomic_write
+from .modelinfo import check_model, default_input_size, distinct_conv_weights, model_name
 from .trace import eval_mode
 
 __all__ = ["OnnxExport", "export_onnx"]

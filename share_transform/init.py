@@ -6,7 +6,7 @@
 * CIFAR, wide-residual-networks: the same with fan_in, N(0, sqrt(2 / (k*k*in_channels))).
 
 The CIFAR networks (:mod:`share_transform.models`) initialise themselves with "fan_in" when built; the
-recipes (:mod:`share_transform.engine`) re-initialise any model with their ``--init``. Initialise the
+recipes (:mod:`share_transform.train`) re-initialise any model with their ``--init``. Initialise the
 unshared model, then ``share_transform.apply(model, init="first")``: each shared weight keeps its first
 member's draw, so it has the distribution of any other conv.
 

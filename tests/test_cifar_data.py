@@ -1,4 +1,4 @@
-"""CIFAR files, ZCA / mean-std preprocessing and the in-memory datasets (share_transform.data.cifar)."""
+"""CIFAR files, ZCA / mean-std preprocessing and the in-memory datasets (share_transform.train.data.cifar)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from share_transform.data import (
+from share_transform.errors import ShareError
+from share_transform.train.data import (
     ZCA,
     ChannelNorm,
     DataError,
@@ -20,8 +21,7 @@ from share_transform.data import (
     save_preprocessing,
     write_cifar,
 )
-from share_transform.data.cifar import GCN_SCALE, global_contrast_normalize
-from share_transform.errors import ShareError
+from share_transform.train.data.cifar import GCN_SCALE, global_contrast_normalize
 
 
 def _images(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -200,7 +200,7 @@ def test_preprocessing_round_trips_through_safetensors(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write leaves no temporary file
     umask = os.umask(0)
     os.umask(umask)
-    # share_transform.io.atomic_write's mode: what a plain open() gives, not mkstemp's 0600.
+    # share_transform.fs.atomic_write's mode: what a plain open() gives, not mkstemp's 0600.
     assert (tmp_path / "zca.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(DataError, match="delete it to refit"):

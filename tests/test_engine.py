@@ -1,4 +1,4 @@
-"""Unit tests of the training engine (share_transform.engine): in-process, small tensors, CPU."""
+"""Unit tests of the training engine (share_transform.train): in-process, small tensors, CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import share_transform
-from share_transform.engine import (
+from share_transform.train import (
     METRIC_KEYS,
     DistInfo,
     NonFiniteLossError,
@@ -29,8 +29,7 @@ from share_transform.engine import (
     train_one_epoch,
     unique_parameters,
 )
-from share_transform.engine.data import SeededDataset, sample_seed
-from share_transform.engine.imagenet import (
+from share_transform.train.data.imagenet import (
     MEAN,
     PCA_EIGVAL,
     PCA_EIGVEC,
@@ -40,8 +39,9 @@ from share_transform.engine.imagenet import (
     eval_transform,
     train_transform,
 )
-from share_transform.engine.metrics import METRICS_FILE, ProgressBar
-from share_transform.engine.trainer import alias_groups, keep_ties
+from share_transform.train.data.sampling import SeededDataset, sample_seed
+from share_transform.train.metrics import METRICS_FILE, ProgressBar
+from share_transform.train.trainer import alias_groups, keep_ties
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY = {"channels": [8, 16, 32, 64], "stem_width": 8, "layers": [2, 2, 2, 2]}
@@ -93,10 +93,10 @@ def test_multistep_schedule_matches_fb_resnet() -> None:
 
 
 def test_engine_and_cifar_models_share_one_init_function() -> None:
-    import share_transform.engine
     import share_transform.init
+    import share_transform.train
 
-    assert share_transform.engine.init_weights is share_transform.init.init_weights
+    assert share_transform.train.init_weights is share_transform.init.init_weights
     assert share_transform.init.MODES == ("fan_out", "fan_in")
 
 
@@ -294,7 +294,7 @@ def _kill(*args: object) -> None:
 def test_a_kill_while_checkpointing_leaves_a_pair_to_resume_from(
     tmp_path, monkeypatch: pytest.MonkeyPatch, killed_in: str, resumed_epoch: int
 ) -> None:
-    from share_transform.engine import checkpoint
+    from share_transform.train import checkpoint
 
     model = nn.Linear(3, 2)
     weights = {1: torch.full((2, 3), 1.0), 2: torch.full((2, 3), 2.0)}

@@ -16,7 +16,8 @@ from torch import nn
 
 import share_transform as st
 from share_transform.errors import CheckpointError, FileFormatError, MissingFileError, ShareError
-from share_transform.io import atomic_write, load, load_checkpoint, read_checkpoint, read_info, save
+from share_transform.fs import atomic_write
+from share_transform.io import load, load_checkpoint, read_checkpoint, read_info, save
 
 SMALL = {"layers": [2, 2, 2, 2], "channels": [8, 16, 32, 64], "num_classes": 5}
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

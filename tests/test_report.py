@@ -15,9 +15,9 @@ import matplotlib
 import matplotlib.image
 import pytest
 
-from share_transform.engine.metrics import METRICS_FILE, RUN_FILE
 from share_transform.errors import ShareError
-from share_transform.report import (
+from share_transform.train.metrics import METRICS_FILE, RUN_FILE
+from share_transform.train.report import (
     FIGURE4_FILE,
     FIGURE5_FILE,
     Report,

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from test_train_imagenet import RUN_KEYS, kill_on_line
 
 import share_transform
-from share_transform.data import ZCA, load_preprocessing, read_cifar, write_cifar
-from share_transform.engine import METRIC_KEYS
 from share_transform.errors import OutputExistsError, UnknownModelError
 from share_transform.io import read_info
+from share_transform.train import METRIC_KEYS
+from share_transform.train.data import ZCA, load_preprocessing, read_cifar, write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_cifar.py"

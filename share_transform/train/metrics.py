@@ -1,7 +1,7 @@
 """Run outputs: ``metrics.jsonl`` (one JSON object per finished epoch), ``curves.png``, a progress bar.
 
 The file names of a run directory (:data:`RUN_FILE`, :data:`METRICS_FILE`, :data:`CURVES_FILE`) are defined
-here once, for the trainer that writes them and :mod:`share_transform.report` that reads them;
+here once, for the trainer that writes them and :mod:`share_transform.train.report` that reads them;
 :func:`read_metrics` is the one reader of ``metrics.jsonl``.
 
 ``metrics.jsonl`` keys (errors in percent): ``epoch`` (1-based), ``lr``, ``train_loss``,
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import FileFormatError
-from ..io import atomic_write
+from ..fs import atomic_write
 
 RUN_FILE = "run.json"  # what was trained (written by the trainer, read by the report)
 METRICS_FILE = "metrics.jsonl"

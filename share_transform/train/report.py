@@ -21,7 +21,7 @@ https://arxiv.org/abs/1702.08782
 
 Example::
 
-    from share_transform.report import write_report
+    from share_transform.train.report import write_report
     report = write_report(["runs/"], "report/")  # report.md, report.json, figure4_curves.png, figure5_...
     print(report.markdown())
 """
@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from share_transform import paper
-from share_transform.engine.metrics import METRICS_FILE, RUN_FILE, read_metrics, write_text
-from share_transform.errors import FileFormatError, ShareError
-from share_transform.io import atomic_write
+from .. import paper
+from ..errors import FileFormatError, ReportError
+from ..fs import atomic_write
+from .metrics import METRICS_FILE, RUN_FILE, read_metrics, write_text
 
 __all__ = [
     "EQUAL_SIZE_TOLERANCE",
@@ -72,10 +72,6 @@ FIGURE5_FILE = "figure5_error_vs_params.png"
 EQUAL_SIZE_TOLERANCE = 0.10
 
 _DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
-
-
-class ReportError(ShareError, ValueError):
-    """A run directory is missing its files or holds malformed ones."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from share_transform.errors import DataError
-from share_transform.io import atomic_write
+from share_transform.fs import atomic_write
 
 __all__ = [
     "CIFAR_DIRS",

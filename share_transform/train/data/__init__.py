@@ -1,6 +1,6 @@
 """Datasets of the recipes: CIFAR-10/100 files, ZCA and mean/std preprocessing (see :mod:`.cifar`)."""
 
-from share_transform.data.cifar import (
+from .cifar import (
     CIFAR_DIRS,
     ZCA,
     ChannelNorm,

@@ -2,7 +2,7 @@
 
 ``DIR/train/CLASS/*.JPEG`` and ``DIR/val/CLASS/*.JPEG`` (the usual layout after
 ``valprep.sh``). Host-side transforms stop at uint8 tensors; the device normalises
-(:class:`share_transform.engine.loop.Normalize` with :data:`MEAN`/:data:`STD`), so batches cross the bus
+(:class:`share_transform.train.loop.Normalize` with :data:`MEAN`/:data:`STD`), so batches cross the bus
 as bytes.
 
 Training (fb.resnet.torch ``datasets/imagenet.lua``; constants in DESIGN §3):
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from .errors import DataError
+from share_transform.errors import DataError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

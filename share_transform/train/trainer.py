@@ -38,14 +38,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-import share_transform
-
-from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
+from ..apply import apply, count_parameters, get_plan, retie
+from ..build import build_model
+from ..errors import CheckpointError, ConfigError, MissingFileError, NonFiniteLossError, OutputExistsError, ShareError
 from ..init import init_weights
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, weights_path
-from .data import sample_seed, set_epoch
+from .data.sampling import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
-from .errors import ConfigError, NonFiniteLossError
 from .loop import Preprocess, evaluate, train_one_epoch
 from .metrics import (
     CURVES_FILE,
@@ -65,7 +64,7 @@ class TrainConfig:
     """The optimisation protocol and the speed options of a run.
 
     ``lr`` is the optimizer's learning rate for the global batch (scale a per-256 figure with
-    :func:`share_transform.engine.optim.scaled_lr` first); ``milestones`` are 0-based epochs after
+    :func:`share_transform.train.optim.scaled_lr` first); ``milestones`` are 0-based epochs after
     which the lr is multiplied by ``gamma``.
     """
 
@@ -103,12 +102,12 @@ def build_recipe_model(
     args: argparse.Namespace, num_classes: int, *, input_size: tuple[int, int, int] | None = None
 ) -> tuple[nn.Module, int, int]:
     """Build ``--arch`` with the recipe's init, share it when ``--share``; also the unshared and unique counts."""
-    model = share_transform.build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
+    model = build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
     init_weights(model, args.init)
-    params_unshared = share_transform.count_parameters(model)
+    params_unshared = count_parameters(model)
     if args.share:
-        share_transform.apply(model, args.policy, input_size=input_size)
-    return model, params_unshared, share_transform.count_parameters(model)
+        apply(model, args.policy, input_size=input_size)
+    return model, params_unshared, count_parameters(model)
 
 
 def run_info(
@@ -186,10 +185,9 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
     """Re-tie ``model`` if ``what`` (a move, a wrapper) untied it (DESIGN §4); raise if that fails."""
     if alias_groups(model) == expected:
         return
-    import share_transform
 
-    if share_transform.get_plan(model) is not None:
-        share_transform.retie(model)
+    if get_plan(model) is not None:
+        retie(model)
     if alias_groups(model) != expected:
         raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
@@ -207,7 +205,7 @@ def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[
     Args:
         output: the run directory.
         resume: continue the run in ``output``.
-        args: the command's arguments (see :func:`share_transform.engine.add_training_args`); on resume, their
+        args: the command's arguments (see :func:`share_transform.train.add_training_args`); on resume, their
             :data:`PROTOCOL_FLAGS` must equal the run's (its ``run.json`` ``args``).
 
     Raises:
@@ -300,7 +298,7 @@ def fit(
     Args:
         model: built, initialised and shared on the CPU; ``fit`` moves it to the device (keeping its
             ties), wraps it in DDP when the world size is above 1 and compiles it on request.
-        train_loader, val_loader: from :func:`share_transform.engine.data.make_loader`.
+        train_loader, val_loader: from :func:`share_transform.train.data.sampling.make_loader`.
         config: the optimisation protocol.
         dist_info: from :func:`init_distributed`.
         output: the run directory.

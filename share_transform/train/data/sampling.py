@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .distributed import DistInfo
+from ..distributed import DistInfo
 
 _M64 = (1 << 64) - 1
 
@@ -150,7 +150,7 @@ def make_loader(
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Select ``epoch``'s order and augmentation in a loader from :func:`make_loader`."""
     if not isinstance(loader.sampler, EpochSampler):
-        raise TypeError("the engine needs loaders made by share_transform.engine.make_loader")
+        raise TypeError("the engine needs loaders made by share_transform.train.make_loader")
     loader.sampler.set_epoch(epoch)
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..init import MODES
-from .errors import ConfigError
 
 
 def add_training_args(

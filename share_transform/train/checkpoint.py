@@ -10,7 +10,7 @@ output directory:
   the metrics history; read back only with ``torch.load(..., weights_only=True)``.
 
 Each file is written to a temporary name beside it, fsynced, then renamed over the old one
-(``share_transform.io.atomic_write``), so a kill at any moment leaves the previous complete file. The two
+(``share_transform.fs.atomic_write``), so a kill at any moment leaves the previous complete file. The two
 files are also a consistent *pair* at every kill point, because :func:`save_checkpoint` writes them in
 this order:
 
@@ -44,8 +44,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, MissingFileError
-from ..io import atomic_write, read_info, save
+from ..fs import atomic_write
 from ..io import load_checkpoint as load_weights_file
+from ..io import read_info, save
 
 
 def weights_path(output: Path, tag: str) -> Path:
