@@ -15,13 +15,12 @@ import matplotlib
 import matplotlib.image
 import pytest
 
-from share_transform.errors import ShareError
+from share_transform.errors import ReportError, ShareError
 from share_transform.train.metrics import METRICS_FILE, RUN_FILE
 from share_transform.train.report import (
     FIGURE4_FILE,
     FIGURE5_FILE,
     Report,
-    ReportError,
     build_report,
     find_runs,
     load_run,

@@ -1,0 +1,85 @@
+"""Reading runs: ``run.json`` and ``metrics.jsonl`` of each run directory, and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import FileFormatError, ReportError
+from ..metrics import METRICS_FILE, RUN_FILE, read_metrics
+
+__all__ = ["Run", "find_runs", "load_run"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run as recorded in its directory."""
+
+    path: Path
+    recipe: str
+    arch: str
+    dataset: str
+    share: bool
+    policy: str | None
+    seed: int | None
+    epochs: int  # planned
+    unique_params: int
+    params_unshared: int | None
+    metrics: tuple[dict[str, Any], ...]  # one per finished epoch, in epoch order
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The last finished epoch's metrics, or None before the first epoch ends."""
+        return self.metrics[-1] if self.metrics else None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.metrics) >= self.epochs
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Read ``run.json`` and ``metrics.jsonl`` of one run directory."""
+    path = Path(path)
+    try:
+        info = json.loads((path / RUN_FILE).read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path} is not a run directory: no {RUN_FILE}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path / RUN_FILE} is not valid JSON ({e})") from e
+    missing = [k for k in ("arch", "dataset", "share", "epochs", "unique_params") if k not in info]
+    if missing:
+        raise ReportError(f"{path / RUN_FILE} lacks {', '.join(missing)}")
+    metrics_file = path / METRICS_FILE
+    try:
+        metrics = read_metrics(metrics_file) if metrics_file.exists() else []
+    except FileFormatError as e:
+        raise ReportError(str(e)) from e
+    return Run(
+        path=path,
+        recipe=str(info.get("recipe", "")),
+        arch=str(info["arch"]),
+        dataset=str(info["dataset"]),
+        share=bool(info["share"]),
+        policy=info.get("policy") if info["share"] else None,
+        seed=info.get("seed"),
+        epochs=int(info["epochs"]),
+        unique_params=int(info["unique_params"]),
+        params_unshared=info.get("params_unshared"),
+        metrics=tuple(metrics),
+    )
+
+
+def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:
+    """Every run directory at or below ``paths`` (a directory holding ``run.json``), in path order."""
+    dirs: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise ReportError(f"{p} is not a directory")
+        dirs.update(f.parent for f in p.rglob(RUN_FILE))
+    if not dirs:
+        raise ReportError(f"no run directories ({RUN_FILE}) under {', '.join(map(str, paths))}")
+    return [load_run(d) for d in sorted(dirs)]
