@@ -29,7 +29,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,7 +45,7 @@ from ..init import init_weights
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, weights_path
 from .data.sampling import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
-from .loop import Preprocess, evaluate, train_one_epoch
+from .loop import EpochStats, Preprocess, evaluate, train_one_epoch
 from .metrics import (
     CURVES_FILE,
     METRICS_FILE,
@@ -279,6 +279,24 @@ def _check_same_run(output: Path, run_info: dict[str, Any]) -> None:
             )
 
 
+@dataclass
+class _Run:
+    """What ``fit``'s steps share: the model (plain and as trained), its optimizer and where the run stands."""
+
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: TrainConfig
+    dist_info: DistInfo
+    output: Path
+    steps: int
+    shared: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_err: float = float("inf")
+    start_epoch: int = 0
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -316,7 +334,39 @@ def fit(
             share, policy, dataset, batch size, or a :data:`PROTOCOL_FLAGS` value; ``epochs`` may grow).
         NonFiniteLossError: the loss became NaN/inf; nothing from that epoch was written.
     """
-    output = Path(output)
+    run = _start_run(model, config, dist_info, Path(output), resume=resume, run_info=run_info, steps=len(train_loader))
+    if resume:
+        _resume(run, run_info)
+    if dist_info.is_main:
+        write_run_json(run.output, run_info)  # on resume too: --epochs may have grown
+    for epoch in range(run.start_epoch, config.epochs):
+        lr = run.optimizer.param_groups[0]["lr"]
+        bar = ProgressBar(run.steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
+        train = _train_epoch(run, epoch, train_loader, val_loader, train_preprocess, bar)
+        val = _evaluate_epoch(run, val_loader, eval_preprocess)
+        record = _epoch_record(run, epoch, lr, train, val)
+        is_best = val.top1_err < run.best_err
+        run.best_err = min(run.best_err, val.top1_err)
+        run.history.append(record)
+        if bar is not None:
+            bar.close(_epoch_summary(record))
+        if dist_info.is_main:
+            _save_epoch(run, record, is_best=is_best, title=title)
+    barrier()
+    return run.history
+
+
+def _start_run(
+    model: nn.Module,
+    config: TrainConfig,
+    dist_info: DistInfo,
+    output: Path,
+    *,
+    resume: bool,
+    run_info: dict[str, Any],
+    steps: int,
+) -> _Run:
+    """Check and create the run directory; move the model to the device, ties kept; build the optimizer; wrap."""
     prepare_output(output, resume=resume, dist_info=dist_info, args=run_info.get("args"))
     device = dist_info.device
     ties = alias_groups(model)
@@ -324,26 +374,8 @@ def fit(
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     keep_ties(model, ties, f"moving the model to {device}")
-
     optimizer = build_optimizer(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, milestones=config.milestones, gamma=config.gamma)
-    history: list[dict[str, Any]] = []
-    best_err = float("inf")
-    start_epoch = 0
-    if resume:
-        _check_same_run(output, run_info)
-        state = load_checkpoint(output, "last", model, device=device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best_err = list(state["history"]), float(state["best_top1_err"])
-        start_epoch = int(state["epoch"])
-        if dist_info.is_main:
-            # Rewritten from the checkpoint: drops the line of an epoch that was not checkpointed.
-            write_metrics(output / METRICS_FILE, history)
-        print0(f"resumed from {weights_path(output, 'last')} after epoch {start_epoch}")
-    if dist_info.is_main:
-        write_run_json(output, run_info)  # on resume too: --epochs may have grown
-
     train_model: nn.Module = model
     if dist_info.distributed:
         # DDP registers each shared weight once (it de-duplicates parameters) and broadcasts rank 0's copy.
@@ -353,79 +385,109 @@ def fit(
         keep_ties(model, ties, "DistributedDataParallel")
     if config.compile:
         train_model = cast(nn.Module, torch.compile(train_model))
-
-    unique = sum(p.numel() for p in model.parameters())
     shared = bool(run_info.get("share", False))
-    steps = len(train_loader)
-    for epoch in range(start_epoch, config.epochs):
-        # The epoch's randomness is a function of (seed, epoch, rank): resuming here replays it exactly.
-        seed_all(sample_seed(config.seed, epoch, -1 - dist_info.rank))
-        set_epoch(train_loader, epoch)
-        set_epoch(val_loader, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        bar = ProgressBar(steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
-        try:
-            train = train_one_epoch(
-                train_model,
-                train_loader,
-                optimizer,
-                epoch=epoch,
-                device=device,
-                preprocess=train_preprocess,
-                amp=config.amp,
-                log_every=config.log_every,
-                start_step=epoch * steps,
-                progress=bar,
-            )
-        except NonFiniteLossError as e:
-            last = (
-                f"the last good checkpoint is {weights_path(output, 'last')} (epoch {epoch})"
-                if epoch > 0 and has_checkpoint(output, "last")
-                else "no checkpoint had been written yet"
-            )
-            raise NonFiniteLossError(f"{e}; {last}", epoch=e.epoch, step=e.step) from None
-        broadcast_buffers(model)
-        val = evaluate(model, val_loader, device=device, preprocess=eval_preprocess, amp=config.amp)
-        scheduler.step()
-        record = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train.loss,
-            "train_top1_err": train.top1_err,
-            "train_top5_err": train.top5_err,
-            "val_loss": val.loss,
-            "val_top1_err": val.top1_err,
-            "val_top5_err": val.top5_err,
-            "images_per_s": train.images_per_s,
-            "unique_params": unique,
-            "shared": shared,
-        }
-        history.append(record)
-        is_best = val.top1_err < best_err
-        best_err = min(best_err, val.top1_err)
-        if bar is not None:
-            bar.close(
-                f"epoch {epoch + 1}: train loss {train.loss:.4f}  top-1 err {train.top1_err:.2f}%  | "
-                f"val loss {val.loss:.4f}  top-1 err {val.top1_err:.2f}%  top-5 err {val.top5_err:.2f}%  | "
-                f"{train.images_per_s:.0f} img/s  lr {lr:.4g}"
-            )
-        if dist_info.is_main:
-            state = {
-                "epoch": epoch + 1,
-                "global_step": (epoch + 1) * steps,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "best_top1_err": best_err,
-                "history": history,
-            }
-            # Checkpoint before the metrics line: a kill in between is repaired from the history on resume.
-            save_checkpoint(output, "last", model, state)
-            if is_best:
-                save_checkpoint(output, "best", model, state)
-            append_metrics(output / METRICS_FILE, record)
-            plot_curves(output / CURVES_FILE, history, title=title)
-    barrier()
-    return history
+    return _Run(model, train_model, optimizer, scheduler, config, dist_info, output, steps, shared)
+
+
+def _resume(run: _Run, run_info: dict[str, Any]) -> None:
+    """Load ``checkpoint-last`` into the model, optimizer and schedule; continue after its epoch."""
+    _check_same_run(run.output, run_info)
+    state = load_checkpoint(run.output, "last", run.model, device=run.dist_info.device)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.history, run.best_err = list(state["history"]), float(state["best_top1_err"])
+    run.start_epoch = int(state["epoch"])
+    if run.dist_info.is_main:
+        # Rewritten from the checkpoint: drops the line of an epoch that was not checkpointed.
+        write_metrics(run.output / METRICS_FILE, run.history)
+    print0(f"resumed from {weights_path(run.output, 'last')} after epoch {run.start_epoch}")
+
+
+def _train_epoch(
+    run: _Run,
+    epoch: int,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    preprocess: Preprocess | None,
+    bar: ProgressBar | None,
+) -> EpochStats:
+    """Seed the epoch, then train one pass; a non-finite loss says which checkpoint is the last good one."""
+    # The epoch's randomness is a function of (seed, epoch, rank): resuming here replays it exactly.
+    seed_all(sample_seed(run.config.seed, epoch, -1 - run.dist_info.rank))
+    set_epoch(train_loader, epoch)
+    set_epoch(val_loader, epoch)
+    try:
+        return train_one_epoch(
+            run.train_model,
+            train_loader,
+            run.optimizer,
+            epoch=epoch,
+            device=run.dist_info.device,
+            preprocess=preprocess,
+            amp=run.config.amp,
+            log_every=run.config.log_every,
+            start_step=epoch * run.steps,
+            progress=bar,
+        )
+    except NonFiniteLossError as e:
+        last = (
+            f"the last good checkpoint is {weights_path(run.output, 'last')} (epoch {epoch})"
+            if epoch > 0 and has_checkpoint(run.output, "last")
+            else "no checkpoint had been written yet"
+        )
+        raise NonFiniteLossError(f"{e}; {last}", epoch=e.epoch, step=e.step) from None
+
+
+def _evaluate_epoch(run: _Run, val_loader: DataLoader, preprocess: Preprocess | None) -> EpochStats:
+    """Make every rank's BatchNorm statistics rank 0's, test, and step the schedule."""
+    broadcast_buffers(run.model)
+    val = evaluate(run.model, val_loader, device=run.dist_info.device, preprocess=preprocess, amp=run.config.amp)
+    run.scheduler.step()
+    return val
+
+
+def _epoch_record(run: _Run, epoch: int, lr: float, train: EpochStats, val: EpochStats) -> dict[str, Any]:
+    """The epoch's ``metrics.jsonl`` line (see :mod:`.metrics`)."""
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train.loss,
+        "train_top1_err": train.top1_err,
+        "train_top5_err": train.top5_err,
+        "val_loss": val.loss,
+        "val_top1_err": val.top1_err,
+        "val_top5_err": val.top5_err,
+        "images_per_s": train.images_per_s,
+        "unique_params": count_parameters(run.model),
+        "shared": run.shared,
+    }
+
+
+def _epoch_summary(r: dict[str, Any]) -> str:
+    return (
+        f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}  top-1 err {r['train_top1_err']:.2f}%  | "
+        f"val loss {r['val_loss']:.4f}  top-1 err {r['val_top1_err']:.2f}%  top-5 err {r['val_top5_err']:.2f}%  | "
+        f"{r['images_per_s']:.0f} img/s  lr {r['lr']:.4g}"
+    )
+
+
+def _save_epoch(run: _Run, record: dict[str, Any], *, is_best: bool, title: str) -> None:
+    """Rank 0: the checkpoints, then the metrics line and the curves."""
+    epoch = record["epoch"]
+    state = {
+        "epoch": epoch,
+        "global_step": epoch * run.steps,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "best_top1_err": run.best_err,
+        "history": run.history,
+    }
+    # Checkpoint before the metrics line: a kill in between is repaired from the history on resume.
+    save_checkpoint(run.output, "last", run.model, state)
+    if is_best:
+        save_checkpoint(run.output, "best", run.model, state)
+    append_metrics(run.output / METRICS_FILE, record)
+    plot_curves(run.output / CURVES_FILE, run.history, title=title)
 
 
 def run_recipe(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
