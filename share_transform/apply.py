@@ -11,14 +11,12 @@ from torch import nn
 
 from .errors import PlanMismatchError, ShareError, UnknownInitError
 from .modelinfo import check_model, model_name
-from .plan import SharePlan, check_policy
-from .plan import plan as make_plan
+from .plan import SharePlan, check_policy, plan as make_plan
+from .policies import INITS
 from .signature import ConvSignature
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.
 PLAN_ATTR = "_share_plan"
-
-INITS = ("first", "mean")
 
 
 def count_parameters(model: nn.Module) -> int:

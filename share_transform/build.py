@@ -7,11 +7,12 @@ its model: ``build_model`` records its arguments on the model (see :func:`build_
 from __future__ import annotations
 
 import difflib
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelArgumentError, UnknownModelError
+
+if TYPE_CHECKING:  # torch and timm load only when a model is built, so the CLI's --help stays instant
+    from torch import nn
 
 SOURCES = ("timm", "torchvision")
 

@@ -16,21 +16,24 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from torch import nn
 
 from . import __version__
-from .apply import INITS, apply, count_parameters
 from .build import SOURCES, build_model, list_model_names, split_name
 from .errors import ExportError, MissingFileError, OutputExistsError, ShareError
-from .io import load, load_checkpoint, read_info, save
-from .plan import POLICIES, plan
-from .summary import summarize
+from .policies import INITS, POLICIES
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch, timm and the pass are imported inside the commands that use them: `sharetx --help`, `--version` and
+# a usage error answer without paying seconds for them.
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+EXIT_NO_MATCH = 1
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -175,6 +178,11 @@ def convert(
       sharetx convert --model torchvision:resnet50 --checkpoint resnet50.pth --init mean -o r50-share.safetensors
       sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
     """
+    from .apply import apply
+    from .io import load_checkpoint, save
+    from .plan import plan
+    from .summary import summarize
+
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
     # Refuse before the (slow) build, so an error costs nothing and writes nothing.
@@ -203,6 +211,9 @@ def plan_command(name: str, source: str | None, policy: str, num_classes: int | 
       sharetx plan --model resnet50
       sharetx plan --model wrn_28_10 --policy cifar --num-classes 100 --json
     """
+    from .plan import plan
+    from .summary import summarize
+
     model = _build(name, source, num_classes)
     summary = summarize(model, plan(model, policy))
     _emit(summary.to_dict(), str(summary), as_json)
@@ -220,6 +231,10 @@ def inspect(file: Path, as_json: bool) -> None:
     Example:
       sharetx inspect resnet152-share.safetensors
     """
+    from .apply import count_parameters
+    from .io import load, read_info
+    from .summary import summarize
+
     info = read_info(file)
     data: dict[str, Any] = {
         "file": str(file),
@@ -319,6 +334,7 @@ def export(file: Path, onnx_out: Path, input_size: tuple[int, int, int] | None, 
       sharetx export resnet50-share.safetensors --onnx resnet50-share.onnx --input-size 3 224 224
     """
     from .export import export_onnx
+    from .io import load
 
     if onnx_out.exists() and not force:
         raise OutputExistsError(f"{onnx_out} exists; pass --force to overwrite it")
@@ -332,7 +348,7 @@ def export(file: Path, onnx_out: Path, input_size: tuple[int, int, int] | None, 
 @click.argument("pattern", required=False)
 @click.option("--source", type=click.Choice(SOURCES), default=None, help="Only this library [default: both].")
 @_json_option
-def models(pattern: str | None, source: str | None, as_json: bool) -> None:
+def models(pattern: str | None, source: str | None, as_json: bool) -> int:
     """List the model names convert and plan accept; PATTERN is a glob or a substring.
 
     torchvision names carry their prefix, as --model takes them. Any residual network among them can be
@@ -340,7 +356,7 @@ def models(pattern: str | None, source: str | None, as_json: bool) -> None:
 
     \b
     Examples:
-      sharetx models resnet*
+      sharetx models 'resnet*'     # quoted, or the shell expands the glob first
       sharetx models wrn --json
     """
     names = []
@@ -351,6 +367,9 @@ def models(pattern: str | None, source: str | None, as_json: bool) -> None:
         glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
         # Match the bare name too, so "resnet*" finds torchvision:resnet50.
         names = [n for n in names if fnmatch.fnmatchcase(n, glob) or fnmatch.fnmatchcase(n.split(":")[-1], glob)]
-    if not names and not as_json:
-        click.echo(f"no model name matches {pattern!r}", err=True)
+    if not names:  # like grep: a search that finds nothing fails, so scripts can tell
+        if as_json:
+            _emit(names, "", as_json)
+        return _fail(f"no model name matches {pattern!r}", EXIT_NO_MATCH)
     _emit(names, "\n".join(names), as_json)
+    return 0

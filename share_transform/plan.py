@@ -20,28 +20,10 @@ from torch import nn
 from .blocks import ResidualBlock, find_blocks, lost_reductions
 from .errors import InputSizeError, NoSpatialConvError, UnknownPolicyError
 from .modelinfo import check_model, default_input_size, distinct_conv_weights, model_name
+from .policies import POLICIES, Policy
 from .signature import ConvSignature
 from .text import format_columns
 from .trace import propagate_shapes, trace_model
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A sharing policy: which of the authors' two code bases to reproduce."""
-
-    name: str
-    keep_first_block: bool  # the first block of every stage keeps its own spatial conv
-    description: str
-
-
-#: The sharing policies by name. ``imagenet`` is the default.
-POLICIES: dict[str, Policy] = {
-    p.name: p
-    for p in (
-        Policy("imagenet", False, "authors' ImageNet code: every stride-1 spatial conv of a stage shares"),
-        Policy("cifar", True, "authors' CIFAR code: the first block of every stage keeps its own conv"),
-    )
-}
 
 KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"

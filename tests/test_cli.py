@@ -199,8 +199,11 @@ def test_models() -> None:
     assert set(result.stdout.split()) == {"wrn_22_10", "wrn_28_4", "wrn_28_10", "wrn_40_4"}
     names = json.loads(sharetx("models", "resnet1*", "--source", "torchvision", "--json").stdout)
     assert set(names) == {"torchvision:resnet18", "torchvision:resnet101", "torchvision:resnet152"}
-    result = sharetx("models", "no-such-net")
-    assert result.exit_code == 0 and result.stdout.strip() == "" and "no model name matches" in result.stderr
+    result = sharetx("models", "no-such-net")  # finds nothing: fails like grep, one line on stderr
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == "sharetx: error: no model name matches 'no-such-net'\n"
+    result = sharetx("models", "no-such-net", "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout) == []
 
 
 def test_table() -> None:

@@ -45,8 +45,7 @@ from torch import nn
 
 from ..errors import CheckpointError, MissingFileError
 from ..fs import atomic_write
-from ..io import load_checkpoint as load_weights_file
-from ..io import read_info, save
+from ..io import load_checkpoint as load_weights_file, read_info, save
 
 
 def weights_path(output: Path, tag: str) -> Path:

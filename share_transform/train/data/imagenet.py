@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import datasets
-from torchvision import transforms as T
+from torchvision import datasets, transforms as T
 
 from share_transform.errors import DataError
 

@@ -1,0 +1,57 @@
+"""The package's front door: a cheap import, lazy names, timm registration in either import order."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "timm", "matplotlib", "share_transform.train")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_import_loads_neither_torch_nor_timm_nor_the_training_stack() -> None:
+    proc = run_python(f"import sys, share_transform; print([m for m in {HEAVY!r} if m in sys.modules])")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["convert", "--help"], ["models", "--help"]])
+def test_cli_answers_help_and_version_without_torch(argv: list[str]) -> None:
+    code = (
+        "import sys\nfrom share_transform.cli import main\n"
+        f"rc = main({argv!r}, standalone_mode=False)\n"
+        f"print('LOADED', [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "LOADED []"
+    assert "Usage: " in proc.stdout or "version 0.1.0" in proc.stdout
+
+
+@pytest.mark.parametrize("first", ["share_transform", "timm"])
+def test_cifar_networks_register_with_timm_in_either_import_order(first: str) -> None:
+    second = "timm" if first == "share_transform" else "share_transform"
+    proc = run_python(f"import {first}, {second}\nprint(sorted(timm.list_models('wrn_40_4*')))")
+    assert proc.returncode == 0, proc.stderr
+    assert "'wrn_40_4'" in proc.stdout
+
+
+def test_lazy_names_resolve_to_the_functions_even_after_their_submodules_load() -> None:
+    # ``apply`` and ``plan`` are submodules as well as functions; importing the submodules must not shadow them.
+    import share_transform
+    import share_transform.apply
+    import share_transform.plan
+    from share_transform.apply import apply
+    from share_transform.plan import plan
+
+    assert share_transform.apply is apply and share_transform.plan is plan
+    assert set(share_transform.__all__) <= set(dir(share_transform))
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        _ = share_transform.no_such_name  # type: ignore[attr-defined]
