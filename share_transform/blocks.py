@@ -1,7 +1,7 @@
 """Residual blocks and their spatial convs, found on a shape-annotated fx graph.
 
 A residual block is the subgraph between a block input and the ``add`` that joins the residual branch to
-the shortcut (ShaResNet paper, section 3; DESIGN.md section 1). The block input is found as the add's
+the shortcut (ShaResNet paper, section 3; docs/design.md, The sharing rule). The block input is found as the add's
 immediate dominator: every path from the model input to the add passes through it, whatever the
 shortcut is (identity, 1x1 projection, avg-pool + 1x1, pre-activation). The residual branch is the side
 holding more convs; its spatial conv is the last 2-D conv with a kernel larger than 1.

@@ -2,7 +2,7 @@
 
 A ShaResNet's point is to be small in memory *and on disk* (Boulch, arXiv 1702.08782: low-memory systems).
 ``state_dict()`` lists a shared weight under every member's name and ``safetensors.torch.save_file``
-refuses tensors that share memory (DESIGN.md section 4), so :func:`save` stores each distinct tensor once,
+refuses tensors that share memory (docs/design.md, Tie traps), so :func:`save` stores each distinct tensor once,
 under its first name, and records the other names as aliases. The file's metadata (all strings, as
 safetensors requires) says how to rebuild and re-tie the model:
 
@@ -21,7 +21,7 @@ Because every alias is one of a tied model's own names, a file also loads with p
 ``safetensors.torch.load_model`` into a model that :func:`share_transform.apply` has already tied.
 
 Checkpoints to convert (:func:`read_checkpoint`) may be safetensors or ``torch.save`` files; the latter are
-read with ``torch.load(weights_only=True)`` only, never unpickling arbitrary objects (DESIGN.md section 4).
+read with ``torch.load(weights_only=True)`` only, never unpickling arbitrary objects (docs/design.md, File format).
 """
 
 from __future__ import annotations
@@ -438,7 +438,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{path}: cannot rebuild the recorded model {spec!r} ({e})") from None
-    # Move before tying: ``.to`` on a tied model can untie it (DESIGN.md section 4).
+    # Move before tying: ``.to`` on a tied model can untie it (docs/design.md, Tie traps).
     model.to(device)
     if info.plan is not None:
         apply(model, plan=info.plan)

@@ -5,7 +5,7 @@ that prints as a per-stage table and converts to and from JSON-ready dicts. ``ap
 ``share_transform.apply``) is the one step that ties parameters.
 
 The rule (Boulch, "ShaResNet: reducing residual network parameter number by sharing weights",
-arXiv 1702.08782; DESIGN.md section 1): in every stage, the blocks' spatial convs that have the same
+arXiv 1702.08782; docs/design.md, The sharing rule): in every stage, the blocks' spatial convs that have the same
 input resolution and the same conv signature, and stride 1, point at one shared weight.
 """
 

@@ -10,7 +10,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ConvSignature:
-    """Hyper-parameters of a 2-D conv that must match for its weight to be shared (DESIGN.md section 1)."""
+    """Hyper-parameters of a 2-D conv that must match for its weight to be shared (docs/design.md, The sharing rule)."""
 
     conv_class: str
     in_channels: int

@@ -61,7 +61,7 @@ def test_optimizer_sees_each_shared_weight_once(shared_model: nn.Module) -> None
     opt = build_optimizer(shared_model, lr=0.1)
     group = opt.param_groups[0]
     assert len(opt.param_groups) == 1 and len(group["params"]) == len(params)
-    # DESIGN §3: SGD Nesterov, momentum 0.9, dampening 0, weight decay 1e-4 on all parameters.
+    # docs/design.md, Training protocols: SGD Nesterov, momentum 0.9, dampening 0, weight decay 1e-4 on all parameters.
     assert (group["nesterov"], group["momentum"], group["dampening"], group["weight_decay"]) == (True, 0.9, 0.0, 1e-4)
 
 
@@ -251,7 +251,8 @@ def test_channels_last_keeps_ties_and_an_untied_model_is_retied() -> None:
     assert groups and all(len(g) >= 2 for g in groups)
     model.to(memory_format=torch.channels_last)
     assert alias_groups(model) == groups and share_transform.is_tied(model)
-    model.to("meta").to_empty(device="cpu")  # the DESIGN §4 trap: one new Parameter per module
+    # The to_empty trap (docs/design.md, Tie traps): one new Parameter per module.
+    model.to("meta").to_empty(device="cpu")
     assert alias_groups(model) != groups
     keep_ties(model, groups, "a test")
     assert alias_groups(model) == groups and share_transform.is_tied(model)

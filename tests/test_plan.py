@@ -11,7 +11,7 @@ import torchvision
 
 import share_transform as st
 
-# Paper Table 1, ImageNet rows (DESIGN.md section 2): exact torchvision/timm totals with 1000 classes.
+# Paper Table 1, ImageNet rows (docs/design.md, The paper's tables): exact torchvision/timm totals with 1000 classes.
 TABLE1 = {
     "resnet34": (21_797_672, 13_613_864),
     "resnet50": (25_557_032, 20_469_800),

@@ -2,8 +2,8 @@
 
 Both are pre-activation networks of the authors' Torch7 CIFAR code: a 3x3 stem, three stages of residual
 blocks (stride 2 entering stages 2 and 3), a final BN-ReLU (the last block leaves it out), average pooling
-and a linear classifier, initialised as DESIGN.md section 3 says for CIFAR (fan-in). :class:`CifarResNet`
-builds that frame around a block class and gives both networks timm's model API.
+and a linear classifier, initialised as docs/design.md, Training protocols, says for CIFAR (fan-in).
+:class:`CifarResNet` builds that frame around a block class and gives both networks timm's model API.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The command-line flags both recipes share, so ``train_imagenet.py`` and ``train_cifar.py`` read alike.
 
 A recipe's ``get_args_parser()`` adds its data flags, then calls :func:`add_training_args` with its
-protocol defaults (DESIGN §3), and :func:`resolve_args` after parsing.
+protocol defaults (docs/design.md, Training protocols), and :func:`resolve_args` after parsing.
 
 Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, ``--init``, ``--epochs``,
 ``--batch-size`` (global), ``--lr`` (per ``--lr-reference-batch`` images), ``--momentum``,

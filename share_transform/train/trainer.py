@@ -182,7 +182,7 @@ def alias_groups(model: nn.Module) -> frozenset[tuple[str, ...]]:
 
 
 def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str) -> None:
-    """Re-tie ``model`` if ``what`` (a move, a wrapper) untied it (DESIGN §4); raise if that fails."""
+    """Re-tie ``model`` if ``what`` (a move, a wrapper) untied it (docs/design.md, Tie traps); raise if that fails."""
     if alias_groups(model) == expected:
         return
 

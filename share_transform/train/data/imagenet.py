@@ -5,7 +5,7 @@
 (:class:`share_transform.train.loop.Normalize` with :data:`MEAN`/:data:`STD`), so batches cross the bus
 as bytes.
 
-Training (fb.resnet.torch ``datasets/imagenet.lua``; constants in DESIGN §3):
+Training (fb.resnet.torch ``datasets/imagenet.lua``; constants in docs/design.md, Training protocols):
 random-resized crop to ``img_size`` (area 0.08-1, aspect 3/4-4/3), colour jitter of brightness,
 contrast and saturation 0.4 in random order, PCA lighting (AlexNet-style, alphastd 0.1), horizontal flip
 with p=0.5. Lighting is applied to the uint8 crop and rounded back to uint8 (a change of at most half a
