@@ -99,8 +99,13 @@ def _branch(start: fx.Node, block_input: fx.Node | None) -> set[fx.Node]:
     return seen
 
 
+def _path(n: fx.Node) -> str:
+    """The module path a ``call_module`` node calls (fx types every target as ``str | Callable``)."""
+    return str(n.target)
+
+
 def _conv_nodes(nodes: Iterable[fx.Node], modules: dict[str, nn.Module]) -> list[fx.Node]:
-    return [n for n in nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Conv2d)]
+    return [n for n in nodes if n.op == "call_module" and isinstance(modules.get(_path(n)), nn.Conv2d)]
 
 
 def _common_path(paths: list[str]) -> str:
@@ -135,18 +140,18 @@ def find_blocks(graph: fx.Graph, model: nn.Module) -> list[ResidualBlock]:
         branches = [_branch(arg, block_input) for arg in (lhs, rhs)]
         convs = [_conv_nodes(b, modules) for b in branches]
         residual = max(range(2), key=lambda i: (len(convs[i]), len(branches[i])))
-        spatial = [n for n in convs[residual] if max(modules[n.target].kernel_size) > 1]
+        spatial = [n for n in convs[residual] if max(modules[_path(n)].kernel_size) > 1]
         if not spatial:
             continue
         conv_node = max(spatial, key=order.__getitem__)
         conv_in = _shape(conv_node.args[0])
         if conv_in is None or len(conv_in) != 4:
             continue
-        paths = sorted(n.target for n in branches[residual] if n.op == "call_module")
+        paths = sorted(_path(n) for n in branches[residual] if n.op == "call_module")
         block = ResidualBlock(
             name=_common_path(paths) or add.name,
-            spatial_conv=conv_node.target,
-            signature=ConvSignature.of(modules[conv_node.target]),
+            spatial_conv=_path(conv_node),
+            signature=ConvSignature.of(modules[_path(conv_node)]),
             conv_input=(conv_in[2], conv_in[3]),
             output=(out_shape[2], out_shape[3]),
         )
@@ -160,12 +165,12 @@ def lost_reductions(graph: fx.Graph, model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     lost = []
     for n in _conv_nodes(graph.nodes, modules):
-        conv = modules[n.target]
+        conv = modules[_path(n)]
         shape = _shape(n.args[0]) if n.args else None
         if (
             shape is not None
             and len(shape) == 4
             and any(stride > 1 and size == 1 for stride, size in zip(conv.stride, shape[2:]))
         ):
-            lost.append(n.target)
+            lost.append(_path(n))
     return lost

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from .build import build_spec
-from .errors import NotAModuleError
+from .errors import InputSizeError, NotAModuleError
 
-__all__ = ["check_model", "default_input_size", "distinct_conv_weights", "model_name"]
+__all__ = ["check_input_size", "check_model", "default_input_size", "distinct_conv_weights", "model_name"]
 
 
 def model_name(model: nn.Module) -> str:
@@ -21,7 +23,22 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """The model's own input size (timm ``pretrained_cfg["input_size"]``), else 3x224x224."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size")
-    return tuple(int(s) for s in size) if size else (3, 224, 224)
+    return check_input_size(size, model_name(model)) if size else (3, 224, 224)
+
+
+def check_input_size(size: Sequence[int], name: str) -> tuple[int, int, int]:
+    """``size`` as ``(C, H, W)`` integers.
+
+    >>> check_input_size([3, 32, 32], "wrn_28_10")
+    (3, 32, 32)
+
+    Raises:
+        InputSizeError: ``size`` does not hold three numbers.
+    """
+    if len(size) != 3:
+        raise InputSizeError(f"{name}: input_size must be (C, H, W), got {tuple(size)!r}")
+    c, h, w = (int(s) for s in size)
+    return (c, h, w)
 
 
 def check_model(model: object) -> nn.Module:

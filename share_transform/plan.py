@@ -19,7 +19,7 @@ from torch import nn
 
 from .blocks import ResidualBlock, find_blocks, lost_reductions
 from .errors import InputSizeError, NoSpatialConvError, UnknownPolicyError
-from .modelinfo import check_model, default_input_size, distinct_conv_weights, model_name
+from .modelinfo import check_input_size, check_model, default_input_size, distinct_conv_weights, model_name
 from .policies import POLICIES, Policy
 from .signature import ConvSignature
 from .text import format_columns
@@ -140,7 +140,7 @@ class SharePlan:
         return cls(
             model_name=d["model_name"],
             policy=d["policy"],
-            input_size=tuple(d["input_size"]),
+            input_size=check_input_size(d["input_size"], d["model_name"]),
             stages=tuple(
                 StagePlan(
                     index=s["index"],
@@ -232,7 +232,7 @@ def plan(model: nn.Module, policy: str = "imagenet", *, input_size: Sequence[int
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
-    size = tuple(int(s) for s in input_size) if input_size is not None else default_input_size(model)
+    size = check_input_size(input_size, name) if input_size is not None else default_input_size(model)
     graph = trace_model(model, name)
     propagate_shapes(model, graph, size, name)
     lost = lost_reductions(graph, model)

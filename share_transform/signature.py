@@ -26,15 +26,15 @@ class ConvSignature:
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvSignature:
         t = type(conv)
-        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
         return cls(
             conv_class=f"{t.__module__}.{t.__qualname__}",
             in_channels=conv.in_channels,
             out_channels=conv.out_channels,
-            kernel_size=tuple(conv.kernel_size),
-            stride=tuple(conv.stride),
+            kernel_size=_pair(conv.kernel_size),
+            stride=_pair(conv.stride),
             padding=padding,
-            dilation=tuple(conv.dilation),
+            dilation=_pair(conv.dilation),
             groups=conv.groups,
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
@@ -60,7 +60,13 @@ class ConvSignature:
     def from_dict(cls, d: dict[str, Any]) -> ConvSignature:
         d = dict(d)
         for key in ("kernel_size", "stride", "dilation"):
-            d[key] = tuple(d[key])
+            d[key] = _pair(d[key])
         if not isinstance(d["padding"], str):
-            d["padding"] = tuple(d["padding"])
+            d["padding"] = _pair(d["padding"])
         return cls(**d)
+
+
+def _pair(value: tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """A 2-D conv's (height, width) hyper-parameter; raises ValueError unless it holds two numbers."""
+    h, w = value
+    return (int(h), int(w))

@@ -87,7 +87,7 @@ def trace_model(model: nn.Module, name: str) -> fx.Graph:
     Raises:
         TraceError: neither attempt could trace the model.
     """
-    attempts = [((), [])]
+    attempts: list[tuple[tuple[type[nn.Module], ...], list[Any]]] = [((), [])]
     leaf_types, functions = _timm_notrace()
     if leaf_types or functions:
         attempts.append((leaf_types, functions))

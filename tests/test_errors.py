@@ -45,6 +45,8 @@ def test_input_size_the_model_rejects() -> None:
         st.plan(model, input_size=(3, 64, 64))
     with pytest.raises(st.InputSizeError, match="3x2x2"):
         st.plan(timm.create_model("resnet18"), input_size=(3, 2, 2))
+    with pytest.raises(st.InputSizeError, match=r"^resnet18: input_size must be \(C, H, W\), got \(224, 224\)$"):
+        st.plan(timm.create_model("resnet18"), input_size=(224, 224))
 
 
 @pytest.mark.parametrize("bad", ["resnet50", None, {"weight": torch.zeros(1)}])

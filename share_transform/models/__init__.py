@@ -7,6 +7,7 @@ any depth the formulas allow (9n+2 and 6n+4), and :func:`register_cifar_size` re
 """
 
 import re
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -14,6 +15,7 @@ import timm
 from timm.models import register_model
 
 from ..errors import UnknownModelError
+from ._cifar import CifarResNet
 from .preact_resnet import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -41,6 +43,7 @@ def register_cifar_size(name: str) -> bool:
         return False
     if timm.is_model(name):
         return True
+    build: Callable[..., CifarResNet]
     if m[1]:
         depth, widen_factor = int(m[1]), int(m[2])
         if depth < 10 or (depth - 4) % 6 or widen_factor < 1:

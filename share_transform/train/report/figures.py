@@ -79,12 +79,12 @@ def plot_figure5(report: Report, path: str | os.PathLike[str]) -> Path:
                 for xi, yi, label in zip(x, y, labels):
                     ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         paper_originals, paper_shared = _paper_points(dataset)
-        for points, colour, name in (
+        for paper_points, colour, name in (
             (paper_originals, _ORIGINAL_COLOUR, "ResNet"),
             (paper_shared, _SHARED_COLOUR, "ShaResNet"),
         ):
-            if points:
-                x, y, _ = zip(*points)
+            if paper_points:
+                x, y, _ = zip(*paper_points)
                 ax.plot(x, y, "o--", color=colour, markerfacecolor="none", alpha=0.6, label=f"{name} (paper)")
         ax.set_title(dataset_name(dataset))
         ax.set_xlabel("parameters (millions)")

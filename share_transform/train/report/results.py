@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ... import paper
+from ...errors import ReportError
 from .runs import Run
 
 __all__ = [
@@ -82,12 +83,21 @@ class Result:
 
     @property
     def top1(self) -> Stat:
-        return Stat(tuple(float(r.final["val_top1_err"]) for r in self.runs))  # type: ignore[index]
+        return Stat(tuple(float(v) for v in self._final("val_top1_err")))
 
     @property
     def top5(self) -> Stat | None:
-        values = [r.final.get("val_top5_err") for r in self.runs]  # type: ignore[union-attr]
-        return Stat(tuple(map(float, values))) if None not in values else None
+        values = self._final("val_top5_err")
+        return Stat(tuple(float(v) for v in values)) if None not in values else None
+
+    def _final(self, key: str) -> list[Any]:
+        """``key`` of every run's last epoch (None where a run lacks it)."""
+        values = []
+        for r in self.runs:
+            if r.final is None:
+                raise ReportError(f"{r.path}: the run has no finished epoch to report")
+            values.append(r.final.get(key))
+        return values
 
     @property
     def seeds(self) -> list[int | None]:
