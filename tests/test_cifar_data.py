@@ -21,7 +21,7 @@ from share_transform.train.data import (
     save_preprocessing,
     write_cifar,
 )
-from share_transform.train.data.cifar import GCN_SCALE, global_contrast_normalize
+from share_transform.train.data.cifar import GCN_SCALE, global_contrast_normalize, zca_cache_path
 
 
 def _images(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -257,3 +257,80 @@ def test_meanstd_normalises_per_channel_and_crops_from_reflection_pad(cifar10_di
         assert s.shape == (3, 32, 32)
         assert any(torch.equal(s, w) or torch.equal(s, w.flip(-1)) for w in windows)
     assert len({tuple(s.flatten()[:50].tolist()) for s in samples}) > 5  # random crops, not one
+
+
+# -- ZCA in float32, and its cache ---------------------------------------------------------------------------------
+
+
+def _natural_patches(n: int, size: int = 8) -> torch.Tensor:
+    """n RGB patches (3, size, size) in [0, 1], cut from scikit-learn's two bundled photographs at random scales."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255 for p in load_sample_images().images]
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k in range(n):
+        photo = photos[k % len(photos)]
+        side = int(torch.randint(size, 4 * size, (), generator=g))
+        i = int(torch.randint(0, photo.shape[1] - side, (), generator=g))
+        j = int(torch.randint(0, photo.shape[2] - side, (), generator=g))
+        out.append(F.interpolate(photo[None, :, i : i + side, j : j + side], size=(size, size), mode="area")[0])
+    return torch.stack(out)
+
+
+def test_float32_zca_whitens_within_1e_4_of_a_float64_fit():
+    # 16x16 patches with GCN to norm 55 * 16/32: pixels of the magnitude GCN gives 32x32 CIFAR images, so the
+    # float32 arithmetic meets the numbers it meets on CIFAR (benchmarks/data_throughput.py checks 32x32).
+    x = _natural_patches(2000, size=16)
+    gcn = GCN_SCALE * 16 / 32
+    flat = global_contrast_normalize(x.reshape(len(x), -1).double(), gcn)
+    centred = flat - flat.mean(dim=0)
+    eigval, eigvec = torch.linalg.eigh(centred.T @ centred / len(x))
+    reference = centred @ ((eigvec * (eigval.clamp_min(0) + 0.1).rsqrt()) @ eigvec.T)
+
+    zca = ZCA.fit(x, gcn_scale=gcn)
+    assert zca.matrix.dtype == torch.float32
+    white = zca(x).reshape(len(x), -1).double()
+    assert reference.abs().max() > 5  # whitened natural images: entries far above the tolerance
+    assert (white - reference).abs().max() < 1e-4
+
+
+def test_zca_is_cached_in_the_data_folder_keyed_by_the_training_files(tmp_path):
+    rng = np.random.default_rng(1)
+    write_cifar(
+        tmp_path, "cifar10", (_images(rng, 40), rng.integers(0, 10, 40)), (_images(rng, 8), rng.integers(0, 10, 8))
+    )
+    first = load_cifar(tmp_path, "cifar10", "zca")
+    cache = zca_cache_path(tmp_path, "cifar10")
+    assert cache.parent == tmp_path / "cifar-10-batches-py" and cache.is_file()
+    assert torch.equal(load_preprocessing(cache).matrix, first.preprocessing.matrix)
+
+    # A hit: the second load takes the cached transform as it is (planted here), without refitting.
+    planted = ZCA(first.preprocessing.mean, 2 * first.preprocessing.matrix, 0.1, GCN_SCALE)
+    save_preprocessing(planted, cache)
+    second = load_cifar(tmp_path, "cifar10", "zca")
+    assert torch.equal(second.preprocessing.matrix, planted.matrix)
+    assert torch.allclose(second.val.images, 2 * first.val.images, atol=1e-5)
+
+    # Other training bytes: another key, a fresh fit beside the old cache; a damaged cache is refitted.
+    write_cifar(
+        tmp_path, "cifar10", (_images(rng, 40), rng.integers(0, 10, 40)), (_images(rng, 8), rng.integers(0, 10, 8))
+    )
+    third = load_cifar(tmp_path, "cifar10", "zca")
+    assert zca_cache_path(tmp_path, "cifar10") != cache and cache.is_file()
+    assert not torch.equal(third.preprocessing.matrix, planted.matrix)
+    zca_cache_path(tmp_path, "cifar10").write_bytes(b"garbage")
+    assert torch.equal(load_cifar(tmp_path, "cifar10", "zca").preprocessing.matrix, third.preprocessing.matrix)
+
+
+def test_batched_augmentation_reads_crop_and_flip_from_the_seed_bits(cifar10_dir):
+    root, *_ = cifar10_dir
+    data = load_cifar(root, "cifar10", "meanstd")
+    seeds = torch.tensor([0, 1, (3 << 1) | (5 << 32), (8 << 1) | (2 << 32) | 1])
+    x, y = data.train.augmented_batch(torch.tensor([5, 5, 6, 7]), seeds)
+    padded = F.pad(data.train.images[[5, 5, 6, 7]], (4, 4, 4, 4), mode="reflect")
+    assert torch.equal(x[0], padded[0, :, 0:32, 0:32])
+    assert torch.equal(x[1], padded[1, :, 0:32, 0:32].flip(-1))
+    assert torch.equal(x[2], padded[2, :, 3:35, 5:37])
+    assert torch.equal(x[3], padded[3, :, 8:40, 2:34].flip(-1))
+    assert torch.equal(y, data.train.labels[[5, 5, 6, 7]])

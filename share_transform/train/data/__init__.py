@@ -16,6 +16,7 @@ from .cifar import (
     read_cifar,
     save_preprocessing,
     write_cifar,
+    zca_cache_path,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "read_cifar",
     "save_preprocessing",
     "write_cifar",
+    "zca_cache_path",
 ]

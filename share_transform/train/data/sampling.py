@@ -6,6 +6,18 @@ the worker that happens to load it, so a run's data stream depends only on the s
 sees exactly the batches an uninterrupted run would have. The training order is a
 ``DistributedSampler`` permutation of ``(seed, epoch)``, one shard per rank.
 
+Seeding costs microseconds and never touches the training process's generators (CUDA's included). A
+dataset says how it takes its randomness:
+
+* :class:`SampleAugmented` (``augmented_sample(index, generator)``): one ``torch.Generator`` per sample,
+  seeded from the hash (the ImageNet datasets);
+* :class:`BatchAugmented` (``augmented_batch(indices, seeds)``): a whole batch at once from the samples'
+  63-bit hashes (the CIFAR datasets: no per-sample Python work);
+* any other dataset is indexed under ``fork_rng`` with only torch's CPU generator seeded.
+
+A :class:`~share_transform.errors.DataError` raised in a loader worker (an undecodable image) reaches the
+training process as the same one-line error, without the worker's traceback.
+
 Example:
     >>> train_loader = make_loader(train_set, batch_size=64, train=True, seed=0, dist_info=info, workers=8)
     >>> for epoch in range(epochs):
@@ -15,30 +27,62 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ...errors import DataError
 from ..distributed import DistInfo
 
 _M64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
-    """One step of Steele et al.'s SplitMix64: a bijective, well-mixing map of 64-bit integers."""
-    z = (x + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """One step of Steele et al.'s SplitMix64 on uint64s: a bijective, well-mixing map (arithmetic wraps)."""
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Well-spread 63-bit seeds (non-negative int64) of samples ``indices`` of one epoch, in one pass.
+
+    Distinct ``(seed, epoch, index)`` give unrelated values.
+
+    Example:
+        >>> sample_seeds(0, 1, np.arange(3)).tolist() == [sample_seed(0, 1, i) for i in range(3)]
+        True
+    """
+    h = _splitmix64(np.array([seed & _M64], dtype=np.uint64))
+    h = _splitmix64(h ^ np.uint64(epoch & _M64))
+    h = _splitmix64(h ^ np.asarray(indices).astype(np.uint64))
+    return torch.from_numpy((h >> np.uint64(1)).astype(np.int64))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-spread 63-bit seed for one sample of one epoch (distinct pairs give unrelated streams)."""
-    h = _splitmix64(seed & _M64)
-    h = _splitmix64(h ^ (epoch & _M64))
-    return _splitmix64(h ^ (index & _M64)) >> 1
+    """The 63-bit seed of one sample of one epoch (a negative ``index`` names another stream of the epoch)."""
+    return int(sample_seeds(seed, epoch, np.array([index & _M64], dtype=np.uint64))[0])
+
+
+@runtime_checkable
+class SampleAugmented(Protocol):
+    """A dataset that draws a sample's augmentation from the generator it is given."""
+
+    def augmented_sample(self, index: int, generator: torch.Generator) -> Any: ...
+
+
+@runtime_checkable
+class BatchAugmented(Protocol):
+    """A dataset that augments a batch at once, sample ``indices[k]`` from ``seeds[k]`` (63 bits) only.
+
+    Returns the collated batch.
+    """
+
+    def augmented_batch(self, indices: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -64,24 +108,71 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 class SeededDataset(Dataset):
-    """Index with ``(epoch, index)``: loads ``dataset[index]`` under a CPU generator seeded for that pair.
+    """Index with ``(epoch, index)``: loads sample ``index`` with randomness seeded for that pair only.
 
-    ``torch.random.fork_rng`` restores the caller's generator afterwards, so loading in the main process
-    (``workers=0``) leaves the training RNG stream untouched.
+    The seed reaches the dataset as a generator (:class:`SampleAugmented`), as hashes of a whole batch
+    (:class:`BatchAugmented`), or else as the state of torch's CPU generator under ``fork_rng``. None of
+    the three changes the caller's generators, so loading in the training process (``workers=0``) leaves
+    its RNG stream untouched.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
+        self.batched = isinstance(dataset, BatchAugmented)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
+        if self.batched:
+            return tuple(t[0] for t in self.__getitems__([key]))
+        seed = sample_seed(self.seed, epoch, index)
+        if isinstance(self.dataset, SampleAugmented):
+            return self.dataset.augmented_sample(index, torch.Generator().manual_seed(seed))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            # Not torch.manual_seed: it also reseeds every CUDA generator, which fork_rng(devices=[]) leaves.
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> Any:
+        """A batch: collated already by a :class:`BatchAugmented` dataset, else a list of samples to collate."""
+        if not self.batched:
+            return [self[key] for key in keys]
+        indices = torch.tensor([index for _, index in keys])
+        # One pass of the sampler is one epoch: the keys of a batch share it.
+        seeds = sample_seeds(self.seed, keys[0][0], indices)
+        return self.dataset.augmented_batch(indices, seeds)  # type: ignore[attr-defined]
+
+
+def _collated(batch: Any) -> Any:
+    """The collate function of batches that a :class:`BatchAugmented` dataset collated itself."""
+    return batch
+
+
+def worker_message(error: BaseException) -> str:
+    """The message an exception had where it was raised: a DataLoader worker's re-raise adds its traceback."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+class RecipeLoader(DataLoader):
+    """A DataLoader that re-raises a worker's :class:`DataError` as the one-line error it was."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over DataLoader's iterator
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DataError as e:
+                raise DataError(worker_message(e)) from None
+            yield batch
 
 
 class ShardSampler(Sampler[int]):
@@ -110,7 +201,8 @@ def make_loader(
     """A DataLoader over this rank's shard of ``dataset``.
 
     Args:
-        dataset: returns ``(image, target)``; its random transforms draw from torch's CPU generator.
+        dataset: returns ``(image, target)`` (or ``(image, augmentation, target)``); see the module's
+            docstring for how it receives its randomness.
         batch_size: per rank (the recipe divides the global batch by the world size).
         train: shuffle per epoch and drop the last partial batch (training), or keep the order and every
             sample (evaluation: each rank takes every ``world_size``-th sample, no padding duplicates).
@@ -135,9 +227,13 @@ def make_loader(
         base = ShardSampler(n, dist_info.rank, dist_info.world_size)
     if pin_memory is None:
         pin_memory = dist_info.device.type == "cuda"
-    return DataLoader(
-        SeededDataset(dataset, seed),
+    seeded = SeededDataset(dataset, seed)
+    return RecipeLoader(
+        seeded,
         batch_size=batch_size,
+        collate_fn=_collated if seeded.batched else None,
+        # Its own generator: otherwise every pass draws the workers' base seed from the training stream.
+        generator=torch.Generator().manual_seed(seed),
         sampler=EpochSampler(base),
         num_workers=workers,
         pin_memory=pin_memory,
