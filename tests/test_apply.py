@@ -42,11 +42,14 @@ def group_convs(model: nn.Module, plan: st.SharePlan) -> list[list[nn.Conv2d]]:
 
 def test_apply_ties_members_to_one_parameter_in_place() -> None:
     model = small_resnet()
-    cls, methods = type(model), model.forward_features
+    cls, cfg = type(model), dict(model.pretrained_cfg)
+    x = torch.randn(2, *SIZE)
+    features = model.forward_features(x).shape
     modules = dict(model.named_modules())
     first_weights = {g.members[0]: modules[g.members[0]].weight for g in st.plan(model, input_size=SIZE).groups}
     out = st.apply(model, input_size=SIZE)
-    assert out is model and type(model) is cls and methods is not None
+    assert out is model and type(model) is cls and model.pretrained_cfg == cfg
+    assert model.forward_features(x).shape == features
     plan = st.get_plan(model)
     for convs, g in zip(group_convs(model, plan), plan.groups):
         assert all(c.weight is convs[0].weight for c in convs)
@@ -122,14 +125,20 @@ def test_sgd_momentum_updates_shared_weight_once() -> None:
     assert len(opt.state) == len(list(model.parameters()))
 
 
-def test_ties_survive_deepcopy_dtype_and_device() -> None:
+def test_ties_survive_deepcopy_and_dtype() -> None:
     model = st.apply(small_resnet(), input_size=SIZE)
     assert st.is_tied(copy.deepcopy(model))
-    assert st.is_tied(copy.deepcopy(model).to(torch.float64))
+    as_double = copy.deepcopy(model).to(torch.float64)
+    assert st.is_tied(as_double) and all(p.dtype == torch.float64 for p in as_double.parameters())
     assert st.is_tied(copy.deepcopy(model).to(torch.bfloat16).float())
-    assert st.is_tied(copy.deepcopy(model).to("cpu"))
-    if torch.cuda.is_available():
-        assert st.is_tied(copy.deepcopy(model).to("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a move between devices needs a GPU")
+def test_ties_survive_a_move_to_cuda_and_back() -> None:
+    model = st.apply(small_resnet(), input_size=SIZE)
+    on_gpu = copy.deepcopy(model).to("cuda")
+    assert st.is_tied(on_gpu) and all(p.is_cuda for p in on_gpu.parameters())
+    assert st.is_tied(on_gpu.to("cpu"))
 
 
 def test_meta_and_to_empty_untie_and_retie_restores() -> None:

@@ -92,12 +92,12 @@ def test_multistep_schedule_matches_fb_resnet() -> None:
     assert scaled_lr(0.1, 1024) == pytest.approx(0.4)
 
 
-def test_engine_and_cifar_models_share_one_init_function() -> None:
-    import share_transform.init
-    import share_transform.train
-
-    assert share_transform.train.init_weights is share_transform.init.init_weights
-    assert share_transform.init.MODES == ("fan_out", "fan_in")
+def test_init_weights_refuses_an_unknown_mode() -> None:
+    model = nn.Conv2d(3, 4, 3)
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match="^unknown init mode 'xavier'; choose one of fan_out, fan_in$"):
+        init_weights(model, "xavier")
+    assert torch.equal(model.weight, before)
 
 
 @pytest.mark.parametrize("mode", ["fan_out", "fan_in"])
@@ -340,4 +340,7 @@ def test_curves_and_progress(tmp_path) -> None:
         bar.update(i, loss=1.0 / i, img_s=100.0)
     bar.close("done")
     lines = out.getvalue().splitlines()
-    assert len(lines) == 11 and "10/10" in lines[-2] and "img/s 100" in lines[-2] and lines[-1] == "done"
+    assert len(lines) == 11 and lines[-1] == "done"
+    # One precision per figure, whatever its size: loss 1/1 and 1/10 both with 4 decimals.
+    assert "1/10  loss 1.0000  img/s 100.0  eta " in lines[0]
+    assert "10/10  loss 0.1000  img/s 100.0  eta " in lines[-2]

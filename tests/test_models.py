@@ -311,6 +311,16 @@ def test_shared_gradient_is_sum_over_blocks(build) -> None:
         torch.testing.assert_close(shared.get_submodule(group.members[0]).weight.grad, summed)
 
 
-def test_models_exported() -> None:
-    assert share_transform.models.WideResNet is WideResNet
-    assert share_transform.models.PreActResNet is PreActResNet
+def test_registered_names_build_the_papers_networks(paper_models: dict[str, nn.Module]) -> None:
+    built = {name: (type(m), m.depth) for name, m in paper_models.items()}
+    assert built == {
+        "preact_resnet164": (PreActResNet, 164),
+        "wrn_40_4": (WideResNet, 40),
+        "wrn_28_10": (WideResNet, 28),
+        "preact_resnet92": (PreActResNet, 92),
+        "wrn_28_4": (WideResNet, 28),
+        "wrn_22_10": (WideResNet, 22),
+    }
+    # The widen factor comes from the name: stage 1 of WRN-28-4 is 16 * 4 channels wide, of WRN-28-10 16 * 10.
+    assert paper_models["wrn_28_4"].stages[0][0].conv2.out_channels == 64
+    assert paper_models["wrn_28_10"].stages[0][0].conv2.out_channels == 160

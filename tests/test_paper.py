@@ -2,20 +2,114 @@
 
 from __future__ import annotations
 
-import pytest
+from typing import NamedTuple
 
+import pytest
+import timm
+import torch
+
+import share_transform as st
 from share_transform import paper
 from share_transform.paper import TABLE1, TABLE2, TABLE3, Table1Measurement, printed_as
 
-# model -> (params before, after, spatial convs removed, distinct Conv2d weights before, after)
-MEASURED_TABLE1 = {
-    "ResNet-164": (1_703_258, 929_114, 48, 166, 118),
-    "WRN-40-4": (8_949_210, 5_852_634, 12, 40, 28),
-    "WRN-28-10": (36_536_884, 26_860_084, 6, 28, 22),
-    "ResNet-34": (21_797_672, 13_613_864, 12, 36, 24),
-    "ResNet-50": (25_557_032, 20_469_800, 9, 53, 44),
-    "ResNet-101": (44_549_160, 29_434_920, 26, 104, 78),
-    "ResNet-152": (60_192_808, 36_821_032, 43, 155, 112),
+
+class Counts(NamedTuple):
+    params_before: int
+    params_after: int
+    spatial_convs_removed: int
+    conv_weights_before: int  # distinct Conv2d weights
+    conv_weights_after: int
+    blocks_per_stage: tuple[int, ...]
+
+
+def _shared_stage(blocks: int, width: int, kept: int) -> tuple[int, int]:
+    """(parameters saved, spatial convs removed) when the last ``blocks - kept`` blocks of a stage share one
+    ``width x width x 3 x 3`` weight."""
+    members = blocks - kept
+    return (members - 1) * 9 * width * width, members - 1
+
+
+def imagenet_resnet(blocks: tuple[int, ...], bottleneck: bool, classes: int = 1000) -> Counts:
+    """torchvision's ResNet-34/50/101/152 counted by hand, shared with policy "imagenet".
+
+    Stem 7x7 conv 3->64 + BN; stage widths 64/128/256/512; a basic block is 3x3-BN-3x3-BN, a bottleneck
+    1x1-BN-3x3-BN-1x1-BN expanding 4x; a 1x1 conv + BN projection where the block changes shape; a linear
+    classifier with bias. Bottlenecks put stage 2-4 strides on their first block's 3x3, which keeps its weight.
+    """
+    params, convs, saved, removed = 3 * 64 * 49 + 2 * 64, 1, 0, 0
+    c_in = 64
+    for stage, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+        out = 4 * width if bottleneck else width
+        for b in range(n):
+            if bottleneck:
+                params += c_in * width + 2 * width + 9 * width * width + 2 * width + width * out + 2 * out
+                convs += 3
+            else:
+                params += 9 * c_in * width + 2 * width + 9 * width * width + 2 * width
+                convs += 2
+            if b == 0 and (stage > 0 or c_in != out):
+                params += c_in * out + 2 * out
+                convs += 1
+            c_in = out
+        stage_saved, stage_removed = _shared_stage(n, width, kept=1 if bottleneck and stage > 0 else 0)
+        saved, removed = saved + stage_saved, removed + stage_removed
+    params += c_in * classes + classes
+    return Counts(params, params - saved, removed, convs, convs - removed, blocks)
+
+
+def preact_resnet(depth: int, classes: int) -> Counts:
+    """Pre-activation bottleneck ResNet-(9n+2), shared with policy "cifar" (each stage's first block keeps its own).
+
+    Stem 3x3 conv 3->16; three stages of n blocks, widths 16/32/64 expanding 4x; each block BN-1x1-BN-3x3-BN-1x1
+    (pre-activation: the BN precedes each conv); a 1x1 projection in each stage's first block; final BN, linear.
+    """
+    n = (depth - 2) // 9
+    params, convs, saved, removed = 3 * 16 * 9, 1, 0, 0
+    c_in = 16
+    for width in (16, 32, 64):
+        out = 4 * width
+        for b in range(n):
+            params += 2 * c_in + c_in * width + 2 * width + 9 * width * width + 2 * width + width * out
+            convs += 3
+            if b == 0:
+                params += c_in * out
+                convs += 1
+            c_in = out
+        stage_saved, stage_removed = _shared_stage(n, width, kept=1)
+        saved, removed = saved + stage_saved, removed + stage_removed
+    params += 2 * c_in + c_in * classes + classes
+    return Counts(params, params - saved, removed, convs, convs - removed, (n, n, n))
+
+
+def wide_resnet(depth: int, k: int, classes: int) -> Counts:
+    """WRN-d-k, shared with policy "cifar": stem 3x3 3->16; three stages of (d-4)/6 pre-activation blocks
+    BN-3x3-BN-3x3 of widths 16k/32k/64k; a 1x1 projection where the width changes; final BN, linear."""
+    n = (depth - 4) // 6
+    params, convs, saved, removed = 3 * 16 * 9, 1, 0, 0
+    c_in = 16
+    for width in (16 * k, 32 * k, 64 * k):
+        for _ in range(n):
+            params += 2 * c_in + 9 * c_in * width + 2 * width + 9 * width * width
+            convs += 2
+            if c_in != width:
+                params += c_in * width
+                convs += 1
+            c_in = width
+        stage_saved, stage_removed = _shared_stage(n, width, kept=1)
+        saved, removed = saved + stage_saved, removed + stage_removed
+    params += 2 * c_in + c_in * classes + classes
+    return Counts(params, params - saved, removed, convs, convs - removed, (n, n, n))
+
+
+# Table 1 in closed form, from each network's widths and blocks per stage: not from the code under test.
+CLOSED_FORM = {
+    "ResNet-164": preact_resnet(164, classes=10),
+    "WRN-40-4": wide_resnet(40, 4, classes=10),
+    "WRN-28-10": wide_resnet(28, 10, classes=100),
+    "ResNet-34": imagenet_resnet((3, 4, 6, 3), bottleneck=False),
+    "ResNet-50": imagenet_resnet((3, 4, 6, 3), bottleneck=True),
+    "ResNet-101": imagenet_resnet((3, 4, 23, 3), bottleneck=True),
+    "ResNet-152": imagenet_resnet((3, 8, 36, 3), bottleneck=True),
 }
 
 
@@ -25,20 +119,46 @@ def table1() -> dict[str, Table1Measurement]:
 
 
 def test_table1_rows_in_paper_order(table1: dict[str, Table1Measurement]) -> None:
-    assert list(table1) == list(MEASURED_TABLE1) == [r.model for r in TABLE1]
+    assert list(table1) == list(CLOSED_FORM) == [r.model for r in TABLE1]
 
 
-@pytest.mark.parametrize("model", list(MEASURED_TABLE1))
-def test_table1_measured(table1: dict[str, Table1Measurement], model: str) -> None:
+@pytest.mark.parametrize("model", list(CLOSED_FORM))
+def test_table1_plan_matches_closed_form(table1: dict[str, Table1Measurement], model: str) -> None:
     m = table1[model]
-    measured = (
+    measured = Counts(
         m.params_before,
         m.params_after,
         m.spatial_convs_removed,
         m.conv_weights_before,
         m.conv_weights_after,
+        m.blocks_per_stage,
     )
-    assert measured == MEASURED_TABLE1[model]
+    assert measured == CLOSED_FORM[model]
+
+
+@pytest.mark.parametrize("row", TABLE1, ids=[r.model for r in TABLE1])
+def test_table1_apply_matches_closed_form(row: paper.Table1Row) -> None:
+    expected = CLOSED_FORM[row.model]
+    with torch.device("meta"):  # planned and tied on meta tensors: nothing allocated
+        model = timm.create_model(row.arch, num_classes=row.num_classes)
+    assert sum(p.numel() for p in model.parameters()) == expected.params_before
+    st.apply(model, row.policy)
+    assert st.count_parameters(model) == sum(p.numel() for p in model.parameters()) == expected.params_after
+    conv_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert len(conv_weights) == expected.conv_weights_after
+
+
+def test_table1_closed_form_is_the_papers() -> None:
+    # The hand counts give the printed millions (rounded to the printed decimals) and decrease percentages
+    # (rounded, except ResNet-34 and ResNet-101, which the paper truncates).
+    for row in TABLE1:
+        counts = CLOSED_FORM[row.model]
+        scale = 10 ** (6 - row.decimals)
+        assert round(counts.params_before / scale) == round(row.params_original * 10**row.decimals), row.model
+        assert round(counts.params_after / scale) == round(row.params_shared * 10**row.decimals), row.model
+        decrease = 100 * (counts.params_before - counts.params_after) / counts.params_before
+        printed = int(decrease) if row.model in ("ResNet-34", "ResNet-101") else round(decrease)
+        assert printed == row.decrease_pct, row.model
 
 
 def test_table1_parameters_agree_rounded(table1: dict[str, Table1Measurement]) -> None:
@@ -58,21 +178,16 @@ def test_table1_decrease_as_printed(table1: dict[str, Table1Measurement]) -> Non
 def test_table1_conv_numbers(table1: dict[str, Table1Measurement]) -> None:
     # Measured in the paper's sense: depth minus the spatial convs that lost their own weight.
     measured = {model: m.convs_shared for model, m in table1.items()}
-    assert measured == {
-        "ResNet-164": 116,
-        "WRN-40-4": 28,
-        "WRN-28-10": 22,
-        "ResNet-34": 22,
-        "ResNet-50": 41,
-        "ResNet-101": 75,
-        "ResNet-152": 109,
-    }
+    expected = {r.model: r.convs_original - CLOSED_FORM[r.model].spatial_convs_removed for r in TABLE1}
+    assert measured == expected
     # Every row differs from the paper's column ...
     assert all(m.conv_number_differs for m in table1.values())
+    assert all(expected[r.model] != r.convs_shared for r in TABLE1)
     # ... which is depth - sum(n_s - 1) for all rows but ResNet-34, where the paper prints 20, not 22.
-    follows_formula = {model for model, m in table1.items() if m.convs_formula == m.row.convs_shared}
-    assert follows_formula == set(table1) - {"ResNet-34"}
-    assert table1["ResNet-34"].convs_formula == 22 and table1["ResNet-34"].row.convs_shared == 20
+    formula = {r.model: r.convs_original - sum(n - 1 for n in CLOSED_FORM[r.model].blocks_per_stage) for r in TABLE1}
+    assert {model: m.convs_formula for model, m in table1.items()} == formula
+    assert {r.model for r in TABLE1 if formula[r.model] == r.convs_shared} == set(table1) - {"ResNet-34"}
+    assert formula["ResNet-34"] == expected["ResNet-34"] == 22 and table1["ResNet-34"].row.convs_shared == 20
 
 
 def test_format_table1(table1: dict[str, Table1Measurement]) -> None:
@@ -110,6 +225,19 @@ def test_tables_consistent() -> None:
         if row.policy is not None:
             assert shared_in_table1[row.arch] == row.params
     assert [r.model for r in TABLE2] == [r.model for r in TABLE1]
+
+
+def test_table2_cifar_rows_agree_with_table3() -> None:
+    # Table 2 prints its CIFAR rows as accuracies (stored as errors); Table 3 prints the shared nets' accuracy
+    # again: 100 - top-1 error must give it back.
+    arch = {r.model: r.arch for r in TABLE1}
+    shared_accuracy = {r.arch: r.accuracy for r in TABLE3 if r.policy is not None}
+    cifar = [r for r in TABLE2 if r.dataset in ("CIFAR-10", "CIFAR-100")]
+    assert [r.model for r in cifar] == ["ResNet-164", "WRN-40-4", "WRN-28-10"]
+    assert set(shared_accuracy) == {arch[r.model] for r in cifar}
+    for row in cifar:
+        assert round(100 - row.top1_shared, 2) == shared_accuracy[arch[row.model]], row.model
+        assert row.top5_original is None and row.top5_shared is None
 
 
 def test_table2_differences() -> None:
