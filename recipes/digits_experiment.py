@@ -27,8 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import train_cifar  # the sibling recipe (this script's folder is on sys.path when run as a script)
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+
+try:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+except ImportError as e:  # one line and exit status 2, as every bad set-up of the recipes
+    print(f"error: the digits come with scikit-learn ({e}): pip install 'share-transform[train]'", file=sys.stderr)
+    raise SystemExit(2) from None
 
 from share_transform.train import run_recipe
 from share_transform.train.checkpoint import has_checkpoint

@@ -30,6 +30,7 @@ from share_transform.train import (
     add_training_args,
     build_recipe_model,
     check_output,
+    curves_title,
     fit,
     init_distributed,
     make_loader,
@@ -42,7 +43,8 @@ from share_transform.train import (
     setup_runtime,
     world_from_env,
 )
-from share_transform.train.data import CifarData, load_cifar, load_preprocessing, save_preprocessing
+from share_transform.train.data import CifarData, load_cifar, load_preprocessing, save_preprocessing, synthetic_cifar
+from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
 
 PREPROCESS_FILE = "preprocess.safetensors"
 WRN_CIFAR100_DROPOUT = 0.3
@@ -99,16 +101,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         policy="cifar",
         init="fan_in",
         workers=4,
+        model_kwargs_example='{"drop_rate": 0.2}',  # dropout before the classifier (sizes go by --arch name)
     )
 
 
 def load_data(args: argparse.Namespace) -> CifarData:
-    """Both splits, preprocessed with the training set's statistics: fitted now, or the run's saved ones."""
-    if args.synthetic:
-        raise ConfigError(
-            "--synthetic is for the ImageNet recipe; to time CIFAR training, write a set of random "
-            "images with share_transform.train.data.write_cifar and train on it"
-        )
+    """Both splits, preprocessed with the training set's statistics: fitted now, or the run's saved ones.
+
+    With ``--synthetic``, random images of the dataset's shape and classes instead of ``--data``.
+    """
     saved = args.output / PREPROCESS_FILE
     preprocess = args.preprocess
     if args.resume and saved.exists():
@@ -118,6 +119,11 @@ def load_data(args: argparse.Namespace) -> CifarData:
                 f"--resume: {args.output} was trained with --preprocess {preprocess.kind}, "
                 f"this command gives {args.preprocess}"
             )
+    if args.synthetic:
+        train_size, test_size = SYNTHETIC_TRAIN_BATCHES * args.batch_size, SYNTHETIC_VAL_BATCHES * args.batch_size
+        return synthetic_cifar(
+            args.dataset, preprocess, train_size=train_size, test_size=test_size, seed=args.seed, hflip=args.hflip
+        )
     data = load_cifar(args.data, args.dataset, preprocess, hflip=args.hflip, download=args.download)
     if len(data.train) < args.batch_size:
         raise ConfigError(
@@ -150,7 +156,7 @@ def main(args: argparse.Namespace) -> nn.Module:
     # check_output above made sure a fresh run does not overwrite a finished run's transform.
     if dist_info.is_main and (not args.resume or not (args.output / PREPROCESS_FILE).exists()):
         save_preprocessing(data.preprocessing, args.output / PREPROCESS_FILE)
-    dataset = args.dataset_name or args.dataset
+    dataset = "synthetic" if args.synthetic else args.dataset_name or args.dataset
     print0(
         f"{args.arch} ({'shared, policy ' + args.policy if args.share else 'original'}): "
         f"{params_unshared:,} -> {unique_params:,} parameters; {dataset}: {len(data.train):,} train / "
@@ -187,7 +193,7 @@ def main(args: argparse.Namespace) -> nn.Module:
         run_info=info,
         train_preprocess=to_input,
         eval_preprocess=to_input,
-        title=f"{args.arch} on {dataset}, {'ShaResNet' if args.share else 'original'}",
+        title=curves_title(info),
     )
     return model
 

@@ -28,6 +28,7 @@ from share_transform.train import (
     add_training_args,
     build_recipe_model,
     check_output,
+    curves_title,
     fit,
     init_distributed,
     make_loader,
@@ -41,10 +42,9 @@ from share_transform.train import (
     world_from_env,
 )
 from share_transform.train.data.imagenet import MEAN, STD, imagenet_datasets
+from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
 
 SYNTHETIC_CLASSES = 1000
-SYNTHETIC_TRAIN_BATCHES = 20
-SYNTHETIC_VAL_BATCHES = 5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,6 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         gamma=0.1,
         policy="imagenet",
         init="fan_out",
+        model_kwargs_example='{"layers": [2, 2, 2, 2]}',  # a reduced ResNet-50, for smoke tests
     )
 
 
@@ -137,7 +138,7 @@ def main(args: argparse.Namespace) -> nn.Module:
         run_info=info,
         train_preprocess=normalize,
         eval_preprocess=normalize,
-        title=f"{args.arch} on ImageNet, {'ShaResNet' if args.share else 'original'}",
+        title=curves_title(info),
     )
     return model
 

@@ -132,6 +132,28 @@ def test_preact_resnet_shared_with_meanstd(data_dir, tmp_path):
     assert len(_metrics(out)) == 1 and (out / "curves.png").exists()
 
 
+def test_synthetic_data_trains_and_titles_its_curves_synthetic(tmp_path, monkeypatch, capsys):
+    import share_transform.train.trainer as trainer
+
+    titles: list[str] = []
+    draw = trainer.plot_curves
+
+    def recording_plot_curves(path: Path, history: list[dict], *, title: str) -> None:
+        titles.append(title)
+        draw(path, history, title=title)
+
+    monkeypatch.setattr(trainer, "plot_curves", recording_plot_curves)
+    out = tmp_path / "run"
+    # No --data: random images of CIFAR-100's shape and classes, preprocessed as real ones would be.
+    flags = f"--output {out} --synthetic --dataset cifar100 --arch wrn_10_1 --preprocess meanstd --epochs 1"
+    train_cifar.main(train_cifar.get_args_parser().parse_args([*flags.split(), "--batch-size", "2", *FAST]))
+    assert "synthetic: 40 train / 10 test images, 100 classes, meanstd" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert (run["dataset"], run["preprocess"]) == ("synthetic", "meanstd")
+    assert len(_metrics(out)) == 1 and (out / "curves.png").stat().st_size > 0
+    assert titles == ["wrn_10_1 on synthetic, ShaResNet"]
+
+
 def test_wrn_on_cifar100_gets_dropout_and_the_original_trains_unshared(data_dir, tmp_path):
     out = tmp_path / "run"
     train(data_dir, out, "--dataset cifar100 --arch wrn_10_1 --no-share --epochs 1 --batch-size 32")

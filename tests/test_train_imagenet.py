@@ -387,6 +387,27 @@ def test_original_model_with_ten_crop_evaluation(recipe: ModuleType, data: Path,
     assert share_transform.get_plan(share_transform.load(output / "checkpoint-last.safetensors")) is None
 
 
+@pytest.mark.parametrize(
+    ("script", "took_effect"),
+    [
+        ("train_imagenet.py", lambda model: [len(model.layer1), len(model.layer4)] == [2, 2]),  # resnet50: 3, 3
+        ("train_cifar.py", lambda model: model.drop_rate == 0.2),
+    ],
+)
+def test_model_kwargs_example_builds_the_default_arch(script: str, took_effect) -> None:
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "recipes" / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.get_args_parser()
+    (action,) = [a for a in parser._actions if "--model-kwargs" in a.option_strings]
+    example = re.search(r"e\.g\. '(\{.*\})' for (\S+)", action.help)
+    assert example is not None and example[2] == parser.get_default("arch")
+    with torch.device("meta"):  # nothing allocated
+        model = share_transform.build_model(example[2], **json.loads(example[1]))
+    assert took_effect(model)
+
+
 def test_synthetic_data(recipe: ModuleType, tmp_path: Path, capsys) -> None:
     output = tmp_path / "run"
     argv = recipe_argv(tmp_path / "unused", output, "--synthetic", "--epochs", "1", "--batch-size", "2")

@@ -31,7 +31,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, state_path, weights_pa
 from .data.sampling import SyntheticDataset, make_loader, set_epoch
 from .distributed import DistInfo, init_distributed, print0, world_from_env
 from .loop import EpochStats, Normalize, evaluate, train_one_epoch, train_step
-from .metrics import METRIC_KEYS, plot_curves, read_metrics
+from .metrics import METRIC_KEYS, curves_title, plot_curves, read_metrics
 from .optim import build_optimizer, build_scheduler, scaled_lr, unique_parameters
 from .trainer import (
     TrainConfig,
@@ -61,6 +61,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_output",
+    "curves_title",
     "evaluate",
     "fit",
     "init_distributed",

@@ -12,8 +12,9 @@ Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, ``-
 Example:
     >>> parser = argparse.ArgumentParser()
     >>> parser.add_argument("--data")
-    >>> add_training_args(parser, arch="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-    ...                   milestones=(30, 60), gamma=0.1, policy="imagenet", init="fan_out")
+    >>> add_training_args(parser, arch="resnet50", epochs=90, batch_size=256, lr=0.1, lr_reference_batch=256,
+    ...                   weight_decay=1e-4, milestones=(30, 60), gamma=0.1, policy="imagenet", init="fan_out",
+    ...                   model_kwargs_example='{"layers": [2, 2, 2, 2]}')
     >>> args = resolve_args(parser.parse_args(), recipe="imagenet")
 """
 
@@ -45,15 +46,19 @@ def add_training_args(
     policy: str,
     init: str,
     workers: int = 8,
+    model_kwargs_example: str,
 ) -> argparse.ArgumentParser:
-    """Add the shared flags to ``parser`` with the recipe's protocol defaults; returns ``parser``."""
+    """Add the shared flags to ``parser`` with the recipe's protocol defaults; returns ``parser``.
+
+    ``model_kwargs_example`` is the ``--model-kwargs`` JSON the help shows: arguments the default ``arch`` takes.
+    """
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default=arch, help=f"timm name, or torchvision:NAME (default {arch})")
     g.add_argument(
         "--model-kwargs",
         default="{}",
         type=_json_object,
-        help="JSON of extra constructor arguments, e.g. '{\"layers\": [2, 2, 2, 2]}' (advanced)",
+        help=f"JSON of extra constructor arguments, e.g. '{model_kwargs_example}' for {arch} (advanced)",
     )
     g.add_argument(
         "--share",

@@ -25,14 +25,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
-from ..errors import FileFormatError
+from ..errors import ConfigError, FileFormatError
 from ..fs import atomic_write
 
 RUN_FILE = "run.json"  # what was trained (written by the trainer, read by the report)
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+
+_DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
 
 METRIC_KEYS = (
     "epoch",
@@ -93,14 +95,53 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def plot_curves(path: Path, history: Sequence[dict[str, Any]], *, title: str = "") -> None:
-    """Draw training loss (left) and test top-1/top-5 error (right) per epoch into ``path``, atomically."""
+def dataset_name(dataset: str) -> str:
+    """How figures and reports write a ``run.json`` dataset: ``"cifar10"`` -> ``"CIFAR-10"``; others as recorded."""
+    return _DATASET_NAMES.get(dataset, dataset)
+
+
+def curves_title(info: dict[str, Any]) -> str:
+    """The heading of ``curves.png``, from the run's ``run.json`` record, so it names the data the run trained on.
+
+    >>> curves_title({"arch": "wrn_40_4", "dataset": "cifar10", "share": True})
+    'wrn_40_4 on CIFAR-10, ShaResNet'
+    """
+    return f"{info['arch']} on {dataset_name(info['dataset'])}, {'ShaResNet' if info['share'] else 'original'}"
+
+
+def require_matplotlib() -> None:
+    """Check that matplotlib, which draws ``curves.png`` and the report's figures, is installed.
+
+    Raises:
+        ConfigError: it is not; the message names the extra that installs it.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"matplotlib draws curves.png and the report's figures ({e}): pip install 'share-transform[train]'"
+        ) from None
+
+
+def new_figure(figsize: tuple[float, float], **kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` on its own Agg canvas: no display needed, matplotlib's global backend untouched.
+
+    Raises:
+        ConfigError: matplotlib is not installed (see :func:`require_matplotlib`).
+    """
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    epochs = [r["epoch"] for r in history]
-    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    fig = Figure(figsize=figsize, **kwargs)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_curves(path: Path, history: Sequence[dict[str, Any]], *, title: str = "") -> None:
+    """Draw training loss (left) and test top-1/top-5 error (right) per epoch into ``path``, atomically."""
+    epochs = [r["epoch"] for r in history]
+    fig = new_figure((10, 4), dpi=100, layout="constrained")
     ax_loss, ax_err = fig.subplots(1, 2)
     # Training loss alone, as Figure 4: an early test loss of an untrained BatchNorm can be 1000x larger.
     ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
@@ -121,7 +162,11 @@ class ProgressBar:
     """A one-line progress bar: step, loss, images/s and ETA.
 
     On a terminal it redraws in place; otherwise (logs, CI) it prints a line at every tenth of the epoch.
+    Each value keeps one precision (:data:`FORMATS`), so a loss reads 2.3026 then 0.1235, never 2.303 then 0.1235.
     """
+
+    #: Format of each named value; others get 4 decimals.
+    FORMATS: ClassVar[dict[str, str]] = {"loss": ".4f", "img_s": ".1f"}
 
     def __init__(self, total: int, desc: str, stream: TextIO | None = None) -> None:
         self.total, self.desc = total, desc
@@ -136,7 +181,7 @@ class ProgressBar:
         eta = elapsed / done * (self.total - done) if done else 0.0
         width = 24
         filled = int(width * done / self.total) if self.total else width
-        fields = "  ".join(f"{k.replace('_', '/')} {v:.4g}" for k, v in values.items())
+        fields = "  ".join(f"{k.replace('_', '/')} {v:{self.FORMATS.get(k, '.4f')}}" for k, v in values.items())
         line = f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  {fields}  eta {_clock(eta)}"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")

@@ -53,6 +53,7 @@ from .metrics import (
     ProgressBar,
     append_metrics,
     plot_curves,
+    require_matplotlib,
     write_metrics,
     write_text,
 )
@@ -228,10 +229,7 @@ def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[
         raise MissingFileError(f"--resume: {output} holds no checkpoint-last to continue from")
     if resume and args is not None:
         _check_same_protocol(output, vars(args) if isinstance(args, argparse.Namespace) else args)
-    try:
-        import matplotlib  # noqa: F401  (curves.png is part of the output contract)
-    except ImportError as e:
-        raise ConfigError("matplotlib is needed to draw curves.png: pip install 'share-transform[train]'") from e
+    require_matplotlib()  # curves.png is part of the output contract
 
 
 def _check_same_protocol(output: Path, args: dict[str, Any]) -> None:
@@ -467,7 +465,7 @@ def _epoch_summary(r: dict[str, Any]) -> str:
     return (
         f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}  top-1 err {r['train_top1_err']:.2f}%  | "
         f"val loss {r['val_loss']:.4f}  top-1 err {r['val_top1_err']:.2f}%  top-5 err {r['val_top5_err']:.2f}%  | "
-        f"{r['images_per_s']:.0f} img/s  lr {r['lr']:.4g}"
+        f"{r['images_per_s']:.1f} img/s  lr {r['lr']:.4g}"
     )
 
 

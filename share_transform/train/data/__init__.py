@@ -15,6 +15,7 @@ from .cifar import (
     load_preprocessing,
     read_cifar,
     save_preprocessing,
+    synthetic_cifar,
     write_cifar,
     zca_cache_path,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "load_preprocessing",
     "read_cifar",
     "save_preprocessing",
+    "synthetic_cifar",
     "write_cifar",
     "zca_cache_path",
 ]

@@ -64,6 +64,7 @@ __all__ = [
     "load_preprocessing",
     "read_cifar",
     "save_preprocessing",
+    "synthetic_cifar",
     "write_cifar",
     "zca_cache_path",
 ]
@@ -559,6 +560,40 @@ def load_cifar(
         except DataError:
             download_cifar(root, name)
     train, test = read_cifar(root, name, train=True), read_cifar(root, name, train=False)
+    return _preprocessed(name, train, test, preprocess, hflip=hflip)
+
+
+def synthetic_cifar(
+    dataset: str,
+    preprocess: str | Preprocessing = "zca",
+    *,
+    train_size: int,
+    test_size: int,
+    seed: int = 0,
+    hflip: bool = True,
+) -> CifarData:
+    """Random uint8 images with random labels, in ``dataset``'s shape and classes, preprocessed as :func:`load_cifar`
+    does: the recipe's whole pipeline without files, for ``--synthetic`` timing runs. A function of ``seed``.
+
+    >>> data = synthetic_cifar("cifar100", "meanstd", train_size=256, test_size=64)
+    >>> len(data.train), data.num_classes
+    (256, 100)
+    """
+    name = _check_name(dataset)
+    rng = np.random.default_rng(seed)
+    classes = tuple(f"class_{i}" for i in range(_NUM_CLASSES[name]))
+
+    def split(n: int) -> CifarSplit:
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        return CifarSplit(images, rng.integers(0, len(classes), n, dtype=np.int64), classes)
+
+    return _preprocessed(name, split(train_size), split(test_size), preprocess, hflip=hflip)
+
+
+def _preprocessed(
+    name: str, train: CifarSplit, test: CifarSplit, preprocess: str | Preprocessing, *, hflip: bool
+) -> CifarData:
+    """Both splits transformed with the training split's statistics (fitted now, or ``preprocess`` as given)."""
     train_x, test_x = _to_float(train.images), _to_float(test.images)
     transform = _fit_or_cached(preprocess, train_x, root, name) if isinstance(preprocess, str) else preprocess
     if transform.mean.numel() not in (3, train_x[0].numel()):

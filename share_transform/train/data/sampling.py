@@ -250,6 +250,11 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     loader.sampler.set_epoch(epoch)
 
 
+#: Size of a ``--synthetic`` run's epoch, in batches: long enough to time, short enough to be a smoke test.
+SYNTHETIC_TRAIN_BATCHES = 20
+SYNTHETIC_VAL_BATCHES = 5
+
+
 class SyntheticDataset(Dataset):
     """``length`` random uint8 images ``3 x size x size`` with random labels, a pure function of the index.
 

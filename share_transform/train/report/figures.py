@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import paper
 from ...fs import atomic_write
+from ..metrics import new_figure
 from .results import Result, _paper_table2_row, dataset_name, paper_model_name
 
 if TYPE_CHECKING:
@@ -20,16 +21,6 @@ FIGURE4_FILE = "figure4_curves.png"
 FIGURE5_FILE = "figure5_error_vs_params.png"
 
 _ORIGINAL_COLOUR, _SHARED_COLOUR = "tab:blue", "tab:green"  # the paper's Figure 5 colours
-
-
-def _figure(figsize: tuple[float, float]) -> Any:
-    """A figure on its own Agg canvas: no display needed, and matplotlib's global backend is left alone."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
@@ -56,7 +47,7 @@ def _paper_points(dataset: str) -> tuple[list[tuple[float, float, str]], list[tu
 def plot_figure5(report: Report, path: str | os.PathLike[str]) -> Path:
     """Top-1 error against millions of parameters, originals and shared nets, one panel per dataset."""
     datasets = sorted({r.config.dataset for r in report.results})
-    fig = _figure((6 * len(datasets), 4.5))
+    fig = new_figure((6 * len(datasets), 4.5))
     axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for share, colour in ((False, _ORIGINAL_COLOUR), (True, _SHARED_COLOUR)):
@@ -109,7 +100,7 @@ def plot_figure4(report: Report, path: str | os.PathLike[str]) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     rows = len(report.table2)
-    fig = _figure((11, 3.6 * rows))
+    fig = new_figure((11, 3.6 * rows))
     axes = fig.subplots(rows, 2, squeeze=False)
     for (ax_loss, ax_acc), entry in zip(axes, report.table2):
         title = f"{paper_model_name(entry.original.config.arch)}, {dataset_name(entry.original.config.dataset)}"

@@ -11,6 +11,7 @@ from typing import Any
 
 from ... import paper
 from ...errors import ReportError
+from ..metrics import dataset_name
 from .runs import Run
 
 __all__ = [
@@ -30,8 +31,6 @@ __all__ = [
 #: Table 3 pairs a shared net with an unshared one whose parameter count is within this fraction of its own
 #: (the paper's pairs differ by at most 3.1%: 0.93 M against 0.96 M).
 EQUAL_SIZE_TOLERANCE = 0.10
-
-_DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
 
 
 @dataclass(frozen=True)
@@ -140,10 +139,6 @@ def paper_model_name(arch: str) -> str:
     if m := re.fullmatch(r"(?:preact_)?resnet(\d+)", arch):
         return f"ResNet-{m[1]}"
     return arch
-
-
-def dataset_name(dataset: str) -> str:
-    return _DATASET_NAMES.get(dataset, dataset)
 
 
 def _paper_table2_row(dataset: str, arch: str) -> paper.Table2Row | None:
