@@ -560,7 +560,7 @@ def load_cifar(
         except DataError:
             download_cifar(root, name)
     train, test = read_cifar(root, name, train=True), read_cifar(root, name, train=False)
-    return _preprocessed(name, train, test, preprocess, hflip=hflip)
+    return _preprocessed(name, train, test, preprocess, hflip=hflip, cache_root=root)
 
 
 def synthetic_cifar(
@@ -587,15 +587,27 @@ def synthetic_cifar(
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         return CifarSplit(images, rng.integers(0, len(classes), n, dtype=np.int64), classes)
 
-    return _preprocessed(name, split(train_size), split(test_size), preprocess, hflip=hflip)
+    return _preprocessed(name, split(train_size), split(test_size), preprocess, hflip=hflip, cache_root=None)
 
 
 def _preprocessed(
-    name: str, train: CifarSplit, test: CifarSplit, preprocess: str | Preprocessing, *, hflip: bool
+    name: str,
+    train: CifarSplit,
+    test: CifarSplit,
+    preprocess: str | Preprocessing,
+    *,
+    hflip: bool,
+    cache_root: str | os.PathLike[str] | None,
 ) -> CifarData:
-    """Both splits transformed with the training split's statistics (fitted now, or ``preprocess`` as given)."""
+    """Both splits transformed with the training split's statistics: fitted now (a ZCA cached under
+    ``cache_root``, when given), or ``preprocess`` as given."""
     train_x, test_x = _to_float(train.images), _to_float(test.images)
-    transform = _fit_or_cached(preprocess, train_x, root, name) if isinstance(preprocess, str) else preprocess
+    if not isinstance(preprocess, str):
+        transform = preprocess
+    elif cache_root is None:
+        transform = fit_preprocessing(preprocess, train_x)
+    else:
+        transform = _fit_or_cached(preprocess, train_x, cache_root, name)
     if transform.mean.numel() not in (3, train_x[0].numel()):
         raise DataError(
             f"the saved {transform.kind} transform has {transform.mean.numel()} features; "
