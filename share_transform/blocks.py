@@ -30,6 +30,14 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 
 
+class BranchConv(NamedTuple):
+    """A conv with a kernel larger than 1 on a block's residual branch."""
+
+    path: str  # module path
+    signature: ConvSignature
+    conv_input: tuple[int, int]  # spatial size (H, W) of its input
+
+
 class ResidualBlock(NamedTuple):
     """One residual block and its spatial conv."""
 
@@ -38,6 +46,7 @@ class ResidualBlock(NamedTuple):
     signature: ConvSignature
     conv_input: tuple[int, int]  # spatial size (H, W) of the spatial conv's input: its stage for grouping
     output: tuple[int, int]  # spatial size of the block's output: delimits stages
+    branch_convs: tuple[BranchConv, ...] = ()  # every spatial conv of the branch, in compute order (scope "all")
 
 
 def _is_add(n: fx.Node) -> bool:
@@ -140,13 +149,18 @@ def find_blocks(graph: fx.Graph, model: nn.Module) -> list[ResidualBlock]:
         branches = [_branch(arg, block_input) for arg in (lhs, rhs)]
         convs = [_conv_nodes(b, modules) for b in branches]
         residual = max(range(2), key=lambda i: (len(convs[i]), len(branches[i])))
-        spatial = [n for n in convs[residual] if max(modules[_path(n)].kernel_size) > 1]
+        spatial = sorted((n for n in convs[residual] if max(modules[_path(n)].kernel_size) > 1), key=order.__getitem__)
         if not spatial:
             continue
-        conv_node = max(spatial, key=order.__getitem__)
+        conv_node = spatial[-1]
         conv_in = _shape(conv_node.args[0])
         if conv_in is None or len(conv_in) != 4:
             continue
+        branch = []
+        for n in spatial:
+            shape = _shape(n.args[0])
+            if shape is not None and len(shape) == 4:
+                branch.append(BranchConv(_path(n), ConvSignature.of(modules[_path(n)]), (shape[2], shape[3])))
         paths = sorted(_path(n) for n in branches[residual] if n.op == "call_module")
         block = ResidualBlock(
             name=_common_path(paths) or add.name,
@@ -154,6 +168,7 @@ def find_blocks(graph: fx.Graph, model: nn.Module) -> list[ResidualBlock]:
             signature=ConvSignature.of(modules[_path(conv_node)]),
             conv_input=(conv_in[2], conv_in[3]),
             output=(out_shape[2], out_shape[3]),
+            branch_convs=tuple(branch),
         )
         add.meta[BLOCK_KEY] = block
         blocks.append(block)

@@ -36,6 +36,11 @@ class PlanMismatchError(ShareError, ValueError):
     """A plan does not fit the model it is applied to."""
 
 
+class ShareOptionError(ShareError, ValueError):
+    """A sharing option (group size, scope, templates, budget) is out of range, conflicts with another, or
+    cannot be met."""
+
+
 class UnknownModelError(ShareError, ValueError):
     """No timm or torchvision model has this name."""
 

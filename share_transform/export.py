@@ -9,11 +9,16 @@ appears at its path:
 * the number of distinct Conv weight initializers equals the model's distinct conv weights;
 * onnxruntime's output matches PyTorch's on a random batch within ``atol`` (1e-4 by default).
 
+A soft-shared model (``templates=k``) is exported with each member's effective weight baked in, one
+initializer per member: ONNX has no parametrization, so soft sharing saves parameters in training and in the
+safetensors file, not in the ONNX graph.
+
 Exporting needs the ``onnx``, ``onnxruntime`` and ``onnxscript`` packages.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Sequence
@@ -28,6 +33,7 @@ from .apply import get_plan
 from .errors import ExportError, InputSizeError
 from .fs import atomic_write
 from .modelinfo import check_model, default_input_size, distinct_conv_weights, model_name
+from .soft import bake, is_soft
 from .trace import eval_mode
 
 __all__ = ["OnnxExport", "export_onnx"]
@@ -46,8 +52,9 @@ class OnnxExport:
     opset: int
     conv_nodes: int  # Conv nodes in the graph
     conv_weight_initializers: int  # distinct initializers the Conv nodes read their weight from
-    distinct_conv_weights: int  # distinct nn.Conv2d weights of the PyTorch model
+    distinct_conv_weights: int  # distinct nn.Conv2d weights of the exported (baked) PyTorch model
     max_abs_diff: float  # onnxruntime vs PyTorch on the check batch
+    baked_convs: int = 0  # soft-shared convs exported with their effective weight, one initializer each
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -60,6 +67,7 @@ class OnnxExport:
             f"wrote {self.path} ({self.file_bytes:,} bytes, opset {self.opset}): {self.conv_nodes} Conv nodes read "
             f"{self.conv_weight_initializers} weight initializers (the model has {self.distinct_conv_weights} "
             f"distinct conv weights); onnxruntime matches PyTorch within {self.max_abs_diff:.1e}"
+            + (f"; {self.baked_convs} soft-shared convs were baked into their own weights" if self.baked_convs else "")
         )
 
 
@@ -125,8 +133,11 @@ def export_onnx(
     model = check_model(model)
     name = model_name(model)
     onnx, ort = _onnx_modules()
+    recorded = get_plan(model)
+    baked = sum(isinstance(m, nn.Conv2d) and is_soft(m) for m in model.modules())
+    if baked:
+        model = bake(copy.deepcopy(model))  # the caller's model keeps its templates
     if input_size is None:
-        recorded = get_plan(model)
         input_size = recorded.input_size if recorded is not None else default_input_size(model)
     size = tuple(int(s) for s in input_size)
     if len(size) != 3 or min(size) < 1:
@@ -185,5 +196,6 @@ def export_onnx(
         file_bytes=written.stat().st_size,
         input_size=size,
         distinct_conv_weights=expected_convs,
+        baked_convs=baked,
         **result,
     )

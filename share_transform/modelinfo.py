@@ -8,8 +8,17 @@ from torch import nn
 
 from .build import build_spec
 from .errors import InputSizeError, NotAModuleError
+from .soft import bank_of, coefficients_of
 
-__all__ = ["check_input_size", "check_model", "default_input_size", "distinct_conv_weights", "model_name"]
+__all__ = [
+    "check_input_size",
+    "check_model",
+    "conv_weight_keys",
+    "default_input_size",
+    "distinct_conv_weights",
+    "model_name",
+    "weight_storage",
+]
 
 
 def model_name(model: nn.Module) -> str:
@@ -51,5 +60,23 @@ def check_model(model: object) -> nn.Module:
 
 
 def distinct_conv_weights(model: nn.Module) -> int:
-    """Distinct ``nn.Conv2d`` weights of ``model``: a shared weight counts once."""
-    return len({id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)})
+    """Distinct ``nn.Conv2d`` weights of ``model``: a shared weight counts once, a template bank of k as k."""
+    return len({key for m in model.modules() if isinstance(m, nn.Conv2d) for key in conv_weight_keys(m)})
+
+
+def conv_weight_keys(conv: nn.Conv2d) -> set[tuple[int, int]]:
+    """Identities of the weights behind ``conv``: its Parameter, or each template of the bank it mixes.
+
+    A soft member's ``weight`` is recomputed on every access, so its identity is its bank's.
+    """
+    bank = bank_of(conv)
+    return {(id(bank), i) for i in range(bank.k)} if bank is not None else {(id(conv.weight), 0)}
+
+
+def weight_storage(conv: nn.Conv2d) -> dict[int, int]:
+    """The tensors that hold ``conv``'s weight, ``{id: numel}``: its Parameter, or its coefficients and bank."""
+    bank = bank_of(conv)
+    if bank is None:
+        return {id(conv.weight): conv.weight.numel()}
+    coefficients = coefficients_of(conv)
+    return {id(coefficients): coefficients.numel(), id(bank.templates): bank.templates.numel()}

@@ -7,20 +7,33 @@ that prints as a per-stage table and converts to and from JSON-ready dicts. ``ap
 The rule (Boulch, "ShaResNet: reducing residual network parameter number by sharing weights",
 arXiv 1702.08782; docs/design.md, The sharing rule): in every stage, the blocks' spatial convs that have the same
 input resolution and the same conv signature, and stride 1, point at one shared weight.
+
+Options turn that one operating point into a dial: ``group_size`` cuts a stage's sharable convs into runs
+that each share one weight, ``scope="all"`` shares every spatial conv of the residual branch (both 3x3s of a
+basic block), ``templates=k`` makes each run a soft-shared group (a bank of k templates mixed by per-conv
+coefficients; Savarese & Maire, ICLR 2019) and ``budget`` picks the least sharing that fits a parameter budget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from .blocks import ResidualBlock, find_blocks, lost_reductions
-from .errors import InputSizeError, NoSpatialConvError, UnknownPolicyError
-from .modelinfo import check_input_size, check_model, default_input_size, distinct_conv_weights, model_name
-from .policies import POLICIES, Policy
+from .blocks import BranchConv, ResidualBlock, find_blocks, lost_reductions
+from .errors import InputSizeError, NoSpatialConvError, ShareOptionError, UnknownPolicyError
+from .modelinfo import (
+    check_input_size,
+    check_model,
+    conv_weight_keys,
+    default_input_size,
+    distinct_conv_weights,
+    model_name,
+    weight_storage,
+)
+from .policies import POLICIES, SCOPES, Policy
 from .signature import ConvSignature
 from .text import format_columns
 from .trace import propagate_shapes, trace_model
@@ -28,6 +41,7 @@ from .trace import propagate_shapes, trace_model
 KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
 KEPT_UNIQUE = "no other spatial conv of this stage and signature"
+KEPT_RUN = "alone in its run of group_size"
 
 
 @dataclass(frozen=True)
@@ -52,12 +66,30 @@ class ShareGroup:
     resolution: tuple[int, int]  # spatial size of the members' input
     signature: ConvSignature
     members: tuple[str, ...]  # module paths, in the order the model computes them
-    numel: int  # elements of the shared weight
+    numel: int  # elements of the shared weight (of one template)
+    templates: int | None = None  # soft sharing: a bank of this many templates; None = one hard-shared weight
+
+    @property
+    def unique(self) -> int:
+        """Parameters the group holds: the shared weight, or the bank plus each member's coefficients."""
+        if self.templates is None:
+            return self.numel
+        return self.templates * (self.numel + len(self.members))
 
     @property
     def saved(self) -> int:
-        """Parameters the group saves against a model in which every member has its own weight."""
-        return self.numel * (len(self.members) - 1)
+        """Parameters the group saves against a model in which every member has its own weight (< 0: adds)."""
+        return self.numel * len(self.members) - self.unique
+
+    @property
+    def weights(self) -> int:
+        """Distinct conv weights the group holds: 1, or its templates."""
+        return self.templates or 1
+
+    def describe(self) -> str:
+        """``one 64x64x3x3 weight`` or ``2 templates 64x64x3x3``."""
+        shape = self.signature.describe()
+        return f"one {shape} weight" if self.templates is None else f"{self.templates} templates {shape}"
 
 
 @dataclass(frozen=True)
@@ -87,6 +119,19 @@ class SharePlan:
     params_after: int
     convs_before: int
     convs_after: int
+    group_size: int | None = None  # convs per run; None = the whole stage
+    scope: str = "last"
+    templates: int | None = None  # soft sharing with this many templates per group; None = hard sharing
+    budget: float | None = None  # the budget that chose group_size, when one was given
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The sharing options, as ``plan`` takes them (``budget`` already resolved into ``group_size``)."""
+        return {"group_size": self.group_size, "scope": self.scope, "templates": self.templates, "budget": self.budget}
+
+    def describe_options(self) -> str:
+        """The options that differ from the paper's, e.g. ``group size 2, scope all, 2 templates``."""
+        return describe_sharing(self.options)
 
     @property
     def decrease(self) -> float:
@@ -128,6 +173,7 @@ class SharePlan:
             "params_after": self.params_after,
             "convs_before": self.convs_before,
             "convs_after": self.convs_after,
+            **self.options,
         }
 
     @classmethod
@@ -157,6 +203,7 @@ class SharePlan:
                     signature=ConvSignature.from_dict(g["signature"]),
                     members=tuple(g["members"]),
                     numel=g["numel"],
+                    templates=g.get("templates"),
                 )
                 for g in d["groups"]
             ),
@@ -164,11 +211,16 @@ class SharePlan:
             params_after=d["params_after"],
             convs_before=d["convs_before"],
             convs_after=d["convs_after"],
+            # Files written before the options existed hold the paper's plan.
+            group_size=d.get("group_size"),
+            scope=d.get("scope", "last"),
+            templates=d.get("templates"),
+            budget=d.get("budget"),
         )
 
     def __str__(self) -> str:
         size = "x".join(str(s) for s in self.input_size)
-        rows = [("stage", "resolution", "blocks", "shared", "shared weight", "params saved")]
+        rows = [("stage", "resolution", "blocks", "shared", "groups", "shared weight", "templates", "params saved")]
         for s in self.stages:
             groups = [g for g in self.groups if g.stage == s.index]
             rows.append(
@@ -177,15 +229,37 @@ class SharePlan:
                     "x".join(str(r) for r in s.resolution),
                     str(len(s.blocks)),
                     f"{sum(c.group is not None for c in s.spatial_convs)}/{len(s.spatial_convs)}",
-                    ", ".join(g.signature.describe() for g in groups) or "-",
+                    str(len(groups)),
+                    ", ".join(sorted({g.signature.describe() for g in groups})) or "-",
+                    str(self.templates) if self.templates is not None and groups else "-",
                     f"{sum(g.saved for g in groups):,}",
                 )
             )
-        lines = [f'ShaResNet plan for {self.model_name} (policy "{self.policy}", input {size})']
-        lines += format_columns(rows, left={1, 4})
+        options = self.describe_options()
+        lines = [
+            f'ShaResNet plan for {self.model_name} (policy "{self.policy}", input {size}'
+            + (f"; {options})" if options else ")")
+        ]
+        lines += format_columns(rows, left={1, 5})
         lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} (-{100 * self.decrease:.1f}%)")
         lines.append(f"distinct conv weights: {self.convs_before} -> {self.convs_after}")
         return "\n".join(lines)
+
+
+def describe_sharing(options: Mapping[str, Any] | None) -> str:
+    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``; absent or None = the paper's) as
+    words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
+    options = options or {}
+    parts = []
+    if options.get("group_size") is not None:
+        parts.append(f"group size {options['group_size']}")
+    if options.get("scope") not in (None, "last"):
+        parts.append(f"scope {options['scope']}")
+    if options.get("templates") is not None:
+        parts.append(f"{options['templates']} templates")
+    if options.get("budget") is not None:
+        parts.append(f"budget {options['budget']:g}")
+    return ", ".join(parts)
 
 
 def check_policy(policy: str, name: str) -> Policy:
@@ -207,31 +281,91 @@ def _stages(blocks: Sequence[ResidualBlock]) -> list[list[ResidualBlock]]:
     return stages
 
 
-def plan(model: nn.Module, policy: str = "imagenet", *, input_size: Sequence[int] | None = None) -> SharePlan:
+def check_options(
+    name: str,
+    rule: Policy,
+    *,
+    group_size: int | None,
+    scope: str | None,
+    templates: int | None,
+    budget: float | None,
+) -> str:
+    """Check the sharing options against each other and ``rule``; returns the scope to use.
+
+    Raises:
+        ShareOptionError: one line saying which option is wrong and what it takes.
+    """
+
+    def positive_int(value: object, option: str, none_means: str) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ShareOptionError(f"{name}: {option} must be an integer >= 1 (or None: {none_means}), got {value!r}")
+
+    positive_int(group_size, "group_size", "the whole stage")
+    positive_int(templates, "templates", "hard sharing")
+    if scope is not None and scope not in SCOPES:
+        raise ShareOptionError(f"{name}: unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+            raise ShareOptionError(f"{name}: budget is a fraction of the original parameters in (0, 1], got {budget!r}")
+        if group_size is not None:
+            raise ShareOptionError(f"{name}: give budget or group_size, not both (the budget chooses the group size)")
+    if rule.needs_templates and templates is None:
+        raise ShareOptionError(
+            f"{name}: policy {rule.name!r} is soft sharing; give templates=k (k >= 1 templates per stage)"
+        )
+    return scope if scope is not None else rule.scope
+
+
+def plan(
+    model: nn.Module,
+    policy: str = "imagenet",
+    *,
+    input_size: Sequence[int] | None = None,
+    group_size: int | None = None,
+    scope: str | None = None,
+    templates: int | None = None,
+    budget: float | None = None,
+) -> SharePlan:
     """Plan the ShaResNet transform of ``model`` without changing it.
 
     Args:
         model: a timm or torchvision ResNet / Wide-ResNet / ResNeXt (any residual CNN whose blocks end in
             an ``add``).
-        policy: ``"imagenet"`` (default; every stride-1 spatial conv of a stage shares) or ``"cifar"``
-            (the first block of every stage keeps its own conv).
+        policy: ``"imagenet"`` (default; every stride-1 spatial conv of a stage shares), ``"cifar"``
+            (the first block of every stage keeps its own conv) or ``"swrn"`` (the soft-sharing WRN:
+            policy ``cifar`` with scope ``"all"``; ``templates`` required).
         input_size: ``(C, H, W)`` for shape propagation; defaults to the model's own.
+        group_size: the sharable spatial convs of a stage, in the order the model computes them, are cut
+            into consecutive runs of this many; each run shares one weight. None (default) = the whole
+            stage, as the paper; 1 = no sharing.
+        scope: ``"last"`` (the block's last spatial conv, as the paper) or ``"all"`` (every spatial conv on
+            the residual branch, e.g. both 3x3s of a basic block); default: the policy's (``"last"``
+            except for ``swrn``).
+        templates: None (default) = hard sharing, one Parameter per run; ``k >= 1`` = soft sharing: each
+            run owns a bank of k templates and each member k coefficients.
+        budget: the least sharing that brings the unique parameters to at most ``budget`` x the
+            original: the smallest ``group_size`` that reaches it (recorded in the plan).
 
     Returns:
         A :class:`SharePlan`; ``print`` it for the per-stage table.
 
     Raises:
-        NotAModuleError, UnknownPolicyError, TraceError, InputSizeError, NoSpatialConvError.
+        NotAModuleError, UnknownPolicyError, ShareOptionError (an option out of range, ``budget`` with
+        ``group_size``, ``swrn`` without ``templates``, an unreachable budget), TraceError, InputSizeError,
+        NoSpatialConvError.
 
     Example:
         >>> import timm, share_transform
         >>> p = share_transform.plan(timm.create_model("resnet50"))
         >>> p.params_before, p.params_after
         (25557032, 20469800)
+        >>> share_transform.plan(timm.create_model("resnet101"), budget=0.75).group_size  # 44.5 M -> 32.4 M
+        4
     """
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
+    scope = check_options(name, rule, group_size=group_size, scope=scope, templates=templates, budget=budget)
     size = check_input_size(input_size, name) if input_size is not None else default_input_size(model)
     graph = trace_model(model, name)
     propagate_shapes(model, graph, size, name)
@@ -248,49 +382,82 @@ def plan(model: nn.Module, policy: str = "imagenet", *, input_size: Sequence[int
             "share_transform works on residual CNNs (ResNet, Wide-ResNet, ResNeXt and their timm variants)."
         )
 
-    # Candidates: stride-1 spatial convs not kept by the policy, grouped by (input resolution, signature).
+    # Candidates: stride-1 spatial convs not kept by the policy, grouped by (input resolution, signature),
+    # each list in the order the model computes them.
     stage_blocks = _stages(blocks)
     candidates: dict[tuple[tuple[int, int], ConvSignature], list[str]] = {}
-    placed: list[tuple[int, int, ResidualBlock, str | None]] = []
+    placed: list[tuple[int, int, ResidualBlock, BranchConv, str | None]] = []
     for s, stage in enumerate(stage_blocks, start=1):
         for position, b in enumerate(stage):
-            kept = None
-            if not b.signature.is_stride_one:
-                kept = KEPT_STRIDE
-            elif rule.keep_first_block and position == 0:
-                kept = KEPT_FIRST_BLOCK
-            else:
-                candidates.setdefault((b.conv_input, b.signature), []).append(b.spatial_conv)
-            placed.append((s, position, b, kept))
+            convs = b.branch_convs if scope == "all" else (BranchConv(b.spatial_conv, b.signature, b.conv_input),)
+            for c in convs:
+                kept = None
+                if not c.signature.is_stride_one:
+                    kept = KEPT_STRIDE
+                elif rule.keep_first_block and position == 0:
+                    kept = KEPT_FIRST_BLOCK
+                else:
+                    candidates.setdefault((c.conv_input, c.signature), []).append(c.path)
+                placed.append((s, position, b, c, kept))
 
     modules = dict(model.named_modules())
-    groups: list[ShareGroup] = []
-    group_of: dict[str, int] = {}
-    stage_of = {b.spatial_conv: s for s, _, b, _ in placed}
-    saved_now = 0
-    removed_now = 0
-    for (resolution, sig), members in candidates.items():
-        if len(members) < 2:
-            continue
-        weights = [modules[m].weight for m in members]
-        distinct = len({id(w) for w in weights})
-        saved_now += weights[0].numel() * (distinct - 1)
-        removed_now += distinct - 1
-        for m in members:
-            group_of[m] = len(groups)
-        groups.append(ShareGroup(stage_of[members[0]], resolution, sig, tuple(members), weights[0].numel()))
-
-    stages = []
-    for s, stage in enumerate(stage_blocks, start=1):
-        convs = []
-        for _, position, b, kept in (p for p in placed if p[0] == s):
-            group = group_of.get(b.spatial_conv)
-            reason = kept or (KEPT_UNIQUE if group is None else None)
-            convs.append(SpatialConv(b.spatial_conv, b.name, s, position, b.conv_input, b.signature, group, reason))
-        stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(convs)))
-
+    stage_of = {c.path: s for s, _, _, c, _ in placed}
     params_before = sum(p.numel() for p in model.parameters())
     convs_before = distinct_conv_weights(model)
+
+    def grouping(run: int | None) -> tuple[list[ShareGroup], int, int]:
+        """The groups for runs of ``run`` convs, and the parameters and conv weights they remove."""
+        groups: list[ShareGroup] = []
+        saved = removed = 0
+        for (resolution, sig), convs in candidates.items():
+            for start in range(0, len(convs), run or len(convs)):
+                members = convs[start : start + (run or len(convs))]
+                if len(members) < 2:
+                    continue
+                numel = 1
+                for d in sig.weight_shape:
+                    numel *= d
+                group = ShareGroup(stage_of[members[0]], resolution, sig, tuple(members), numel, templates)
+                # What the members hold now (they may be tied already): each tensor once.
+                storage: dict[int, int] = {}
+                keys: set[tuple[int, int]] = set()
+                for m in members:
+                    storage.update(weight_storage(modules[m]))
+                    keys |= conv_weight_keys(modules[m])
+                saved += sum(storage.values()) - group.unique
+                removed += len(keys) - group.weights
+                groups.append(group)
+        return groups, saved, removed
+
+    if budget is not None:
+        longest = max((len(c) for c in candidates.values()), default=1)
+        after = {}
+        for run in range(1, longest + 1):
+            after[run] = params_before - grouping(run)[1]
+            if after[run] <= budget * params_before:
+                group_size = run
+                break
+        else:
+            best = min(after, key=after.__getitem__)
+            raise ShareOptionError(
+                f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+                f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
+                f"parameters (group_size={best})"
+            )
+
+    groups, saved_now, removed_now = grouping(group_size)
+    group_of = {m: i for i, g in enumerate(groups) for m in g.members}
+    peers = {m: len(convs) for convs in candidates.values() for m in convs}
+    stages = []
+    for s, stage in enumerate(stage_blocks, start=1):
+        spatial = []
+        for _, position, b, c, kept in (p for p in placed if p[0] == s):
+            group = group_of.get(c.path)
+            if group is None and kept is None:
+                kept = KEPT_RUN if peers[c.path] > 1 else KEPT_UNIQUE
+            spatial.append(SpatialConv(c.path, b.name, s, position, c.conv_input, c.signature, group, kept))
+        stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(spatial)))
+
     return SharePlan(
         model_name=name,
         policy=rule.name,
@@ -301,4 +468,8 @@ def plan(model: nn.Module, policy: str = "imagenet", *, input_size: Sequence[int
         params_after=params_before - saved_now,
         convs_before=convs_before,
         convs_after=convs_before - removed_now,
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
     )

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ConvSignature:
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvSignature:
         t = type(conv)
+        if parametrize.is_parametrized(conv):  # parametrize swaps in a subclass; the conv is still its base
+            t = t.__bases__[0]
         padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
         return cls(
             conv_class=f"{t.__module__}.{t.__qualname__}",

@@ -18,12 +18,15 @@ from torch import nn
 
 from .build import build_spec
 from .plan import ShareGroup, SharePlan
+from .soft import bank_of
 from .text import format_columns
 
 __all__ = ["ShareSummary", "StageSummary", "summarize"]
 
 REST = "rest"
 TOTAL = "total"
+#: Names of a soft member's coefficients and bank (``conv.parametrizations.weight.*``).
+SOFT_PART = ".parametrizations."
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class ShareSummary:
     rest: StageSummary
     total: StageSummary
     groups: tuple[ShareGroup, ...]
+    options: dict[str, Any]  # the plan's sharing options (group_size, scope, templates, budget)
+    describe_options: str  # the options that differ from the paper's, as the header prints them
     file: Path | None = None  # the file written or inspected
     file_bytes: int | None = None  # its size, header included
 
@@ -75,6 +80,7 @@ class ShareSummary:
             "source": self.source,
             "policy": self.policy,
             "input_size": list(self.input_size),
+            "options": self.options,
             "stages": [s.to_dict() for s in self.stages],
             "rest": self.rest.to_dict(),
             "total": self.total.to_dict(),
@@ -83,6 +89,7 @@ class ShareSummary:
                     "stage": g.stage,
                     "shape": g.signature.describe(),
                     "numel": g.numel,
+                    "templates": g.templates,
                     "members": list(g.members),
                 }
                 for g in self.groups
@@ -118,14 +125,15 @@ class ShareSummary:
                 )
             )
         source = f" ({self.source})" if self.source else ""
-        lines = [f"ShaResNet {self.model}{source}, policy {self.policy}, input {'x'.join(map(str, self.input_size))}"]
+        options = self.describe_options
+        lines = [
+            f"ShaResNet {self.model}{source}, policy {self.policy}, input {'x'.join(map(str, self.input_size))}"
+            + (f", {options}" if options else "")
+        ]
         lines += format_columns(rows, left={1, 7})  # text columns; numbers align right
         for g in self.groups:
             members = g.members if len(g.members) <= 3 else (g.members[0], "...", g.members[-1])
-            lines.append(
-                f"stage {g.stage}: one {g.signature.describe()} weight for {len(g.members)} convs "
-                f"({', '.join(members)})"
-            )
+            lines.append(f"stage {g.stage}: {g.describe()} for {len(g.members)} convs ({', '.join(members)})")
         if self.file is not None:
             lines.append(
                 f"file: {self.file} ({self.file_bytes:,} bytes; unshared tensors take {self.total.bytes_before:,})"
@@ -150,15 +158,21 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
     params = dict.fromkeys(labels, 0)
     nbytes = dict.fromkeys(labels, 0)
     convs = dict.fromkeys(labels, 0)
-    # remove_duplicate=False: "before" counts a shared weight under every member, as if untied.
+    # remove_duplicate=False: "before" counts a shared weight under every member, as if untied; a soft
+    # member counts its weight's shape in place of its coefficients and bank.
     for name, p in model.named_parameters(remove_duplicate=False):
-        params[_owner(name, owners)] += p.numel()
-        nbytes[_owner(name, owners)] += p.numel() * p.element_size()
+        if SOFT_PART not in name:
+            params[_owner(name, owners)] += p.numel()
+            nbytes[_owner(name, owners)] += p.numel() * p.element_size()
     for name, b in model.named_buffers(remove_duplicate=False):
         nbytes[_owner(name, owners)] += b.numel() * b.element_size()
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             convs[_owner(name, owners)] += 1
+            bank = bank_of(m)
+            if bank is not None:
+                params[_owner(name, owners)] += bank.templates[0].numel()
+                nbytes[_owner(name, owners)] += bank.templates[0].numel() * bank.templates.element_size()
 
     modules = dict(model.named_modules())
     saved = dict.fromkeys(labels, 0)
@@ -168,7 +182,7 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         label = str(g.stage)
         saved[label] += g.saved
         saved_bytes[label] += g.saved * modules[g.members[0]].weight.element_size()
-        removed[label] += len(g.members) - 1
+        removed[label] += len(g.members) - g.weights
 
     def row(label: str, resolution: tuple[int, int] | None, blocks: int, spatial: tuple[int, int]) -> StageSummary:
         return StageSummary(
@@ -220,6 +234,8 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         rest=rest,
         total=total,
         groups=share_plan.groups,
+        options=share_plan.options,
+        describe_options=share_plan.describe_options(),
         file=path,
         file_bytes=path.stat().st_size if path is not None else None,
     )

@@ -117,7 +117,9 @@ def test_plan_round_trips_through_json_and_prints_table() -> None:
     text = str(p)
     lines = text.splitlines()
     assert lines[0] == 'ShaResNet plan for resnet152 (policy "imagenet", input 3x224x224)'
-    assert lines[1].split() == ["stage", "resolution", "blocks", "shared", "shared", "weight", "params", "saved"]
-    assert lines[4].split() == ["3", "14x14", "36", "35/36", "256x256x3x3", "20,054,016"]
+    assert lines[1].split() == [
+        "stage", "resolution", "blocks", "shared", "groups", "shared", "weight", "templates", "params", "saved"
+    ]  # fmt: skip
+    assert lines[4].split() == ["3", "14x14", "36", "35/36", "1", "256x256x3x3", "-", "20,054,016"]
     assert lines[-2] == "parameters: 60,192,808 -> 36,821,032 (-38.8%)"
     assert lines[-1] == "distinct conv weights: 155 -> 112"

@@ -44,6 +44,7 @@ def make_run(
     done: int | None = None,
     recipe: str = "cifar",
     policy: str = "cifar",
+    sharing: dict | None = None,
 ) -> Path:
     """A run directory as the recipes write it; the error falls linearly to ``final_top1``."""
     path = root / name
@@ -56,6 +57,7 @@ def make_run(
                 "dataset": dataset,
                 "share": share,
                 "policy": policy if share else None,
+                "sharing": sharing if share else None,
                 "seed": seed,
                 "epochs": epochs,
                 "batch_size": 128,
@@ -230,12 +232,16 @@ def test_figures_are_drawn_from_the_runs(runs, tmp_path):
     # Figure 5: one panel per dataset side by side (3 datasets); Figure 4: one row per pair (3 pairs).
     assert fig5.shape[1] > 2.5 * fig5.shape[0]
     assert fig4.shape[0] == pytest.approx(3 * fig4_one_pair.shape[0], rel=0.02)
-    # Both really hold plotted curves: the paper's blue and green appear.
-    for image in (fig4, fig5):
+
+    # Both really hold plotted curves: Figure 4 the paper's blue (original) and green (shared); Figure 5 one
+    # curve per architecture, in matplotlib's first colours (blue, orange).
+    def pixels(image, colour: tuple[float, float, float]) -> int:
         rgb = image[..., :3]
-        blue = (abs(rgb[..., 0] - 0.12) < 0.05) & (abs(rgb[..., 1] - 0.47) < 0.05) & (abs(rgb[..., 2] - 0.71) < 0.05)
-        green = (abs(rgb[..., 0] - 0.17) < 0.05) & (abs(rgb[..., 1] - 0.63) < 0.05) & (abs(rgb[..., 2] - 0.17) < 0.05)
-        assert blue.sum() > 200 and green.sum() > 200
+        return int(((abs(rgb - colour) < 0.05).all(axis=-1)).sum())
+
+    blue, orange, green = (0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17)
+    assert pixels(fig4, blue) > 200 and pixels(fig4, green) > 200
+    assert pixels(fig5, blue) > 200 and pixels(fig5, orange) > 200
 
 
 def test_report_leaves_the_matplotlib_backend_alone(runs, tmp_path):
@@ -322,3 +328,17 @@ def test_reproduce_prints_every_paper_run_and_writes_the_report(runs, tmp_path, 
     reproduce.main(parser.parse_args([str(runs), "--out", str(tmp_path / "out")]))
     assert "4.17 → 5.10 (+0.93)" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.md", "report.json", FIGURE4_FILE, FIGURE5_FILE}
+
+
+def test_runs_group_by_their_sharing_options(tmp_path):
+    common = {"arch": "wrn_28_1", "dataset": "digits", "share": True, "params": 1}
+    for seed in (0, 1):
+        make_run(tmp_path, f"paper{seed}", **common, seed=seed, final_top1=3 + seed)
+        make_run(tmp_path, f"g2-{seed}", **common, seed=seed, final_top1=5, sharing={"group_size": 2, "scope": None})
+        make_run(tmp_path, f"soft{seed}", **common, seed=seed, final_top1=7, policy="swrn", sharing={"templates": 2})
+    report = write_report([tmp_path], tmp_path / "out")
+    by_label = {r.label: r for r in report.results}
+    assert set(by_label) == {"WRN-28-1 Share", "WRN-28-1 Share (group size 2)", "WRN-28-1 Share (swrn, 2 templates)"}
+    assert by_label["WRN-28-1 Share"].top1.values == (3.0, 4.0)
+    assert by_label["WRN-28-1 Share (swrn, 2 templates)"].seeds == [0, 1]
+    assert {r["sharing"] for r in report.to_json()["results"]} == {"", "group size 2", "2 templates"}

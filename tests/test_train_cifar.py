@@ -233,3 +233,33 @@ def test_digits_experiment_writes_the_digits_as_cifar(tmp_path):
     assert image.shape == (32, 32, 3) and np.array_equal(image[..., 0], image[..., 2])  # grey in RGB
     assert image.max() > 200 and image.min() == 0
     assert digits.milestones(200) == [60, 120, 160] and digits.milestones(10) == [3, 6, 8]
+
+
+def test_soft_shared_run_killed_and_resumed_is_bit_identical(data_dir, tmp_path):
+    # WRN-16-1, policy swrn: block 2 of each stage mixes a bank of 2 templates with its two 3x3s.
+    flags = "--arch wrn_16_1 --policy swrn --templates 2 --epochs 2 --batch-size 32 --deterministic --seed 3"
+    train(data_dir, tmp_path / "straight", flags)
+    run = json.loads((tmp_path / "straight" / "run.json").read_text())
+    assert run["sharing"] == {"group_size": None, "scope": None, "templates": 2, "budget": None}
+    # 3 stages x 2 members, each with 2 coefficients: no weight decay on them, 5e-4 on the rest.
+    state = torch.load(tmp_path / "straight" / "checkpoint-last.state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] and len(groups[1]["params"]) == 3 * 2
+
+    out = tmp_path / "killed"
+    rc, output = kill_on_line(RECIPE, argv(data_dir, out, flags), r"^epoch 2/2 \[.*\] 1/2 ")
+    assert rc == -signal.SIGKILL, output
+    train(data_dir, out, flags + " --resume")
+    resumed = load_file(out / "checkpoint-last.safetensors")
+    straight = load_file(tmp_path / "straight" / "checkpoint-last.safetensors")
+    assert resumed.keys() == straight.keys() and any(k.endswith("bank.templates") for k in resumed)
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+    # A resume with other sharing options is refused in one line, before anything is built.
+    changed = run_script(*argv(data_dir, out, flags.replace("--templates 2", "--templates 4")), "--resume")
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines() == [
+        f"error: --resume: {out} was trained with --templates 2, this command gives --templates 4; its checkpoint "
+        "holds the model these sharing options built, so resume with the same --templates or start a new run in "
+        "another --output"
+    ]

@@ -3,7 +3,9 @@
 A recipe's ``get_args_parser()`` adds its data flags, then calls :func:`add_training_args` with its
 protocol defaults (docs/design.md, Training protocols), and :func:`resolve_args` after parsing.
 
-Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, ``--init``, ``--epochs``,
+Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, the sharing options
+``--group-size``, ``--scope``, ``--templates``, ``--budget`` (see :func:`share_transform.plan`), ``--init``,
+``--epochs``,
 ``--batch-size`` (global), ``--lr`` (per ``--lr-reference-batch`` images), ``--momentum``,
 ``--weight-decay``, ``--lr-milestones``, ``--lr-gamma``, ``--workers``, ``--output``, ``--resume``,
 ``--device``, ``--amp/--no-amp``, ``--channels-last/--no-channels-last``, ``--compile``,
@@ -24,6 +26,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,7 +69,25 @@ def add_training_args(
         default=True,
         help="share one spatial conv weight per stage (ShaResNet; default); --no-share trains the original",
     )
-    g.add_argument("--policy", default=policy, help=f"sharing policy: imagenet or cifar (default {policy})")
+    g.add_argument("--policy", default=policy, help=f"sharing policy: imagenet, cifar or swrn (default {policy})")
+    g.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="spatial convs per shared weight, in runs along each stage (default: the whole stage)",
+    )
+    g.add_argument(
+        "--scope", default=None, help="last: each block's last spatial conv; all: every one (default: the policy's)"
+    )
+    g.add_argument(
+        "--templates", type=int, default=None, help="soft sharing: template bank size per group (default: hard)"
+    )
+    g.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="unique parameters at most this fraction of the original: picks the least sharing that fits",
+    )
     g.add_argument("--init", default=init, choices=MODES, help=f"conv init, He et al. (default {init})")
 
     g = parser.add_argument_group("optimisation")
@@ -164,4 +185,16 @@ def resolve_args(args: argparse.Namespace, *, recipe: str) -> argparse.Namespace
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be at least 0, got {args.workers}")
+    given = [flag for flag in SHARING_FLAGS if getattr(args, flag) is not None]
+    if given and not args.share:
+        raise ConfigError(f"--{given[0].replace('_', '-')} is a sharing option; it needs --share")
     return args
+
+
+#: The sharing options both recipes take, as ``share_transform.plan`` names them.
+SHARING_FLAGS = ("group_size", "scope", "templates", "budget")
+
+
+def sharing_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The sharing options of a run as given (None for an unshared run), for ``run.json`` and the report."""
+    return {flag: getattr(args, flag) for flag in SHARING_FLAGS} if args.share else None

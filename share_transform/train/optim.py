@@ -13,9 +13,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..soft import soft_coefficients
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -37,9 +40,18 @@ def scaled_lr(lr_per_reference: float, global_batch: int, reference_batch: int =
 def build_optimizer(
     model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = True
 ) -> torch.optim.SGD:
-    """SGD over :func:`unique_parameters`, weight decay on all of them (BN and biases included, as the paper)."""
+    """SGD over :func:`unique_parameters`, weight decay on all of them (BN and biases included, as the paper).
+
+    Soft-sharing coefficients form a second param group without weight decay, as the soft-sharing reference
+    code trains them (decaying them would pull every member's weight towards zero).
+    """
+    coefficients = {id(c) for c in soft_coefficients(model)}
+    params = unique_parameters(model)
+    groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in coefficients]}]
+    if coefficients:
+        groups.append({"params": [p for p in params if id(p) in coefficients], "weight_decay": 0.0})
     return torch.optim.SGD(
-        unique_parameters(model),
+        groups,
         lr=lr,
         momentum=momentum,
         dampening=0.0,

@@ -3,7 +3,8 @@
 Run directory (``--output``), written by rank 0 only:
 
 * ``run.json`` at the start of a run (``--resume`` checks it is the same run, then rewrites it):
-  ``recipe``, ``arch``, ``dataset``, ``share``, ``policy``,
+  ``recipe``, ``arch``, ``dataset``, ``share``, ``policy``, ``sharing`` (``group_size``, ``scope``,
+  ``templates``, ``budget`` as given; None for an unshared run),
   ``seed``, ``epochs``, ``batch_size``, ``lr`` (the optimizer's initial lr, after batch scaling),
   ``params_unshared``, ``unique_params``, ``args`` (every CLI argument);
 * ``metrics.jsonl``, one line per finished epoch, and ``curves.png`` (see :mod:`.metrics`);
@@ -42,6 +43,7 @@ from ..apply import apply, count_parameters, get_plan, retie
 from ..build import build_model
 from ..errors import CheckpointError, ConfigError, MissingFileError, NonFiniteLossError, OutputExistsError, ShareError
 from ..init import init_weights
+from .args import SHARING_FLAGS, sharing_options
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, weights_path
 from .data.sampling import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
@@ -107,7 +109,15 @@ def build_recipe_model(
     init_weights(model, args.init)
     params_unshared = count_parameters(model)
     if args.share:
-        apply(model, args.policy, input_size=input_size)
+        apply(
+            model,
+            args.policy,
+            input_size=input_size,
+            group_size=args.group_size,
+            scope=args.scope,
+            templates=args.templates,
+            budget=args.budget,
+        )
     return model, params_unshared, count_parameters(model)
 
 
@@ -128,6 +138,7 @@ def run_info(
         "dataset": dataset,
         "share": args.share,
         "policy": args.policy if args.share else None,
+        "sharing": sharing_options(args),
         "seed": args.seed,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -196,6 +207,12 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
 #: The optimisation flags a resume must repeat: the checkpoint's optimizer and schedule carry the run's values,
 #: so a new value would be recorded in run.json but not used. ``--epochs`` may change (grow) on resume.
 PROTOCOL_FLAGS = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
+#: Why a resume refuses a changed flag: the checkpoint's optimizer and schedule carry the optimisation flags,
+#: and its tensors are the model the sharing flags built.
+_RESUME_REASONS = {
+    **dict.fromkeys(PROTOCOL_FLAGS, "the run's optimizer and schedule keep its values"),
+    **dict.fromkeys(SHARING_FLAGS, "its checkpoint holds the model these sharing options built"),
+}
 
 
 def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[str, Any] | None = None) -> None:
@@ -207,13 +224,14 @@ def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[
         output: the run directory.
         resume: continue the run in ``output``.
         args: the command's arguments (see :func:`share_transform.train.add_training_args`); on resume, their
-            :data:`PROTOCOL_FLAGS` must equal the run's (its ``run.json`` ``args``).
+            :data:`PROTOCOL_FLAGS` and sharing options (``SHARING_FLAGS``) must equal the run's (its
+            ``run.json`` ``args``).
 
     Raises:
         OutputExistsError: ``output`` is a file, or a fresh run would overwrite a run (a checkpoint or
             metrics).
         MissingFileError: ``resume`` without a checkpoint.
-        CheckpointError: ``resume`` with another value of an optimisation flag than the run's.
+        CheckpointError: ``resume`` with another value of an optimisation or sharing flag than the run's.
         ConfigError: matplotlib, needed for ``curves.png``, is missing.
     """
     if output.exists() and not output.is_dir():
@@ -235,12 +253,12 @@ def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[
 def _check_same_protocol(output: Path, args: dict[str, Any]) -> None:
     path = output / RUN_FILE
     before = json.loads(path.read_text(encoding="utf-8")).get("args", {}) if path.is_file() else {}
-    for key in PROTOCOL_FLAGS:
+    for key, reason in _RESUME_REASONS.items():
         if key in before and key in args and before[key] != args[key]:
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(
                 f"--resume: {output} was trained with {flag} {_flag_text(before[key])}, this command gives "
-                f"{flag} {_flag_text(args[key])}; the run's optimizer and schedule keep its values, so resume "
+                f"{flag} {_flag_text(args[key])}; {reason}, so resume "
                 f"with the same {flag} or start a new run in another --output"
             )
 

@@ -44,31 +44,36 @@ def _paper_points(dataset: str) -> tuple[list[tuple[float, float, str]], list[tu
     return sorted(originals), sorted(shared)
 
 
+def _setting(result: Result) -> str:
+    """A point's name on its architecture's curve: ``original``, ``shared`` or the sharing options."""
+    if not result.config.share:
+        return "original"
+    return result.label.removeprefix(paper_model_name(result.config.arch) + " Share").strip(" ()") or "shared"
+
+
 def plot_figure5(report: Report, path: str | os.PathLike[str]) -> Path:
-    """Top-1 error against millions of parameters, originals and shared nets, one panel per dataset."""
+    """Top-1 error against millions of parameters, one panel per dataset.
+
+    Each architecture is one curve over its settings (original, shared, and any other sharing options),
+    ordered by parameters; hollow markers on dashed lines are the paper's figures.
+    """
     datasets = sorted({r.config.dataset for r in report.results})
     fig = new_figure((6 * len(datasets), 4.5))
     axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        for share, colour in ((False, _ORIGINAL_COLOUR), (True, _SHARED_COLOUR)):
+        archs = sorted({r.config.arch for r in report.results if r.config.dataset == dataset})
+        for i, arch in enumerate(archs):
             points = sorted(
-                (r.params / 1e6, r.top1.mean, r.top1.std, r.label)
+                (r.params / 1e6, r.top1.mean, r.top1.std, _setting(r))
                 for r in report.results
-                if r.config.dataset == dataset and r.config.share == share
+                if r.config.dataset == dataset and r.config.arch == arch
             )
-            if points:
-                x, y, err, labels = zip(*points)
-                ax.errorbar(
-                    x,
-                    y,
-                    yerr=err,
-                    fmt="o-",
-                    color=colour,
-                    capsize=3,
-                    label=("ShaResNet" if share else "ResNet") + " (measured)",
-                )
-                for xi, yi, label in zip(x, y, labels):
-                    ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            x, y, err, labels = zip(*points)
+            ax.errorbar(
+                x, y, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=f"{paper_model_name(arch)} (measured)"
+            )
+            for xi, yi, label in zip(x, y, labels):
+                ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         paper_originals, paper_shared = _paper_points(dataset)
         for paper_points, colour, name in (
             (paper_originals, _ORIGINAL_COLOUR, "ResNet"),

@@ -67,6 +67,7 @@ class Config:
     epochs: int
     share: bool
     policy: str | None
+    sharing: str = ""  # the sharing options in words; "" for the paper's
 
 
 @dataclass
@@ -104,7 +105,12 @@ class Result:
 
     @property
     def label(self) -> str:
-        return paper_model_name(self.config.arch) + (" Share" if self.config.share else "")
+        label = paper_model_name(self.config.arch) + (" Share" if self.config.share else "")
+        if self.config.policy not in (None, "imagenet", "cifar"):
+            label += f" ({self.config.policy}" + (f", {self.config.sharing})" if self.config.sharing else ")")
+        elif self.config.sharing:
+            label += f" ({self.config.sharing})"
+        return label
 
     def to_json(self) -> dict[str, Any]:
         top5 = self.top5
@@ -114,6 +120,7 @@ class Result:
             "epochs": self.config.epochs,
             "share": self.config.share,
             "policy": self.config.policy,
+            "sharing": self.config.sharing,
             "params": self.params,
             "top1_err": self.top1.to_json(),
             "top5_err": top5.to_json() if top5 else None,
@@ -123,11 +130,11 @@ class Result:
 
 
 def group_results(runs: Sequence[Run]) -> list[Result]:
-    """Results of the finished runs (all planned epochs done), one per configuration."""
+    """Results of the finished runs (all planned epochs done), one per configuration (sharing options included)."""
     groups: dict[Config, list[Run]] = defaultdict(list)
     for r in runs:
         if r.complete:
-            groups[Config(r.dataset, r.arch, r.epochs, r.share, r.policy)].append(r)
+            groups[Config(r.dataset, r.arch, r.epochs, r.share, r.policy, r.sharing)].append(r)
     return [Result(c, sorted(rs, key=lambda r: (r.seed is None, r.seed or 0))) for c, rs in sorted(groups.items())]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import FileFormatError, ReportError
+from ...plan import describe_sharing
 from ..metrics import METRICS_FILE, RUN_FILE, read_metrics
 
 __all__ = ["Run", "find_runs", "load_run"]
@@ -25,6 +26,7 @@ class Run:
     dataset: str
     share: bool
     policy: str | None
+    sharing: str  # the sharing options in words ("group size 2, 2 templates"); "" for the paper's or unshared
     seed: int | None
     epochs: int  # planned
     unique_params: int
@@ -65,6 +67,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         dataset=str(info["dataset"]),
         share=bool(info["share"]),
         policy=info.get("policy") if info["share"] else None,
+        sharing=describe_sharing(info.get("sharing")) if info["share"] else "",
         seed=info.get("seed"),
         epochs=int(info["epochs"]),
         unique_params=int(info["unique_params"]),
