@@ -1,18 +1,24 @@
 """Training throughput of a ShaResNet against its original: images/s of the recipe's training step.
 
+Variants (``--variants``): ``original``, ``shared`` (hard sharing, the paper's) and ``softK`` (soft sharing
+with K templates per stage: each member's weight is recomputed from the bank on every forward).
+
 The step is the one ``recipes/train_imagenet.py`` runs (``share_transform.train.loop.train_step``): the
 device-side uint8 -> float normalisation, forward and cross-entropy under bf16 autocast (GPU), backward,
 SGD Nesterov with weight decay on the de-duplicated parameters. Data are synthetic and already on the
 device, so the figure is the model's speed, not the input pipeline's.
 
-Both models are timed in one process, alternating repeat by repeat so that drifts in clock or load hit
-both; each figure is the median over repeats of ``steps`` steps. On GPU: bf16, channels_last, with and
+All variants are timed in one process, alternating repeat by repeat so that drifts in clock or load hit
+each; each figure is the median over repeats of ``steps`` steps, with the min-max beside it, and the step
+time ratio to the original (median over repeats of the per-repeat ratios). Target for soft sharing on CPU:
+<= 1.05x the original step. On GPU: bf16, channels_last, with and
 without ``torch.compile``. Target on one H100 (resnet50, batch 256, 224x224, bf16, channels_last):
 >= 3,000 img/s and shared/original >= 0.98.
 
     python benchmarks/train_throughput.py                       # GPU if present, else CPU
     python benchmarks/train_throughput.py --device cpu --batch-size 16 --img-size 128
     python benchmarks/train_throughput.py --device cuda --compile both --json out.json
+    python benchmarks/train_throughput.py --device cpu --threads 1 --variants original shared soft2 soft4
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from share_transform.train.trainer import alias_groups, keep_ties
 @dataclass(frozen=True)
 class Result:
     compiled: bool
-    model: str  # "original" or "shared"
+    model: str  # "original", "shared" or "softK"
     params: int
     images_per_s: list[float]  # one per repeat
 
@@ -60,6 +66,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on cuda")
     p.add_argument("--compile", choices=("off", "on", "both"), default=None, help="default: both on cuda, off on cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["original", "shared"],
+        help="original, shared (hard) and softK (K templates per stage), timed alternately",
+    )
     p.add_argument("--json", default=None, help="also write the figures to this file")
     return p
 
@@ -81,11 +93,21 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def build_pair(arch: str) -> tuple[nn.Module, nn.Module]:
-    """The original and its ShaResNet, from the same fb.resnet.torch initialisation."""
+def build_variants(arch: str, variants: list[str]) -> dict[str, nn.Module]:
+    """The original and its shared variants, from the same fb.resnet.torch initialisation."""
     torch.manual_seed(0)
     original = init_weights(share_transform.build_model(arch), "fan_out")
-    return original, share_transform.apply(copy.deepcopy(original))
+    models = {}
+    for name in variants:
+        if name == "original":
+            models[name] = original
+        elif name == "shared":
+            models[name] = share_transform.apply(copy.deepcopy(original))
+        elif name.startswith("soft") and name[4:].isdigit():
+            models[name] = share_transform.apply(copy.deepcopy(original), templates=int(name[4:]))
+        else:
+            raise SystemExit(f"error: unknown variant {name!r}; use original, shared or softK (e.g. soft2)")
+    return models
 
 
 def time_steps(step, n: int, device: torch.device) -> float:
@@ -110,7 +132,7 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
     results = []
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         steps = {}
-        for label, model in zip(("original", "shared"), build_pair(args.arch), strict=True):
+        for label, model in build_variants(args.arch, args.variants).items():
             ties = alias_groups(model)
             model.to(device)
             if args.channels_last:
@@ -158,8 +180,20 @@ def main(args: argparse.Namespace) -> list[Result]:
         spread = f"{min(r.images_per_s):.1f}-{max(r.images_per_s):.1f}"
         print(f"{'on' if r.compiled else 'off':8s} {r.model:9s} {r.params:12,d} {r.median:9.1f} {spread:>17s}")
     for compiled in sorted({r.compiled for r in results}):
-        by = {r.model: r.median for r in results if r.compiled == compiled}
-        print(f"shared/original (compile {'on' if compiled else 'off'}): {by['shared'] / by['original']:.3f}")
+        by = {r.model: r for r in results if r.compiled == compiled}
+        if "original" not in by:
+            continue
+        base = by["original"].images_per_s
+        for name, r in by.items():
+            if name == "original":
+                continue
+            # Per repeat, the two were timed back to back: their ratio cancels the load of that moment.
+            ratios = [b / v for b, v in zip(base, r.images_per_s)]
+            print(
+                f"{name}/original step time (compile {'on' if compiled else 'off'}): "
+                f"{statistics.median(ratios):.3f} (min-max {min(ratios):.3f}-{max(ratios):.3f}); "
+                f"img/s ratio {r.median / by['original'].median:.3f}"
+            )
     if args.json:
         record = {"args": vars(args), "device": describe(args.device), "results": [asdict(r) for r in results]}
         with open(args.json, "w", encoding="utf-8") as f:

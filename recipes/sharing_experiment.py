@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/sharing"), help="data, runs and report go here")
     parser.add_argument("--arch", default="wrn_28_1", help="the WRN trained at every setting")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1, help="per 128 images, as train_cifar.py")
     parser.add_argument("--figure", type=Path, default=None, help="also copy the error-vs-parameters plot here")
