@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
@@ -57,48 +58,46 @@ def imagenet_resnet(blocks: tuple[int, ...], bottleneck: bool, classes: int = 10
     return Counts(params, params - saved, removed, convs, convs - removed, blocks)
 
 
-def preact_resnet(depth: int, classes: int) -> Counts:
-    """Pre-activation bottleneck ResNet-(9n+2), shared with policy "cifar" (each stage's first block keeps its own).
-
-    Stem 3x3 conv 3->16; three stages of n blocks, widths 16/32/64 expanding 4x; each block BN-1x1-BN-3x3-BN-1x1
-    (pre-activation: the BN precedes each conv); a 1x1 projection in each stage's first block; final BN, linear.
-    """
-    n = (depth - 2) // 9
+def cifar_net(
+    n: int, widths: tuple[int, ...], block: Callable[[int, int], tuple[int, int, int]], classes: int
+) -> Counts:
+    """The authors' CIFAR frame, shared with policy "cifar": stem 3x3 conv 3->16; stages of ``n`` pre-activation
+    blocks, whose first block keeps its own spatial conv; final BN, linear. ``block(c_in, width)`` gives a block's
+    (parameters, convs, output channels); the spatial conv is ``width x width x 3 x 3``."""
     params, convs, saved, removed = 3 * 16 * 9, 1, 0, 0
     c_in = 16
-    for width in (16, 32, 64):
-        out = 4 * width
-        for b in range(n):
-            params += 2 * c_in + c_in * width + 2 * width + 9 * width * width + 2 * width + width * out
-            convs += 3
-            if b == 0:
-                params += c_in * out
-                convs += 1
-            c_in = out
+    for width in widths:
+        for _ in range(n):
+            block_params, block_convs, c_in = block(c_in, width)
+            params, convs = params + block_params, convs + block_convs
         stage_saved, stage_removed = _shared_stage(n, width, kept=1)
         saved, removed = saved + stage_saved, removed + stage_removed
     params += 2 * c_in + c_in * classes + classes
-    return Counts(params, params - saved, removed, convs, convs - removed, (n, n, n))
+    return Counts(params, params - saved, removed, convs, convs - removed, (n,) * len(widths))
+
+
+def preact_bottleneck(c_in: int, width: int) -> tuple[int, int, int]:
+    """BN-1x1-BN-3x3-BN-1x1 expanding 4x (each BN before its conv), a 1x1 projection where the shape changes
+    (the first block of each stage)."""
+    out = 4 * width
+    params = 2 * c_in + c_in * width + 2 * width + 9 * width * width + 2 * width + width * out
+    return (params + c_in * out, 4, out) if c_in != out else (params, 3, out)
+
+
+def wide_basic(c_in: int, width: int) -> tuple[int, int, int]:
+    """BN-3x3-BN-3x3, a 1x1 projection where the width changes."""
+    params = 2 * c_in + 9 * c_in * width + 2 * width + 9 * width * width
+    return (params + c_in * width, 3, width) if c_in != width else (params, 2, width)
+
+
+def preact_resnet(depth: int, classes: int) -> Counts:
+    """Pre-activation bottleneck ResNet-(9n+2): widths 16/32/64, outputs 64/128/256."""
+    return cifar_net((depth - 2) // 9, (16, 32, 64), preact_bottleneck, classes)
 
 
 def wide_resnet(depth: int, k: int, classes: int) -> Counts:
-    """WRN-d-k, shared with policy "cifar": stem 3x3 3->16; three stages of (d-4)/6 pre-activation blocks
-    BN-3x3-BN-3x3 of widths 16k/32k/64k; a 1x1 projection where the width changes; final BN, linear."""
-    n = (depth - 4) // 6
-    params, convs, saved, removed = 3 * 16 * 9, 1, 0, 0
-    c_in = 16
-    for width in (16 * k, 32 * k, 64 * k):
-        for _ in range(n):
-            params += 2 * c_in + 9 * c_in * width + 2 * width + 9 * width * width
-            convs += 2
-            if c_in != width:
-                params += c_in * width
-                convs += 1
-            c_in = width
-        stage_saved, stage_removed = _shared_stage(n, width, kept=1)
-        saved, removed = saved + stage_saved, removed + stage_removed
-    params += 2 * c_in + c_in * classes + classes
-    return Counts(params, params - saved, removed, convs, convs - removed, (n, n, n))
+    """WRN-d-k: (d-4)/6 blocks per stage, widths 16k/32k/64k."""
+    return cifar_net((depth - 4) // 6, (16 * k, 32 * k, 64 * k), wide_basic, classes)
 
 
 # Table 1 in closed form, from each network's widths and blocks per stage: not from the code under test.
