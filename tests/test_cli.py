@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -236,8 +237,10 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save(st.apply(st.build_model("resnet18", layers=[1, 1, 1, 1], channels=[8, 8, 8, 8])), good)
     data = good.read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) * 2 // 3])
-    (tmp_path / "random.safetensors").write_bytes(os.urandom(10_000))
-    (tmp_path / "random.pth").write_bytes(os.urandom(10_000))
+    # Seeded: one urandom draw in 256 has "{" at byte 8 and reads as a safetensors header.
+    noise = random.Random(0)
+    (tmp_path / "random.safetensors").write_bytes(noise.randbytes(10_000))
+    (tmp_path / "random.pth").write_bytes(noise.randbytes(10_000))
     torch.save({"state_dict": {"w": torch.ones(1)}, "config": click.Context}, tmp_path / "object.pth")
     torch.save(st.build_model("resnet34", num_classes=10).state_dict(), tmp_path / "resnet34.pth")
     return tmp_path
