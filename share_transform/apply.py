@@ -50,6 +50,27 @@ def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Conv2d]]:
     return out
 
 
+def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Conv2d]]) -> None:
+    """Raise unless ``plan`` was made for ``model``'s architecture: same name and same parameter count before
+    sharing (a ResNet-18 plan's member paths and signatures all exist in a ResNet-34, so they are not enough)."""
+    name = model_name(model)
+    if plan.model_name != name:
+        raise PlanMismatchError(
+            f"{name}: the plan was made for {plan.model_name}; plan this model with share_transform.plan(model)"
+        )
+    if any(is_soft(c) for convs in groups for c in convs):
+        return  # a soft-shared model's count is its banks': the members' paths and signatures matched above
+    # The count before sharing, whether the groups are tied yet or not (retie, apply twice).
+    before = count_parameters(model) + sum(
+        g.numel * (len(convs) - len({id(c.weight) for c in convs})) for g, convs in zip(plan.groups, groups)
+    )
+    if before != plan.params_before:
+        raise PlanMismatchError(
+            f"{name}: the plan was made for a model of {plan.params_before:,} parameters, this one has {before:,} "
+            "(another depth, width or class count); plan this model with share_transform.plan(model)"
+        )
+
+
 def apply(
     model: nn.Module,
     policy: str = "imagenet",
@@ -81,7 +102,8 @@ def apply(
             ignored when ``plan`` is given.
 
     Raises:
-        PlanMismatchError: the plan does not fit the model, or a group is shared the other way (hard
+        PlanMismatchError: the plan does not fit the model (made for another architecture: another name,
+            parameter count, member path or conv signature), or a group is shared the other way (hard
             against soft) already; :func:`untie` the model first.
 
     Example:
@@ -106,9 +128,12 @@ def apply(
             templates=templates,
             budget=budget,
         )
+        groups = _group_convs(model, plan)
     else:
         check_policy(plan.policy, model_name(model))
-    for group, convs in zip(plan.groups, _group_convs(model, plan)):
+        groups = _group_convs(model, plan)
+        _check_made_for(model, plan, groups)
+    for group, convs in zip(plan.groups, groups):
         soft = [is_soft(c) for c in convs]
         if group.templates is not None:
             banks = {id(bank_of(c)) for c in convs}

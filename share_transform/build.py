@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any
 
-from .errors import ModelArgumentError, UnknownModelError
+from .errors import ModelArgumentError, ShareError, UnknownModelError
 
 if TYPE_CHECKING:  # torch and timm load only when a model is built, so the CLI's --help stays instant
     from torch import nn
@@ -121,3 +121,48 @@ def build_spec(model: nn.Module) -> dict[str, Any] | None:
     """How ``build_model`` built ``model`` (source, name, kwargs), or None for a model built elsewhere."""
     spec = getattr(model, BUILD_ATTR, None)
     return dict(spec) if spec is not None else None
+
+
+#: The constructor arguments a file or a recipe may give: shape, classes, input channels and dropout rates.
+#: Nothing that loads, downloads or places anything (``checkpoint_path``, ``pretrained*``, ``cache_dir``,
+#: ``device``): a file's build record is input, and a constructor given such an argument reads other files.
+MODEL_KWARGS = frozenset(
+    {
+        "num_classes", "in_chans",  # every family
+        "layers", "channels", "cardinality", "base_width", "stem_width", "stem_type", "block_reduce_first",
+        "down_kernel_size", "avg_down", "output_stride", "global_pool",  # timm ResNets
+        "groups", "width_per_group", "replace_stride_with_dilation",  # torchvision ResNets
+        "depth", "widen_factor",  # the CIFAR networks (wrn_<depth>_<k>, preact_resnet<depth>)
+        "drop_rate", "drop_path_rate", "drop_block_rate", "dropout",
+    }
+)  # fmt: skip
+
+_SCALAR = (bool, int, float, str)
+
+
+def check_model_kwargs(kwargs: object, *, where: str, error: type[ShareError] = ModelArgumentError) -> dict[str, Any]:
+    """``kwargs`` if it is a dict of :data:`MODEL_KWARGS` with plain values (numbers, strings, lists of them).
+
+    Checked before anything is built, by every path that passes arguments it did not write itself to a
+    constructor: :func:`share_transform.load` (a file's build record), ``save`` (so that it writes only what
+    ``load`` reads back) and the recipes' ``--model-kwargs``.
+
+    Raises:
+        ``error`` (``ModelArgumentError`` by default) naming ``where`` and the first argument refused.
+
+    Example:
+        >>> check_model_kwargs({"layers": [2, 2, 2, 2]}, where="--model-kwargs")
+        {'layers': [2, 2, 2, 2]}
+    """
+    if not isinstance(kwargs, dict):
+        raise error(f"{where}: constructor arguments must be a JSON object, got {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if key not in MODEL_KWARGS:
+            raise error(
+                f"{where}: constructor argument {key!r} is not accepted; share_transform takes only "
+                f"{', '.join(sorted(MODEL_KWARGS))}"
+            )
+        items = value if isinstance(value, list | tuple) else [value]
+        if not all(isinstance(v, _SCALAR) for v in items):
+            raise error(f"{where}: constructor argument {key}={value!r} must be a number, a string or a list of them")
+    return kwargs

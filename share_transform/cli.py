@@ -22,7 +22,8 @@ import click
 
 from . import __version__
 from .build import SOURCES, build_model, list_model_names, split_name
-from .errors import ExportError, MissingFileError, OutputExistsError, ShareError
+from .errors import ExportError, MissingFileError, ShareError
+from .fs import check_writable
 from .policies import INITS, POLICIES
 
 if TYPE_CHECKING:
@@ -119,6 +120,24 @@ def _build(name: str, source: str | None, num_classes: int | None) -> nn.Module:
     return build_model(name, source=source, num_classes=num_classes)
 
 
+def _check_output(out: Path, force: bool) -> None:
+    """An output may be new, or a regular file with --force; never a symlink (even dangling), FIFO or device."""
+    check_writable(out, force=force)
+    if not out.parent.is_dir():
+        raise MissingFileError(f"{out}: the directory {out.parent} does not exist")
+
+
+def _warn_non_finite(model: nn.Module, checkpoint: Path) -> None:
+    """Say on stderr when the checkpoint holds NaN/inf: the file is written as given (bit-exact), but warned of."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        click.echo(
+            f"sharetx: warning: {checkpoint} holds non-finite values (NaN or inf) in {', '.join(bad[:3])}{more}",
+            err=True,
+        )
+
+
 @click.group(cls=SharetxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sharetx")
 def main() -> None:
@@ -154,7 +173,7 @@ def main() -> None:
     default=None,
     help="Output file [default: MODEL-share.safetensors].",
 )
-@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists (a regular file only).")
 @_json_option
 def convert(
     name: str,
@@ -186,13 +205,11 @@ def convert(
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
     # Refuse before the (slow) build, so an error costs nothing and writes nothing.
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise MissingFileError(f"{out}: the directory {out.parent} does not exist")
+    _check_output(out, force)
     model = _build(name, source, num_classes)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
+        _warn_non_finite(model, checkpoint)
     share_plan = plan(model, policy)
     apply(model, plan=share_plan, init=init)
     save(model, out)
@@ -321,7 +338,7 @@ def table(as_json: bool) -> None:
     metavar="C H W",
     help="Input size [default: the one the file's plan used].",
 )
-@click.option("--force", is_flag=True, help="Overwrite the ONNX file if it exists.")
+@click.option("--force", is_flag=True, help="Overwrite the ONNX file if it exists (a regular file only).")
 @_json_option
 def export(file: Path, onnx_out: Path, input_size: tuple[int, int, int] | None, force: bool, as_json: bool) -> None:
     """Export a ShaResNet file to ONNX, each shared weight one initializer, checked with onnxruntime.
@@ -336,10 +353,7 @@ def export(file: Path, onnx_out: Path, input_size: tuple[int, int, int] | None, 
     from .export import export_onnx
     from .io import load
 
-    if onnx_out.exists() and not force:
-        raise OutputExistsError(f"{onnx_out} exists; pass --force to overwrite it")
-    if not onnx_out.parent.is_dir():
-        raise MissingFileError(f"{onnx_out}: the directory {onnx_out.parent} does not exist")
+    _check_output(onnx_out, force)
     result = export_onnx(load(file), onnx_out, input_size=input_size or None)
     _emit(result.to_dict(), str(result), as_json)
 

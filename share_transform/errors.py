@@ -69,8 +69,16 @@ class CheckpointError(ShareError, ValueError):
     """A checkpoint does not fit the model (keys, shapes) or holds pickled objects other than tensors."""
 
 
+class MetaTensorError(ShareError, ValueError):
+    """A tensor of the model has no data (it lives on the meta device), so it cannot be written."""
+
+
 class OutputExistsError(ShareError, FileExistsError):
     """The output file exists and overwriting was not asked for."""
+
+
+class OutputLockedError(ShareError, RuntimeError):
+    """Another process is writing the output directory (a run on the same ``--output``); the message names its PID."""
 
 
 class ExportError(ShareError, RuntimeError):

@@ -30,19 +30,25 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .apply import apply, get_plan, is_tied
-from .build import build_model, build_spec
-from .errors import CheckpointError, FileFormatError, MissingFileError, ShareError
+from .apply import apply, get_plan, is_tied, retie
+from .build import SOURCES, build_model, build_spec, check_model_kwargs
+from .errors import (
+    CheckpointError,
+    FileFormatError,
+    MetaTensorError,
+    MissingFileError,
+    PlanMismatchError,
+    ShareError,
+)
 from .fs import atomic_write
 from .modelinfo import check_model, model_name
 from .plan import SharePlan
@@ -66,6 +72,19 @@ KEY_BUILD = KEY_PREFIX + "build"
 KEY_POLICY = KEY_PREFIX + "policy"
 KEY_PLAN = KEY_PREFIX + "plan"
 KEY_ALIASES = KEY_PREFIX + "aliases"
+
+#: Largest header read (the safetensors library's own limit): a header holds names and metadata, not weights.
+MAX_HEADER_BYTES = 100_000_000
+#: safetensors' dtype codes; tensor bytes are little-endian, as the format says.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+# A build record names a registered architecture, never a hub or local-directory reference (hf-hub:, local-dir:).
+_ARCH_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 #: Suffixes read with ``torch.load(weights_only=True)``.
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -130,8 +149,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[st
         The path written.
 
     Raises:
-        NotAModuleError; FileFormatError for bad metadata or build kwargs that are not JSON;
-        OSError when the directory cannot be written.
+        NotAModuleError; FileFormatError for bad metadata, or build kwargs outside
+        :data:`share_transform.build.MODEL_KWARGS` (``load`` would refuse them); MetaTensorError for a tensor
+        without data; OutputExistsError when ``path`` is not a regular file; OSError when the directory
+        cannot be written.
 
     Example:
         >>> model = share_transform.apply(share_transform.build_model("resnet152"))
@@ -143,19 +164,48 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[st
     header.update(_check_user_metadata(metadata, name))
     spec = build_spec(model)
     if spec is not None:
-        try:
-            header[KEY_BUILD] = json.dumps(spec, sort_keys=True)
-        except TypeError as e:
-            raise FileFormatError(
-                f"{name}: the constructor kwargs {spec['kwargs']!r} cannot be recorded as JSON ({e})"
-            ) from None
+        # Only what ``load`` accepts back: a file that records other arguments would not load.
+        check_model_kwargs(spec["kwargs"], where=f"{name}: save", error=FileFormatError)
+        header[KEY_BUILD] = json.dumps(spec, sort_keys=True)
     share_plan = get_plan(model)
     if share_plan is not None:
         header[KEY_POLICY] = share_plan.policy
         header[KEY_PLAN] = json.dumps(share_plan.to_dict(), separators=(",", ":"))
     tensors, aliases = _unique_state(model)
     header[KEY_ALIASES] = json.dumps(aliases, separators=(",", ":"))
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    for key, tensor in tensors.items():
+        if tensor.is_meta:
+            raise MetaTensorError(
+                f"{name}: {key} has no data (meta device); materialise the model first, e.g. "
+                "model.to_empty(device='cpu') then share_transform.retie(model) and load weights"
+            )
+        if tensor.dtype not in DTYPE_CODES:
+            raise FileFormatError(f"{name}: {key} is {tensor.dtype}, which safetensors cannot store")
+    return atomic_write(path, lambda tmp: _write_safetensors(tmp, tensors, header))
+
+
+def _write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """The safetensors layout: 8-byte little-endian header length, JSON header padded to 8 bytes, raw tensors.
+
+    Written here rather than by ``safetensors.torch.save_file`` so that the one temporary file of
+    :func:`share_transform.fs.atomic_write` is the only copy (and an ``OSError`` names the destination).
+    Largest items first, as safetensors orders them, so that every tensor starts aligned to its item size.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        end = offset + t.numel() * t.element_size()
+        header[key] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key in order:
+            f.write(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -174,21 +224,24 @@ class FileInfo:
     plan: SharePlan | None
     version: str | None  # share_transform version that wrote it; None for a foreign safetensors file
     user: dict[str, str] = field(default_factory=dict)  # the ``metadata`` given to ``save``
+    # Where each stored tensor's bytes lie: (start, end) in the file.
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     @property
     def stored_numel(self) -> int:
         """Elements stored in the file (parameters and buffers, each shared weight once)."""
-        total = 0
-        for _, shape in self.tensors.values():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n
-        return total
+        return sum(_numel(shape) for _, shape in self.tensors.values())
 
     @property
     def is_sharetx(self) -> bool:
         return self.version is not None
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
@@ -214,51 +267,122 @@ def _json(header: Mapping[str, str], key: str, path: Path) -> Any:
         raise FileFormatError(f"{path}: metadata {key!r} is not valid JSON ({e}); the file is corrupt") from None
 
 
+def _invalid(path: Path, reason: str) -> FileFormatError:
+    return FileFormatError(f"{path}: not a valid safetensors file ({reason})")
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]]:
+    """The metadata and ``{name: (dtype, shape, (start, end))}`` of a safetensors file, checked against its size.
+
+    Reads at most :data:`MAX_HEADER_BYTES`; the tensors must tile the data that follows the header exactly,
+    so nothing later reads past the file or trusts a shape its bytes do not back.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _invalid(path, f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise _invalid(path, f"header length {n:,} exceeds the file ({size:,} bytes) or {MAX_HEADER_BYTES:,}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _invalid(path, f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _invalid(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _invalid(path, "__metadata__ must map strings to strings")
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, span = entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"])
+            ok = dtype in DTYPES and len(span) == 2 and all(type(x) is int and x >= 0 for x in (*shape, *span))
+        except (KeyError, TypeError) as e:
+            raise _invalid(path, f"tensor {name!r}: malformed entry ({e!r})") from None
+        if not ok or span[1] - span[0] != _numel(shape) * DTYPES[dtype].itemsize:
+            raise _invalid(path, f"tensor {name!r}: dtype, shape and offsets disagree ({entry})")
+        tensors[name] = (dtype, shape, (8 + n + span[0], 8 + n + span[1]))
+    end = 8 + n
+    for _, _, (start, stop) in sorted(tensors.values(), key=lambda t: t[2]):
+        if start != end:
+            raise _invalid(path, "tensor data overlaps or leaves gaps")
+        end = stop
+    if end != size:
+        raise _invalid(path, f"the header describes {end:,} bytes but the file holds {size:,} (truncated?)")
+    return metadata, tensors
+
+
+def _check_build(build: Any, path: Path) -> dict[str, Any]:
+    """A build record that names a registered architecture and passes only allowed constructor arguments."""
+    where = f"{path}: the recorded build"
+    if not isinstance(build, dict) or set(build) - {"source", "name", "kwargs"}:
+        raise FileFormatError(f"{where} must be an object with source, name and kwargs, got {build!r}")
+    source, name, kwargs = build.get("source"), build.get("name"), build.get("kwargs", {})
+    if source not in SOURCES:
+        raise FileFormatError(f"{where} names source {source!r}; expected one of {', '.join(SOURCES)}")
+    if not isinstance(name, str) or not _ARCH_NAME.fullmatch(name):
+        raise FileFormatError(f"{where} names model {name!r}, which is not an architecture name")
+    check_model_kwargs(kwargs, where=where, error=FileFormatError)
+    return {"source": source, "name": name, "kwargs": kwargs}
+
+
 def read_info(path: str | os.PathLike[str]) -> FileInfo:
     """Read a safetensors file's header: its tensors, aliases, build record, plan and user metadata.
 
+    The header is read and checked by share_transform itself (bounded size, tensors that fit the file);
+    the build record must name an architecture and only the constructor arguments in
+    :data:`share_transform.build.MODEL_KWARGS`, so nothing in a file can make ``load`` read another file.
+
     Raises:
-        MissingFileError; FileFormatError for a file that is not safetensors, or is truncated or corrupt.
+        MissingFileError; FileFormatError for a file that is not safetensors, is truncated or corrupt, or
+        whose share_transform metadata is malformed or names a refused constructor argument.
     """
     path = _existing_file(path, "file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = dict(f.metadata() or {})
-            tensors = {}
-            for key in f.keys():  # noqa: SIM118  (safe_open is not a dict)
-                s = f.get_slice(key)
-                tensors[key] = (s.get_dtype(), tuple(s.get_shape()))
-    except SafetensorError as e:
-        raise FileFormatError(f"{path}: not a valid safetensors file ({e})") from None
+    header, entries = _read_header(path)
     plan = None
     if KEY_PLAN in header:
         try:
             plan = SharePlan.from_dict(_json(header, KEY_PLAN, path))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FileFormatError(f"{path}: the recorded share plan is malformed ({e!r})") from None
+    aliases = _json(header, KEY_ALIASES, path) if KEY_ALIASES in header else {}
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and v in entries for k, v in aliases.items()):
+        raise FileFormatError(f"{path}: metadata {KEY_ALIASES!r} must map names to stored tensors; the file is corrupt")
     return FileInfo(
         path=path,
         file_bytes=path.stat().st_size,
-        tensors=tensors,
-        aliases=_json(header, KEY_ALIASES, path) if KEY_ALIASES in header else {},
-        build=_json(header, KEY_BUILD, path) if KEY_BUILD in header else None,
+        tensors={k: (dtype, shape) for k, (dtype, shape, _) in entries.items()},
+        aliases=aliases,
+        build=_check_build(_json(header, KEY_BUILD, path), path) if KEY_BUILD in header else None,
         policy=header.get(KEY_POLICY),
         plan=plan,
         version=header.get(KEY_VERSION),
         user={k: v for k, v in header.items() if k != "format" and not k.startswith(KEY_PREFIX)},
+        spans={k: span for k, (_, _, span) in entries.items()},
     )
+
+
+def _read_tensor(f: BufferedReader, info: FileInfo, name: str) -> torch.Tensor:
+    dtype, shape = info.tensors[name]
+    start, end = info.spans[name]
+    f.seek(start)
+    data = bytearray(end - start)
+    if f.readinto(data) != len(data):
+        raise FileFormatError(f"{info.path}: truncated while reading {name}")
+    if not data:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    return torch.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
 
 
 def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, aliases expanded (an alias gets its stored tensor)."""
     info = read_info(path)
-    try:
-        state = load_file(str(path), device=str(device))
-    except SafetensorError as e:
-        raise FileFormatError(f"{path}: not a valid safetensors file ({e})") from None
+    with open(path, "rb") as f:
+        state = {name: _read_tensor(f, info, name).to(device) for name in info.tensors}
     for alias, stored in info.aliases.items():
-        if stored not in state:
-            raise FileFormatError(f"{path}: alias {alias!r} names {stored!r}, which the file does not hold")
         state[alias] = state[stored]
     return state
 
@@ -347,54 +471,77 @@ def _names(keys: list[str], limit: int = 3) -> str:
     return f"{shown} and {len(keys) - limit} more" if len(keys) > limit else shown
 
 
+def _shape_text(shape: Iterable[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _misfit(
+    source: str, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], own: Mapping[str, torch.Tensor]
+) -> CheckpointError | None:
+    """The error for tensors (``shapes``: name -> shape) that do not fit ``own`` exactly, or None when they do.
+
+    A tied model's aliases are satisfied by any one name of the shared tensor.
+    """
+    covered = {id(own[k]) for k in shapes if k in own}
+    missing = [k for k, v in own.items() if k not in shapes and id(v) not in covered]
+    unexpected = [k for k in shapes if k not in own]
+    mismatched = [
+        f"{k} (checkpoint {_shape_text(shapes[k])}, model {_shape_text(own[k].shape)})"
+        for k in shapes
+        if k in own and tuple(shapes[k]) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_names(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatch(es): {_names(mismatched)}")
+    return CheckpointError(
+        f"{source} does not fit {model_name(model)}: {'; '.join(parts)}. "
+        "Was it saved from another architecture? Check --model, --source and --num-classes"
+    )
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes: NaN equals the same NaN (a value comparison would call it different)."""
+    if a is b:
+        return True
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> nn.Module:
     """Copy ``state`` into ``model`` after checking that every name and shape fits, exactly.
 
     Wrapper prefixes are stripped first. Tied parameters may appear under every alias (all are copied into
-    the one Parameter, so they must hold equal values) or under one (the rest count as present). Dtypes are
-    cast to the model's.
+    the one Parameter, so they must hold the same bytes) or under one (the rest count as present). Dtypes
+    are cast to the model's.
 
     Raises:
         CheckpointError naming the missing and unexpected keys and the shape mismatches, or two aliases of
-        one shared weight with different values.
+        one shared weight with different contents.
     """
     model = check_model(model)
     own = model.state_dict(keep_vars=True)
     state = _strip_prefixes(dict(state), set(own))
-    # A tied model's aliases are satisfied by any one name of the shared tensor.
-    covered = {id(own[k]) for k in state if k in own}
-    missing = [k for k, v in own.items() if k not in state and id(v) not in covered]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} (checkpoint {'x'.join(map(str, state[k].shape)) or 'scalar'}, "
-        f"model {'x'.join(map(str, own[k].shape)) or 'scalar'})"
-        for k in state
-        if k in own and state[k].shape != own[k].shape
-    ]
-    if not (missing or unexpected or shapes):
-        # The aliases of one shared weight must agree: copying differing values into one Parameter would
-        # silently keep whichever came last (an unshared checkpoint loaded into a tied model).
-        first: dict[int, str] = {}
-        for k in state:
-            name = first.setdefault(id(own[k]), k)
-            if name != k and not torch.equal(state[name], state[k]):
-                raise CheckpointError(
-                    f"{source} holds different weights under {name} and {k}, which {model_name(model)} shares. "
-                    "It is an unshared checkpoint: load it before share_transform.apply (init='mean' averages "
-                    "the kernels), or convert it with sharetx convert --checkpoint"
-                )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_names(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es): {_names(shapes)}")
-        raise CheckpointError(
-            f"{source} does not fit {model_name(model)}: {'; '.join(parts)}. "
-            "Was it saved from another architecture? Check --model, --source and --num-classes"
-        )
+    error = _misfit(source, model, {k: tuple(v.shape) for k, v in state.items()}, own)
+    if error is not None:
+        raise error
+    # The aliases of one shared weight must agree: copying differing values into one Parameter would
+    # silently keep whichever came last (an unshared checkpoint loaded into a tied model).
+    first: dict[int, str] = {}
+    for k in state:
+        name = first.setdefault(id(own[k]), k)
+        if name != k and not _same_bytes(state[name], state[k]):
+            raise CheckpointError(
+                f"{source} holds different weights under {name} and {k}, which {model_name(model)} shares. "
+                "It is an unshared checkpoint: load it before share_transform.apply (init='mean' averages "
+                "the kernels), or convert it with sharetx convert --checkpoint"
+            )
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
@@ -406,17 +553,76 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
     return load_weights(model, read_checkpoint(path), source=str(path))
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else "floating" if dtype.is_floating_point else "integer"
+
+
+def _check_fits(model: nn.Module, info: FileInfo) -> None:
+    """Every name, shape and dtype kind of the file's header, and the total element count, fit ``model``."""
+    own = model.state_dict(keep_vars=True)
+    shapes = {k: shape for k, (_, shape) in info.tensors.items()}
+    shapes.update({alias: shapes[stored] for alias, stored in info.aliases.items()})
+    error = _misfit(str(info.path), model, shapes, own)
+    if error is not None:
+        raise error
+    kinds = [
+        f"{k} ({dtype} in the file, {own[k].dtype} in the model)"
+        for k, (dtype, _) in info.tensors.items()
+        if _dtype_kind(DTYPES[dtype]) != _dtype_kind(own[k].dtype)
+    ]
+    if kinds:
+        raise CheckpointError(f"{info.path} does not fit {model_name(model)}: dtype mismatch at {_names(kinds)}")
+    distinct = {id(t): t.numel() for t in own.values()}
+    if sum(distinct.values()) != info.stored_numel:
+        raise CheckpointError(
+            f"{info.path} stores {info.stored_numel:,} elements but its recorded architecture "
+            f"{model_name(model)} holds {sum(distinct.values()):,} (its weights are tied otherwise); "
+            "the file is corrupt"
+        )
+
+
+def _build_recorded(info: FileInfo, device: str | torch.device) -> nn.Module:
+    """The recorded architecture on ``device``, tied as recorded, with uninitialised weights."""
+    assert info.build is not None
+    spec = info.build
+    try:
+        # On the meta device first: a file cannot make this allocate more than its own header describes.
+        with torch.device("meta"):
+            model = build_model(spec["name"], source=spec["source"], **spec["kwargs"])
+    except ShareError as e:
+        raise FileFormatError(f"{info.path}: cannot rebuild the recorded model ({e})") from None
+    if info.plan is not None:
+        try:
+            apply(model, plan=info.plan)
+        except PlanMismatchError as e:
+            raise CheckpointError(
+                f"{info.path}: the recorded plan does not fit the recorded architecture ({e})"
+            ) from None
+    _check_fits(model, info)
+    if any(m._non_persistent_buffers_set for m in model.modules()):
+        # Buffers the file does not hold (a blur filter) are computed by the constructor: build for real.
+        model = build_model(spec["name"], source=spec["source"], **spec["kwargs"]).to(device)
+        if info.plan is not None:
+            apply(model, plan=info.plan)
+        return model
+    model.to_empty(device=device)  # gives every module its own new Parameter: tie them again
+    return retie(model) if info.plan is not None else model
+
+
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a ShaResNet file holds, tie it as it was saved, and load its weights.
 
-    The model is built with :func:`share_transform.build_model` from the file's build record (random init,
-    nothing downloaded), moved to ``device``, tied with the recorded plan (so ``get_plan``, ``retie`` and
-    ``is_tied`` work), then every tensor is copied in. The module is returned in training mode, as built.
+    The build record is checked first (only the constructor arguments of
+    :data:`share_transform.build.MODEL_KWARGS`; nothing is downloaded or read but this file). The model is
+    built on the meta device and tied with the recorded plan; every tensor name, shape, dtype kind and the
+    total element count are compared with the file's header; only then is the model materialised on
+    ``device`` (no random init), re-tied (so ``get_plan``, ``retie`` and ``is_tied`` work) and every tensor
+    copied in. The module is returned in training mode, as built.
 
     Raises:
-        MissingFileError; FileFormatError for a file that is not safetensors, is truncated or corrupt, or
-        does not say how to build its model (then build it yourself and use :func:`load_weights` with
-        :func:`read_checkpoint`); CheckpointError when the tensors do not fit the rebuilt model.
+        MissingFileError; FileFormatError for a file that is not safetensors, is truncated or corrupt, names
+        a refused constructor argument, or does not say how to build its model (then build it yourself and
+        use :func:`load_checkpoint`); CheckpointError when the tensors do not fit the recorded architecture.
 
     Example:
         >>> model = share_transform.load("resnet152-share.safetensors")
@@ -431,18 +637,14 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
             "share_transform.save from a model made by build_model); build the model yourself and call "
             "share_transform.io.load_checkpoint(model, path)"
         )
-    spec = info.build
-    try:
-        model = build_model(spec["name"], source=spec["source"], **spec.get("kwargs", {}))
-    except ShareError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise FileFormatError(f"{path}: cannot rebuild the recorded model {spec!r} ({e})") from None
-    # Move before tying: ``.to`` on a tied model can untie it (docs/design.md, Tie traps).
-    model.to(device)
-    if info.plan is not None:
-        apply(model, plan=info.plan)
-    load_weights(model, _read_safetensors(path, device), source=str(path))
+    model = _build_recorded(info, device)
+    own = model.state_dict(keep_vars=True)
+    with open(path, "rb") as f, torch.no_grad():
+        for name in info.tensors:
+            own[name].copy_(_read_tensor(f, info, name))
+        for alias, stored in info.aliases.items():
+            if own[alias] is not own[stored]:
+                own[alias].copy_(own[stored])
     if info.plan is not None and not is_tied(model):
         raise FileFormatError(f"{path}: the rebuilt model is not tied as the recorded plan says")
     return model

@@ -16,7 +16,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 import share_transform as st
-from share_transform.errors import CheckpointError, FileFormatError, MissingFileError, ShareError
+from share_transform.errors import CheckpointError, FileFormatError, MetaTensorError, MissingFileError, ShareError
 from share_transform.fs import atomic_write
 from share_transform.io import load, load_checkpoint, read_checkpoint, read_info, save
 
@@ -143,20 +143,18 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
-def test_save_that_fails_during_serialisation_leaves_nothing(tmp_path: Path) -> None:
+def test_save_of_a_tensor_without_data_is_refused_before_writing(tmp_path: Path) -> None:
     target = tmp_path / "m.safetensors"
     save(small_shared(), target)
     before = target.read_bytes()
     model = small_shared()
-    # A tensor without data (meta device) makes safetensors fail while it serialises the tensors, after
-    # the temporary file was created and the earlier tensors were converted.
     model.fc.register_buffer("no_data", torch.empty(10, device="meta"))
-    with pytest.raises(NotImplementedError, match="meta tensor"):
+    with pytest.raises(MetaTensorError, match="fc.no_data has no data"):
         save(model, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
     with pytest.raises(OSError):
-        save(model, tmp_path / "missing-dir" / "m.safetensors")
+        save(small_shared(), tmp_path / "missing-dir" / "m.safetensors")
 
 
 def test_written_file_has_a_normal_mode(tmp_path: Path) -> None:
