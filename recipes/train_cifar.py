@@ -110,6 +110,11 @@ def load_data(args: argparse.Namespace) -> CifarData:
 
     With ``--synthetic``, random images of the dataset's shape and classes instead of ``--data``.
     """
+    if args.loader != "torch":
+        raise ConfigError(
+            f"--loader {args.loader} is for the ImageNet recipe: CIFAR is held in memory and augmented a batch "
+            f"at a time by the torch loader"
+        )
     saved = args.output / PREPROCESS_FILE
     preprocess = args.preprocess
     if args.resume and saved.exists():

@@ -7,6 +7,11 @@ lighting + flip, single-crop evaluation at 224 after resizing to 256.
 
     python recipes/train_imagenet.py --data /data/imagenet --arch resnet50 --share --output runs/r50-share
     torchrun --nproc_per_node=8 recipes/train_imagenet.py --data /data/imagenet --arch resnet50 --share
+    python recipes/train_imagenet.py --data /data/imagenet --loader dali   # GPU JPEG decoding (extra [dali])
+
+Input pipelines (``--loader``): ``torch`` (default) decodes with torchvision.io and crops on the host,
+jitters colours, lights and normalises on the device; ``pil`` is the all-host PIL reference; ``dali``
+decodes on the GPU with NVIDIA DALI. All three follow the same protocol and the same (seed, epoch) order.
 
 Outputs in --output: run.json, metrics.jsonl, curves.png, checkpoint-{last,best}.{safetensors,state.pt}.
 """
@@ -18,10 +23,11 @@ import sys
 from pathlib import Path
 
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from share_transform.train import (
     DataError,
+    DistInfo,
     Normalize,
     SyntheticDataset,
     TrainConfig,
@@ -41,8 +47,10 @@ from share_transform.train import (
     setup_runtime,
     world_from_env,
 )
-from share_transform.train.data.imagenet import MEAN, STD, imagenet_datasets
+from share_transform.train.data.dali import DaliLoader, require_dali
+from share_transform.train.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD, imagenet_datasets
 from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
+from share_transform.train.loop import ColourAugment, Preprocess
 
 SYNTHETIC_CLASSES = 1000
 
@@ -81,10 +89,33 @@ def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
         return train, val, SYNTHETIC_CLASSES
     if args.data is None:
         raise DataError("--data DIR is required (an ImageFolder root with train/ and val/), or pass --synthetic")
-    train, val = imagenet_datasets(args.data, args.img_size, ten_crop=args.ten_crop)
+    if args.loader == "dali":
+        require_dali()
+    train, val = imagenet_datasets(
+        args.data, args.img_size, ten_crop=args.ten_crop, loader="pil" if args.loader == "pil" else "torch"
+    )
     if len(train) < args.batch_size:
         raise DataError(f"{args.data}/train holds {len(train)} images, fewer than one --batch-size {args.batch_size}")
     return train, val, len(train.classes)
+
+
+def make_loaders(
+    args: argparse.Namespace, dataset: Dataset, train: bool, dist_info: DistInfo
+) -> DataLoader | DaliLoader:
+    """The loader of one split: DALI's with ``--loader dali`` (on files), else torch's DataLoader."""
+    batch = per_rank_batch(args.batch_size, dist_info.world_size)
+    if args.loader == "dali" and not args.synthetic:
+        return DaliLoader(
+            dataset,  # type: ignore[arg-type]  # imagenet_datasets' TrainImages or EvalImages
+            batch_size=batch,
+            train=train,
+            seed=args.seed,
+            dist_info=dist_info,
+            threads=args.workers,
+        )
+    return make_loader(
+        dataset, batch_size=batch, train=train, seed=args.seed, dist_info=dist_info, workers=args.workers
+    )
 
 
 def main(args: argparse.Namespace) -> nn.Module:
@@ -107,17 +138,14 @@ def main(args: argparse.Namespace) -> nn.Module:
     )
 
     train_loader, val_loader = (
-        make_loader(
-            ds,
-            batch_size=batch_per_rank,
-            train=train,
-            seed=args.seed,
-            dist_info=dist_info,
-            workers=args.workers,
-        )
-        for ds, train in ((train_set, True), (val_set, False))
+        make_loaders(args, ds, train, dist_info) for ds, train in ((train_set, True), (val_set, False))
     )
     normalize = Normalize(MEAN, STD, channels_last=args.channels_last)
+    train_preprocess: Preprocess = normalize
+    if args.loader != "pil" and not args.synthetic:
+        # The torch and dali loaders leave colour jitter and lighting to the device.
+        float_normalize = Normalize(MEAN, STD, scale=1.0, channels_last=args.channels_last)
+        train_preprocess = ColourAugment(float_normalize, eigval=PCA_EIGVAL, eigvec=PCA_EIGVEC)
     config = TrainConfig.from_args(args)
     info = run_info(
         args,
@@ -136,7 +164,7 @@ def main(args: argparse.Namespace) -> nn.Module:
         output=args.output,
         resume=args.resume,
         run_info=info,
-        train_preprocess=normalize,
+        train_preprocess=train_preprocess,
         eval_preprocess=normalize,
         title=curves_title(info),
     )

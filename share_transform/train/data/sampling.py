@@ -188,6 +188,21 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def index_sampler(length: int, *, train: bool, seed: int, dist_info: DistInfo) -> Sampler[int]:
+    """This rank's indices: a ``(seed, epoch)`` permutation without the last partial share (training), or
+    every ``world_size``-th index in order (evaluation)."""
+    if train:
+        return DistributedSampler(
+            range(length),  # type: ignore[arg-type]  # only its length is read
+            num_replicas=dist_info.world_size,
+            rank=dist_info.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+    return ShardSampler(length, dist_info.rank, dist_info.world_size)
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -213,18 +228,7 @@ def make_loader(
 
     Call :func:`set_epoch` before each epoch.
     """
-    n = len(dataset)  # type: ignore[arg-type]
-    if train:
-        base: Sampler[int] = DistributedSampler(
-            dataset,
-            num_replicas=dist_info.world_size,
-            rank=dist_info.rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=True,
-        )
-    else:
-        base = ShardSampler(n, dist_info.rank, dist_info.world_size)
+    base = index_sampler(len(dataset), train=train, seed=seed, dist_info=dist_info)  # type: ignore[arg-type]
     if pin_memory is None:
         pin_memory = dist_info.device.type == "cuda"
     seeded = SeededDataset(dataset, seed)
