@@ -21,7 +21,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from share_transform.train import (
@@ -175,8 +174,8 @@ def main(args: argparse.Namespace) -> nn.Module:
         )
         for ds, train in ((data.train, True), (data.val, False))
     )
-    # The datasets hold inputs already preprocessed on the host; only the memory format is left to set.
-    to_input = (lambda x: x.contiguous(memory_format=torch.channels_last)) if args.channels_last else None
+    # ZCA whitening and its flips run on the device; mean/std inputs come preprocessed from the host.
+    to_input = data.device_input(channels_last=args.channels_last)
     config = TrainConfig.from_args(args)
     info = run_info(
         args,

@@ -217,27 +217,35 @@ def test_zca_evaluation_uses_the_training_set_statistics(cifar10_dir):
     data = load_cifar(root, "cifar10", "zca")
     raw_test = torch.from_numpy(test[0]).permute(0, 3, 1, 2).float() / 255
     raw_train = torch.from_numpy(train[0]).permute(0, 3, 1, 2).float() / 255
-    assert torch.equal(data.val.images, ZCA.fit(raw_train)(raw_test))
-    assert not torch.allclose(data.val.images, ZCA.fit(raw_test)(raw_test), atol=1e-2)
+    # The datasets hold the bytes; the device input whitens a batch with the training set's ZCA.
+    assert torch.equal(data.val.images, torch.from_numpy(test[0]).permute(0, 3, 1, 2))
+    whitened = data.device_input()(data.val.images)
+    torch.testing.assert_close(whitened, ZCA.fit(raw_train)(raw_test), atol=1e-5, rtol=0)
+    assert not torch.allclose(whitened, ZCA.fit(raw_test)(raw_test), atol=1e-2)
     # A transform passed in (a run's saved file on --resume) is used as is, not refitted.
     again = load_cifar(root, "cifar10", data.preprocessing)
     assert again.preprocessing is data.preprocessing
     assert torch.equal(again.train.images, data.train.images)
 
 
-def test_zca_training_augmentation_is_flips_only(cifar10_dir):
+def test_zca_training_augmentation_is_flips_only_applied_after_whitening(cifar10_dir):
     root, *_ = cifar10_dir
     data = load_cifar(root, "cifar10", "zca")
-    assert (data.train.crop, data.train.flip) == (False, True)
+    assert (data.train.crop, data.train.flip, data.train.flip_on_device) == (False, True, True)
+    to_input = data.device_input(channels_last=True)
+    white = to_input(data.train.images[:1])[0]
     torch.manual_seed(0)
-    samples = [data.train[0][0] for _ in range(20)]
-    image = data.train.images[0]
-    assert all(torch.equal(s, image) or torch.equal(s, image.flip(-1)) for s in samples)
-    assert any(torch.equal(s, image.flip(-1)) for s in samples) and any(torch.equal(s, image) for s in samples)
+    samples = [data.train[0] for _ in range(20)]
+    assert all(torch.equal(x, data.train.images[0]) and y == int(data.train.labels[0]) for x, _, y in samples)
+    assert {float(f) for _, f, _ in samples} == {0.0, 1.0}  # the flips travel with the batch...
+    for x, f, _ in samples:  # ...and the device applies them to the whitened image (flip after ZCA)
+        out = to_input(x[None], f[None])
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out[0], white.flip(-1) if f else white)
     x, y = data.val[3]
     assert torch.equal(x, data.val.images[3]) and y == int(data.val.labels[3])
     no_flip = load_cifar(root, "cifar10", data.preprocessing, hflip=False)
-    assert all(torch.equal(no_flip.train[0][0], image) for _ in range(5))
+    assert len(no_flip.train[0]) == 2 and torch.equal(no_flip.train[0][0], data.train.images[0])
 
 
 def test_meanstd_normalises_per_channel_and_crops_from_reflection_pad(cifar10_dir):
@@ -280,7 +288,7 @@ def _natural_patches(n: int, size: int = 8) -> torch.Tensor:
 
 def test_float32_zca_whitens_within_1e_4_of_a_float64_fit():
     # 16x16 patches with GCN to norm 55 * 16/32: pixels of the magnitude GCN gives 32x32 CIFAR images, so the
-    # float32 arithmetic meets the numbers it meets on CIFAR (benchmarks/data_throughput.py checks 32x32).
+    # float32 arithmetic meets the numbers it meets on CIFAR.
     x = _natural_patches(2000, size=16)
     gcn = GCN_SCALE * 16 / 32
     flat = global_contrast_normalize(x.reshape(len(x), -1).double(), gcn)
@@ -310,7 +318,8 @@ def test_zca_is_cached_in_the_data_folder_keyed_by_the_training_files(tmp_path):
     save_preprocessing(planted, cache)
     second = load_cifar(tmp_path, "cifar10", "zca")
     assert torch.equal(second.preprocessing.matrix, planted.matrix)
-    assert torch.allclose(second.val.images, 2 * first.val.images, atol=1e-5)
+    whitened = [d.device_input()(d.val.images) for d in (first, second)]
+    assert torch.allclose(whitened[1], 2 * whitened[0], atol=1e-5)
 
     # Other training bytes: another key, a fresh fit beside the old cache; a damaged cache is refitted.
     write_cifar(

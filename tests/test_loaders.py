@@ -329,8 +329,16 @@ def test_dali_loader_without_dali_is_one_line_naming_the_extra(tmp_path: Path) -
     path = os.pathsep.join([str(blocker), str(Path(__file__).resolve().parents[1])])
     proc = _recipe(root, tmp_path / "run", "--loader", "dali", env={"PYTHONPATH": path})
     assert proc.returncode == 2
-    assert (
-        proc.stderr
-        == "error: --loader dali needs NVIDIA DALI: pip install 'share-transform[dali]' (or --loader torch)\n"
+    assert proc.stderr == (
+        "error: --loader dali needs NVIDIA DALI (nvidia-dali-cuda120): pip install 'share-transform[dali]' "
+        "(or --loader torch)\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_gpu_check_refuses_without_a_gpu_in_one_line() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(script.parents[1])}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "gpu_check: no CUDA device: run this on a machine with an NVIDIA GPU\n"

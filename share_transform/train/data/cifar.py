@@ -54,6 +54,7 @@ __all__ = [
     "ChannelNorm",
     "CifarData",
     "CifarDataset",
+    "CifarInput",
     "CifarSplit",
     "DataError",
     "Preprocessing",
@@ -341,19 +342,28 @@ class ZCA:
             matrix = epsilon**-0.5 * torch.eye(d, dtype=torch.float64) + (vt.T * scale) @ vt
         else:
             eigval, eigvec = torch.linalg.eigh(_gram(centred).double() / n)
-            # eigh can return tiny negative eigenvalues for a rank-deficient covariance.
-            matrix = (eigvec * (eigval.clamp_min(0) + epsilon).rsqrt()) @ eigvec.T
+            # eigh can return tiny negative eigenvalues for a rank-deficient covariance. The product back is
+            # float32: its rounding is far below the tolerance, and it is a D^3 product too.
+            vectors = eigvec.float()
+            matrix = (vectors * (eigval.clamp_min(0) + epsilon).rsqrt().float()) @ vectors.T
         return cls(mean, matrix.float(), float(epsilon), gcn_scale)
 
     def __call__(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-        """Whiten images ``x`` (N, C, H, W) in [0, 1]; same shape out, float32."""
-        out = torch.empty(x.shape, dtype=torch.float32)
+        """Whiten images ``x`` (N, C, H, W), float in [0, 1] or uint8; same shape out, float32, on ``x``'s device."""
+        mean, matrix = self.mean.to(x.device), self.matrix.to(x.device)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for i in range(0, len(x), batch_size):  # bounded memory on the full 50,000-image set
-            flat = x[i : i + batch_size].reshape(-1, self.mean.numel()).float()
-            if self.gcn_scale is not None:
-                flat = global_contrast_normalize(flat, self.gcn_scale)
-            out[i : i + batch_size] = ((flat - self.mean) @ self.matrix).reshape(-1, *x.shape[1:])
+            out[i : i + batch_size] = self.whiten(x[i : i + batch_size], mean, matrix)
         return out
+
+    def whiten(self, x: torch.Tensor, mean: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """:meth:`__call__` of one batch with ``mean`` and ``matrix`` already on ``x``'s device."""
+        flat = x.reshape(len(x), -1).float()
+        if x.dtype == torch.uint8:
+            flat = flat.div_(255.0)
+        if self.gcn_scale is not None:
+            flat = global_contrast_normalize(flat, self.gcn_scale)
+        return ((flat - mean) @ matrix).reshape(x.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "matrix": self.matrix}
@@ -424,10 +434,10 @@ def zca_cache_path(root: str | os.PathLike[str], dataset: str) -> Path:
     return folder / f"zca-{digest.hexdigest()[:16]}.safetensors"
 
 
-def _fit_or_cached(kind: str, images: torch.Tensor, root: str | os.PathLike[str], dataset: str) -> Preprocessing:
-    """Fit ``kind`` on the training images; a ZCA is read from, or written to, its cache in the data folder."""
+def _fit_or_cached(kind: str, images: np.ndarray, root: str | os.PathLike[str], dataset: str) -> Preprocessing:
+    """Fit ``kind`` on the training images (uint8 HWC); a ZCA is read from, or written to, its cache beside them."""
     if kind != "zca":
-        return fit_preprocessing(kind, images)
+        return fit_preprocessing(kind, _to_float(images))
     path = zca_cache_path(root, dataset)
     if path.is_file():
         try:
@@ -436,7 +446,7 @@ def _fit_or_cached(kind: str, images: torch.Tensor, root: str | os.PathLike[str]
             cached = None  # a damaged cache is refitted and rewritten
         if isinstance(cached, ZCA):
             return cached
-    fitted = fit_preprocessing(kind, images)
+    fitted = fit_preprocessing(kind, _to_float(images))
     with contextlib.suppress(OSError):  # a read-only data folder: the run goes on without the cache
         save_preprocessing(fitted, path)
     return fitted
@@ -473,33 +483,43 @@ def load_preprocessing(path: str | os.PathLike[str]) -> Preprocessing:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class CifarDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Preprocessed images (N, C, H, W) held in memory, augmented a batch at a time.
+class CifarDataset(Dataset[tuple[torch.Tensor, ...]]):
+    """Images (N, C, H, W) held in memory, augmented a batch at a time.
 
     ``crop``: 4-pixel reflection pad + random crop back to H x W. ``flip``: horizontal flip with p=0.5.
     Both off for evaluation. A sample's crop offsets and flip are bits of its 63-bit seed
     (:meth:`augmented_batch`, which the recipes' loaders call with seeds of ``(seed, epoch, index)``);
-    plain indexing draws that seed from torch's global generator.
+    plain indexing draws that seed from torch's global generator. ``flip_on_device``: the flips are not
+    applied but returned, ``(images, flips (B, 1) float, labels)``, for :class:`CifarInput` to apply after
+    whitening on the device.
     """
 
     #: Crop offsets per axis: 0..8 into the 4-pixel padded image.
     OFFSETS = 9
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, crop: bool = False, flip: bool = False) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        crop: bool = False,
+        flip: bool = False,
+        flip_on_device: bool = False,
+    ) -> None:
         self.images = images
         self.labels = labels
         self.crop = crop
         self.flip = flip
+        self.flip_on_device = flip_on_device
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         seed = torch.randint(0, 2**62, (1,))
-        x, y = self.augmented_batch(torch.tensor([index]), seed)
-        return x[0], int(y[0])
+        return tuple(t[0] for t in self.augmented_batch(torch.tensor([index]), seed))
 
-    def augmented_batch(self, indices: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def augmented_batch(self, indices: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(images, labels)`` of ``indices``; sample k's crop and flip are read from the bits of ``seeds[k]``.
 
         Bit 0 is the flip, bits 1-30 (mod 9) the row offset, bits 32-62 (mod 9) the column offset: one
@@ -517,10 +537,42 @@ class CifarDataset(Dataset[tuple[torch.Tensor, int]]):
                 (rows[:, None] + torch.arange(h))[:, None, :, None],
                 (cols[:, None] + torch.arange(w))[:, None, None, :],
             ]
+        if self.flip and self.flip_on_device:
+            return x, (seeds & 1).float()[:, None], self.labels[indices]
         if self.flip:
             flipped = (seeds & 1).bool()
             x[flipped] = x[flipped].flip(-1)
         return x, self.labels[indices]
+
+
+class CifarInput:
+    """The device side of a CIFAR batch: ZCA whitening of uint8 images, then the loader's flips; or, for data
+    already normalised on the host (mean/std), nothing but the memory format.
+
+    ``__call__(images[, flips])``, ``flips`` (B, 1) from a ``flip_on_device`` :class:`CifarDataset`.
+
+    Example:
+        >>> to_input = data.device_input(channels_last=True)
+        >>> x = to_input(images.cuda(), flips.cuda())
+    """
+
+    def __init__(self, preprocessing: Preprocessing, *, channels_last: bool = False) -> None:
+        self.zca = preprocessing if isinstance(preprocessing, ZCA) else None
+        # The ZCA's mean and matrix on the batches' device, moved there once.
+        self.on_device: tuple[torch.Tensor, torch.Tensor] | None = (
+            (self.zca.mean, self.zca.matrix) if self.zca is not None else None
+        )
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
+        x = images
+        if self.zca is not None and self.on_device is not None:
+            if self.on_device[1].device != x.device:
+                self.on_device = (self.zca.mean.to(x.device), self.zca.matrix.to(x.device))
+            x = self.zca.whiten(x, *self.on_device)
+        if flips is not None:
+            x = torch.where(flips.view(-1, 1, 1, 1) > 0, x.flip(-1), x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 @dataclass
@@ -535,6 +587,10 @@ class CifarData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def device_input(self, *, channels_last: bool = False) -> CifarInput:
+        """The device-side input transform of both splits' batches (ZCA whitening runs there)."""
+        return CifarInput(self.preprocessing, channels_last=channels_last)
 
 
 def load_cifar(
@@ -601,24 +657,28 @@ def _preprocessed(
 ) -> CifarData:
     """Both splits transformed with the training split's statistics: fitted now (a ZCA cached under
     ``cache_root``, when given), or ``preprocess`` as given."""
-    train_x, test_x = _to_float(train.images), _to_float(test.images)
     if not isinstance(preprocess, str):
         transform = preprocess
     elif cache_root is None:
-        transform = fit_preprocessing(preprocess, train_x)
+        transform = fit_preprocessing(preprocess, _to_float(train.images))
     else:
-        transform = _fit_or_cached(preprocess, train_x, cache_root, name)
-    if transform.mean.numel() not in (3, train_x[0].numel()):
+        transform = _fit_or_cached(preprocess, train.images, cache_root, name)
+    if transform.mean.numel() not in (3, train.images[0].size):
         raise DataError(
             f"the saved {transform.kind} transform has {transform.mean.numel()} features; "
-            f"{name} images have {train_x[0].numel()}"
+            f"{name} images have {train.images[0].size}"
         )
-    return CifarData(
-        train=CifarDataset(transform(train_x), torch.from_numpy(train.labels), crop=transform.crop, flip=hflip),
-        val=CifarDataset(transform(test_x), torch.from_numpy(test.labels)),
-        preprocessing=transform,
-        classes=train.classes,
-    )
+    labels = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    if isinstance(transform, ZCA):
+        # Whitening is a (3072 x 3072) product per image: the device does it per batch (CifarInput), so the
+        # datasets keep the bytes and start-up skips whitening 60,000 images on the host.
+        raw = [torch.from_numpy(s.images).permute(0, 3, 1, 2).contiguous() for s in (train, test)]
+        train_set = CifarDataset(raw[0], labels[0], crop=transform.crop, flip=hflip, flip_on_device=True)
+        val_set = CifarDataset(raw[1], labels[1])
+    else:
+        train_set = CifarDataset(transform(_to_float(train.images)), labels[0], crop=transform.crop, flip=hflip)
+        val_set = CifarDataset(transform(_to_float(test.images)), labels[1])
+    return CifarData(train=train_set, val=val_set, preprocessing=transform, classes=train.classes)
 
 
 def _to_float(images: np.ndarray) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``--loader dali``: the ImageNet recipe's input pipeline on NVIDIA DALI (``pip install 'share-transform[dali]'``).
+"""``--loader dali``: the ImageNet recipe's input pipeline on NVIDIA DALI (the ``[dali]`` extra).
 
 DALI decodes the JPEGs on the GPU's hardware JPEG decoder (``device="mixed"``) when training on CUDA, and
 on its CPU backend otherwise (``device_id=None``: no GPU needed). Training: each sample's crop window
@@ -47,7 +47,8 @@ def require_dali() -> Any:
         import nvidia.dali
     except ImportError:
         raise ConfigError(
-            "--loader dali needs NVIDIA DALI: pip install 'share-transform[dali]' (or --loader torch)"
+            "--loader dali needs NVIDIA DALI (nvidia-dali-cuda120): pip install 'share-transform[dali]'"
+            " (or --loader torch)"
         ) from None
     return nvidia.dali
 
@@ -154,7 +155,7 @@ class DaliLoader:
                 img_size=self.img_size,
                 batch_size=self.batch_size,
                 threads=self.threads,
-                device_id=self.device.index or 0 if self.device.type == "cuda" else None,
+                device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
             )
         return self._pipe
 
