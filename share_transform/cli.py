@@ -1,6 +1,7 @@
 """``sharetx``: the command line of share_transform, thin over the API.
 
-Commands: ``convert`` (build, share, report, write a file), ``plan`` (the report, no file), ``inspect``
+Commands: ``convert`` (build, share, report, write a file), ``plan`` (the report, no file), ``sweep``
+(the parameter counts over the sharing dial), ``inspect``
 (what a file holds), ``table`` (the paper's Table 1, measured), ``export`` (ONNX) and ``models`` (names
 it can build). Reporting commands take ``--json``.
 
@@ -24,7 +25,8 @@ from . import __version__
 from .build import SOURCES, build_model, list_model_names, split_name
 from .errors import ExportError, MissingFileError, ShareError
 from .fs import check_writable
-from .policies import INITS, POLICIES
+from .policies import INITS, POLICIES, check_options
+from .text import format_columns
 
 if TYPE_CHECKING:
     from torch import nn
@@ -116,6 +118,45 @@ def _model_options(f: F) -> F:
     return f
 
 
+def _sharing_options(f: F) -> F:
+    """--group-size, --scope, --templates, --budget: where on the dial between ResNet and ShaResNet."""
+    options = [
+        click.option(
+            "--group-size",
+            type=int,
+            default=None,
+            help="Spatial convs per shared weight, in runs along each stage [default: the whole stage].",
+        ),
+        click.option(
+            "--scope",
+            default=None,
+            help="last: each block's last spatial conv (the paper); all: every spatial conv of the residual "
+            "branch [default: the policy's].",
+        ),
+        click.option(
+            "--templates",
+            type=int,
+            default=None,
+            help="Soft sharing: a bank of K templates per group, mixed by per-conv coefficients [default: hard].",
+        ),
+        click.option(
+            "--budget",
+            type=float,
+            default=None,
+            help="At most this fraction of the original parameters: the least sharing that fits.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _check_sharing(name: str, policy: str, **options: Any) -> dict[str, Any]:
+    """The sharing options, checked before the (slow) build; raises ShareOptionError."""
+    check_options(name, POLICIES[policy], **options)
+    return options
+
+
 def _build(name: str, source: str | None, num_classes: int | None) -> nn.Module:
     return build_model(name, source=source, num_classes=num_classes)
 
@@ -153,6 +194,7 @@ def main() -> None:
 
 @main.command()
 @_model_options
+@_sharing_options
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -180,6 +222,10 @@ def convert(
     source: str | None,
     policy: str,
     num_classes: int | None,
+    group_size: int | None,
+    scope: str | None,
+    templates: int | None,
+    budget: float | None,
     checkpoint: Path | None,
     init: str,
     out: Path | None,
@@ -196,6 +242,8 @@ def convert(
       sharetx convert --model resnet152
       sharetx convert --model torchvision:resnet50 --checkpoint resnet50.pth --init mean -o r50-share.safetensors
       sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
+      sharetx convert --model resnet101 --budget 0.75
+      sharetx convert --model wrn_28_10 --policy swrn --templates 2
     """
     from .apply import apply
     from .io import load_checkpoint, save
@@ -205,12 +253,13 @@ def convert(
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
     # Refuse before the (slow) build, so an error costs nothing and writes nothing.
+    options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
     _check_output(out, force)
     model = _build(name, source, num_classes)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         _warn_non_finite(model, checkpoint)
-    share_plan = plan(model, policy)
+    share_plan = plan(model, policy, **options)
     apply(model, plan=share_plan, init=init)
     save(model, out)
     summary = summarize(model, share_plan, file=out)
@@ -219,21 +268,131 @@ def convert(
 
 @main.command("plan")
 @_model_options
+@_sharing_options
 @_json_option
-def plan_command(name: str, source: str | None, policy: str, num_classes: int | None, as_json: bool) -> None:
+def plan_command(
+    name: str,
+    source: str | None,
+    policy: str,
+    num_classes: int | None,
+    group_size: int | None,
+    scope: str | None,
+    templates: int | None,
+    budget: float | None,
+    as_json: bool,
+) -> None:
     """Print what sharing would change (the convert report), writing nothing.
 
     \b
     Examples:
       sharetx plan --model resnet50
       sharetx plan --model wrn_28_10 --policy cifar --num-classes 100 --json
+      sharetx plan --model resnet34 --scope all --group-size 2
     """
     from .plan import plan
     from .summary import summarize
 
+    options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
     model = _build(name, source, num_classes)
-    summary = summarize(model, plan(model, policy))
+    summary = summarize(model, plan(model, policy, **options))
     _emit(summary.to_dict(), str(summary), as_json)
+
+
+@main.command("sweep")
+@_model_options
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw unique parameters against the setting to this PNG (needs matplotlib: the [train] extra).",
+)
+@_json_option
+def sweep_command(
+    name: str, source: str | None, policy: str, num_classes: int | None, plot: Path | None, as_json: bool
+) -> None:
+    """The sharing dial of one model: unique parameters for each scope x group size x templates.
+
+    Group sizes 1, 2, 4, ... and the whole stage; templates: hard sharing, then soft with 1, 2 and 4.
+
+    \b
+    Examples:
+      sharetx sweep --model resnet50
+      sharetx sweep --model wrn_28_10 --policy cifar --json
+      sharetx sweep --model resnet101 --plot resnet101-sweep.png
+    """
+    from .plan import sweep
+
+    if plot is not None:
+        _check_output(plot, force=True)
+        _matplotlib()
+    model = _build(name, source, num_classes)
+    plans = sweep(model, policy)
+    rows: list[dict[str, Any]] = [
+        {
+            "scope": p.scope,
+            "group_size": p.group_size,
+            "templates": p.templates,
+            "unique_params": p.params_after,
+            "decrease": round(p.decrease, 6),
+            "distinct_conv_weights": p.convs_after,
+        }
+        for p in plans
+    ]
+    table = [("scope", "group size", "templates", "unique params", "decrease", "distinct weights")]
+    table += [
+        (
+            r["scope"],
+            "stage" if r["group_size"] is None else str(r["group_size"]),
+            "-" if r["templates"] is None else str(r["templates"]),
+            f"{r['unique_params']:,}",
+            f"{100 * r['decrease']:.1f}%",
+            str(r["distinct_conv_weights"]),
+        )
+        for r in rows
+    ]
+    original = plans[0].params_before
+    text = "\n".join(
+        [f"sharing dial of {name}, policy {policy}: {original:,} parameters unshared", *format_columns(table, left={0})]
+    )
+    if plot is not None:
+        _plot_sweep(rows, plot, f"{name}, policy {policy}")
+        text += f"\nplot: {plot}"
+    _emit(rows, text, as_json)
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install 'share-transform[train]'") from None
+    return matplotlib
+
+
+def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One line per (scope, templates): unique parameters (millions) against the group size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .fs import atomic_write
+
+    sizes = sorted({r["group_size"] for r in rows}, key=lambda g: (g is None, g or 0))
+    labels = ["stage" if g is None else str(g) for g in sizes]
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for scope in dict.fromkeys(r["scope"] for r in rows):
+        for k in dict.fromkeys(r["templates"] for r in rows):
+            line = {r["group_size"]: r["unique_params"] for r in rows if (r["scope"], r["templates"]) == (scope, k)}
+            xs = [i for i, g in enumerate(sizes) if g in line]
+            if len(xs) > 1:
+                kind = "hard" if k is None else f"{k} templates"
+                ax.plot(xs, [line[sizes[i]] / 1e6 for i in xs], "o-", label=f"scope {scope}, {kind}")
+    ax.set_xticks(range(len(sizes)), labels)
+    ax.set(xlabel="group size", ylabel="unique parameters (millions)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 @main.command()
@@ -259,6 +418,7 @@ def inspect(file: Path, as_json: bool) -> None:
         "share_transform_version": info.version,
         "build": info.build,
         "policy": info.policy,
+        "sharing": info.plan.options if info.plan is not None else None,
         "stored_tensors": len(info.tensors),
         "stored_elements": info.stored_numel,
         "aliases": len(info.aliases),

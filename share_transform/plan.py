@@ -16,7 +16,7 @@ coefficients; Savarese & Maire, ICLR 2019) and ``budget`` picks the least sharin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from .modelinfo import (
     model_name,
     weight_storage,
 )
-from .policies import POLICIES, SCOPES, Policy
+from .policies import POLICIES, SCOPES, Policy, check_options, describe_sharing
 from .signature import ConvSignature
 from .text import format_columns
 from .trace import propagate_shapes, trace_model
@@ -246,22 +246,6 @@ class SharePlan:
         return "\n".join(lines)
 
 
-def describe_sharing(options: Mapping[str, Any] | None) -> str:
-    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``; absent or None = the paper's) as
-    words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
-    options = options or {}
-    parts = []
-    if options.get("group_size") is not None:
-        parts.append(f"group size {options['group_size']}")
-    if options.get("scope") not in (None, "last"):
-        parts.append(f"scope {options['scope']}")
-    if options.get("templates") is not None:
-        parts.append(f"{options['templates']} templates")
-    if options.get("budget") is not None:
-        parts.append(f"budget {options['budget']:g}")
-    return ", ".join(parts)
-
-
 def check_policy(policy: str, name: str) -> Policy:
     try:
         return POLICIES[policy]
@@ -279,41 +263,6 @@ def _stages(blocks: Sequence[ResidualBlock]) -> list[list[ResidualBlock]]:
             stages.append([])
         stages[-1].append(b)
     return stages
-
-
-def check_options(
-    name: str,
-    rule: Policy,
-    *,
-    group_size: int | None,
-    scope: str | None,
-    templates: int | None,
-    budget: float | None,
-) -> str:
-    """Check the sharing options against each other and ``rule``; returns the scope to use.
-
-    Raises:
-        ShareOptionError: one line saying which option is wrong and what it takes.
-    """
-
-    def positive_int(value: object, option: str, none_means: str) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ShareOptionError(f"{name}: {option} must be an integer >= 1 (or None: {none_means}), got {value!r}")
-
-    positive_int(group_size, "group_size", "the whole stage")
-    positive_int(templates, "templates", "hard sharing")
-    if scope is not None and scope not in SCOPES:
-        raise ShareOptionError(f"{name}: unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
-            raise ShareOptionError(f"{name}: budget is a fraction of the original parameters in (0, 1], got {budget!r}")
-        if group_size is not None:
-            raise ShareOptionError(f"{name}: give budget or group_size, not both (the budget chooses the group size)")
-    if rule.needs_templates and templates is None:
-        raise ShareOptionError(
-            f"{name}: policy {rule.name!r} is soft sharing; give templates=k (k >= 1 templates per stage)"
-        )
-    return scope if scope is not None else rule.scope
 
 
 def plan(
@@ -366,6 +315,60 @@ def plan(
     name = model_name(model)
     rule = check_policy(policy, name)
     scope = check_options(name, rule, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    analysis = _analyse(model, name, input_size)
+    return _make_plan(analysis, rule, scope=scope, group_size=group_size, templates=templates, budget=budget)
+
+
+def sweep(
+    model: nn.Module,
+    policy: str = "imagenet",
+    *,
+    input_size: Sequence[int] | None = None,
+    scopes: Sequence[str] = SCOPES,
+    templates: Sequence[int | None] = (None, 1, 2, 4),
+) -> list[SharePlan]:
+    """Plans of ``model`` over the dial: every scope x group size x templates, tracing the model once.
+
+    Group sizes are 1, 2, 4, ... below the longest run of sharable convs of the scope, then None (the whole
+    stage); group size 1 (no sharing) comes once per scope. ``templates=None`` (hard sharing) is skipped for a
+    policy that needs templates (``swrn``).
+
+    Example:
+        >>> for p in share_transform.sweep(timm.create_model("resnet50")):
+        ...     print(p.scope, p.group_size, p.templates, p.params_after)
+    """
+    model = check_model(model)
+    name = model_name(model)
+    rule = check_policy(policy, name)
+    analysis = _analyse(model, name, input_size)
+    plans = []
+    for scope in scopes:
+        check_options(name, rule, group_size=None, scope=scope, templates=1, budget=None)
+        stage = _make_plan(analysis, rule, scope=scope, group_size=None, templates=None, budget=None)
+        longest = max((len(g.members) for g in stage.groups), default=1)
+        sizes: list[int | None] = [2**i for i in range(longest.bit_length()) if 2**i < longest] + [None]
+        for group_size in sizes:
+            choices = [k for k in templates if k is not None or not rule.needs_templates]
+            # Runs of one convert nothing: one row stands for every templates value.
+            for k in choices[:1] if group_size == 1 else choices:
+                check_options(name, rule, group_size=group_size, scope=scope, templates=k, budget=None)
+                plans.append(_make_plan(analysis, rule, scope=scope, group_size=group_size, templates=k, budget=None))
+    return plans
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    """What tracing a model tells every plan of it: its stages of residual blocks and its counts."""
+
+    model: nn.Module
+    name: str
+    input_size: tuple[int, int, int]
+    stages: list[list[ResidualBlock]]
+    params_before: int
+    convs_before: int
+
+
+def _analyse(model: nn.Module, name: str, input_size: Sequence[int] | None) -> _Analysis:
     size = check_input_size(input_size, name) if input_size is not None else default_input_size(model)
     graph = trace_model(model, name)
     propagate_shapes(model, graph, size, name)
@@ -381,10 +384,25 @@ def plan(
             f"{name}: found no residual block with a spatial conv, so there is nothing to share. "
             "share_transform works on residual CNNs (ResNet, Wide-ResNet, ResNeXt and their timm variants)."
         )
+    return _Analysis(
+        model, name, size, _stages(blocks), sum(p.numel() for p in model.parameters()), distinct_conv_weights(model)
+    )
+
+
+def _make_plan(
+    analysis: _Analysis,
+    rule: Policy,
+    *,
+    scope: str,
+    group_size: int | None,
+    templates: int | None,
+    budget: float | None,
+) -> SharePlan:
+    name, stage_blocks = analysis.name, analysis.stages
+    params_before, convs_before = analysis.params_before, analysis.convs_before
 
     # Candidates: stride-1 spatial convs not kept by the policy, grouped by (input resolution, signature),
     # each list in the order the model computes them.
-    stage_blocks = _stages(blocks)
     candidates: dict[tuple[tuple[int, int], ConvSignature], list[str]] = {}
     placed: list[tuple[int, int, ResidualBlock, BranchConv, str | None]] = []
     for s, stage in enumerate(stage_blocks, start=1):
@@ -400,10 +418,8 @@ def plan(
                     candidates.setdefault((c.conv_input, c.signature), []).append(c.path)
                 placed.append((s, position, b, c, kept))
 
-    modules = dict(model.named_modules())
+    modules = dict(analysis.model.named_modules())
     stage_of = {c.path: s for s, _, _, c, _ in placed}
-    params_before = sum(p.numel() for p in model.parameters())
-    convs_before = distinct_conv_weights(model)
 
     def grouping(run: int | None) -> tuple[list[ShareGroup], int, int]:
         """The groups for runs of ``run`` convs, and the parameters and conv weights they remove."""
@@ -461,7 +477,7 @@ def plan(
     return SharePlan(
         model_name=name,
         policy=rule.name,
-        input_size=size,
+        input_size=analysis.input_size,
         stages=tuple(stages),
         groups=tuple(groups),
         params_before=params_before,

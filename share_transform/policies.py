@@ -5,9 +5,13 @@ The CLI offers these as choices in ``--help``, which must answer without importi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["INITS", "POLICIES", "SCOPES", "Policy"]
+from .errors import ShareOptionError
+
+__all__ = ["INITS", "POLICIES", "SCOPES", "Policy", "check_options", "describe_sharing"]
 
 #: Which spatial convs of a block may share: the block's last one (the paper), or all of its residual branch.
 SCOPES = ("last", "all")
@@ -42,3 +46,54 @@ POLICIES: dict[str, Policy] = {
 
 #: How a shared weight starts: the first member's weight, or the members' mean (a warm start from trained weights).
 INITS = ("first", "mean")
+
+
+def describe_sharing(options: Mapping[str, Any] | None) -> str:
+    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``; absent or None = the paper's) as
+    words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
+    options = options or {}
+    parts = []
+    if options.get("group_size") is not None:
+        parts.append(f"group size {options['group_size']}")
+    if options.get("scope") not in (None, "last"):
+        parts.append(f"scope {options['scope']}")
+    if options.get("templates") is not None:
+        parts.append(f"{options['templates']} templates")
+    if options.get("budget") is not None:
+        parts.append(f"budget {options['budget']:g}")
+    return ", ".join(parts)
+
+
+def check_options(
+    name: str,
+    rule: Policy,
+    *,
+    group_size: int | None,
+    scope: str | None,
+    templates: int | None,
+    budget: float | None,
+) -> str:
+    """Check the sharing options against each other and ``rule``; returns the scope to use.
+
+    Raises:
+        ShareOptionError: one line saying which option is wrong and what it takes.
+    """
+
+    def positive_int(value: object, option: str, none_means: str) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ShareOptionError(f"{name}: {option} must be an integer >= 1 (or None: {none_means}), got {value!r}")
+
+    positive_int(group_size, "group_size", "the whole stage")
+    positive_int(templates, "templates", "hard sharing")
+    if scope is not None and scope not in SCOPES:
+        raise ShareOptionError(f"{name}: unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+            raise ShareOptionError(f"{name}: budget is a fraction of the original parameters in (0, 1], got {budget!r}")
+        if group_size is not None:
+            raise ShareOptionError(f"{name}: give budget or group_size, not both (the budget chooses the group size)")
+    if rule.needs_templates and templates is None:
+        raise ShareOptionError(
+            f"{name}: policy {rule.name!r} is soft sharing; give templates=k (k >= 1 templates per stage)"
+        )
+    return scope if scope is not None else rule.scope

@@ -216,7 +216,7 @@ def test_table() -> None:
     assert sharetx("table").stdout.startswith("| model |")
 
 
-@pytest.mark.parametrize("command", ["convert", "plan", "inspect", "table", "export", "models"])
+@pytest.mark.parametrize("command", ["convert", "plan", "inspect", "table", "export", "models", "sweep"])
 def test_help_has_an_example(command: str) -> None:
     result = sharetx(command, "--help")
     assert result.exit_code == 0 and "Example" in result.stdout and f"sharetx {command}" in result.stdout
@@ -268,6 +268,15 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["convert"], "Missing option '--model'"),
         (["export", "good.safetensors"], "Missing option '--onnx'"),
         (["frobnicate"], "No such command 'frobnicate'"),
+        (["convert", *SMALL, "--group-size", "0"], "group_size must be an integer >= 1"),
+        (["plan", *SMALL, "--templates", "0"], "templates must be an integer >= 1"),
+        (["convert", *SMALL, "--scope", "every"], "unknown scope 'every'; choose one of last, all"),
+        (["plan", *SMALL, "--budget", "0"], "budget is a fraction of the original parameters in (0, 1], got 0.0"),
+        (["convert", *SMALL, "--budget", "1.5"], "budget is a fraction of the original parameters in (0, 1]"),
+        (["convert", "--model", "wrn_16_1", "--policy", "swrn"], "policy 'swrn' is soft sharing; give templates"),
+        (["plan", *SMALL, "--budget", "0.8", "--group-size", "2"], "give budget or group_size, not both"),
+        (["plan", *SMALL, "--budget", "0.3"], "budget 0.3 is unreachable"),
+        (["sweep", *SMALL, "--plot", "no-dir/sweep.png"], "does not exist"),
     ],
 )
 def test_errors_are_one_line_exit_2_and_write_nothing(
@@ -318,3 +327,52 @@ def test_installed_console_script(tmp_path: Path) -> None:
 
     run = subprocess.run([sys.executable, "-m", "share_transform", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == f"sharetx, version {st.__version__}"
+
+
+# ------------------------------------------------------------------------------------------- the sharing dial
+
+# resnet18: two basic blocks a stage of widths 64..512; the first 3x3 of stages 2-4 is strided.
+WIDTHS = (64, 128, 256, 512)
+
+
+def test_sweep_table_json_and_plot(tmp_path: Path) -> None:
+    result = sharetx("sweep", *SMALL, "--json", "--plot", str(tmp_path / "sweep.png"))
+    assert result.exit_code == 0, result.output
+    rows = {(r["scope"], r["group_size"], r["templates"]): r for r in json.loads(result.stdout)}
+    original = SMALL_UNIQUE + sum(w * w * 9 for w in WIDTHS)
+    assert rows[("last", 1, None)]["unique_params"] == original
+    assert rows[("last", None, None)]["unique_params"] == SMALL_UNIQUE
+    # soft, one template: the shared weight plus one coefficient per member (2 members a stage)
+    assert rows[("last", None, 1)]["unique_params"] == SMALL_UNIQUE + 4 * 2
+    # scope all: stage 1 shares 4 convs, stages 2-4 three (their first 3x3 is strided)
+    members = (4, 3, 3, 3)
+    assert rows[("all", None, None)]["unique_params"] == original - sum(
+        (m - 1) * w * w * 9 for w, m in zip(WIDTHS, members)
+    )
+    two = rows[("all", None, 2)]
+    assert two["unique_params"] == original - sum(m * w * w * 9 - 2 * (w * w * 9 + m) for w, m in zip(WIDTHS, members))
+    assert two["distinct_conv_weights"] == 20 - sum(members) + 4 * 2
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = sharetx("sweep", *SMALL)
+    assert text.exit_code == 0 and text.stdout.splitlines()[1].split() == [
+        "scope", "group", "size", "templates", "unique", "params", "decrease", "distinct", "weights"
+    ]  # fmt: skip
+
+
+def test_convert_soft_sharing_round_trip_and_inspect(tmp_path: Path) -> None:
+    out = tmp_path / "soft.safetensors"
+    result = sharetx("convert", *SMALL, "--templates", "2", "--scope", "all", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    members = (4, 3, 3, 3)
+    original = SMALL_UNIQUE + sum(w * w * 9 for w in WIDTHS)
+    expected = original - sum(m * w * w * 9 - 2 * (w * w * 9 + m) for w, m in zip(WIDTHS, members))
+    assert json.loads(result.stdout)["total"]["params_after"] == expected
+    model = load(out)
+    assert st.count_parameters(model) == expected and st.is_tied(model)
+    info = sharetx("inspect", str(out), "--json")
+    assert info.exit_code == 0, info.output
+    data = json.loads(info.stdout)
+    assert data["sharing"] == {"group_size": None, "scope": "all", "templates": 2, "budget": None}
+    assert data["parameters"] == expected
+    text = sharetx("inspect", str(out)).stdout
+    assert "scope all, 2 templates" in text and "stage 1: 2 templates 64x64x3x3 for 4 convs" in text
