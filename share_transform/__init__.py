@@ -76,6 +76,7 @@ _EXPORTS: dict[str, str] = {
     "SpatialConv": "plan",
     "StagePlan": "plan",
     "plan": "plan",
+    "sweep": "plan",
     "ConvSignature": "signature",
     "ShareSummary": "summary",
     "summarize": "summary",
@@ -146,6 +147,7 @@ if TYPE_CHECKING:  # the names as type checkers and IDEs see them; `X as X` mark
         SpatialConv as SpatialConv,
         StagePlan as StagePlan,
         plan as plan,
+        sweep as sweep,
     )
     from .policies import POLICIES as POLICIES
     from .signature import (

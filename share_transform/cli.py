@@ -324,7 +324,9 @@ def sweep_command(
 
     if plot is not None:
         _check_output(plot, force=True)
-        _matplotlib()
+        from .train.metrics import require_matplotlib
+
+        require_matplotlib()  # before the build: a missing [train] extra costs nothing
     model = _build(name, source, num_classes)
     plans = sweep(model, policy)
     rows: list[dict[str, Any]] = [
@@ -360,25 +362,14 @@ def sweep_command(
     _emit(rows, text, as_json)
 
 
-def _matplotlib() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install 'share-transform[train]'") from None
-    return matplotlib
-
-
 def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """One line per (scope, templates): unique parameters (millions) against the group size."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from .fs import atomic_write
+    from .train.metrics import new_figure
 
     sizes = sorted({r["group_size"] for r in rows}, key=lambda g: (g is None, g or 0))
     labels = ["stage" if g is None else str(g) for g in sizes]
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
+    fig = new_figure((7, 4.5))
     ax = fig.subplots()
     for scope in dict.fromkeys(r["scope"] for r in rows):
         for k in dict.fromkeys(r["templates"] for r in rows):
