@@ -14,7 +14,7 @@ the paper's sharing). It prints "run k of N" with an ETA for the whole command, 
 (``OUT/report``: Tables 2-3, Figure 5 with the architecture's curve over its settings) and ``OUT/report/
 sharing.md``, the table of settings. Re-running continues: finished runs are kept, interrupted ones resumed.
 
-    python recipes/sharing_experiment.py --out runs/sharing --figure docs/sharing/error_vs_params.png
+    python recipes/sharing_experiment.py --out runs/sharing --figure docs/sharing/figure5_error_vs_params.png
 """
 
 from __future__ import annotations

@@ -60,8 +60,10 @@ class Report:
         for e in self.table2:
             o, s, p = e.original, e.shared, e.paper
             paper1 = "—" if p is None else f"{p.top1_original:.2f} → {p.top1_shared:.2f} ({p.top1_diff:+.2f})"
+            model = paper_model_name(o.config.arch)
+            model += s.label.removeprefix(f"{model} Share")  # the sharing options, when not the paper's
             line = (
-                f"| {dataset_name(o.config.dataset)} | {paper_model_name(o.config.arch)} "
+                f"| {dataset_name(o.config.dataset)} | {model} "
                 f"| {o.params:,} → {s.params:,} | {e.decrease_pct:.1f}% | {o.config.epochs} "
                 f"| {o.top1.n} / {s.top1.n} | {o.top1} | {s.top1} | {_fmt(e.top1_diff, True)} | {paper1} |"
             )
