@@ -342,3 +342,15 @@ def test_gpu_check_refuses_without_a_gpu_in_one_line() -> None:
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "gpu_check: no CUDA device: run this on a machine with an NVIDIA GPU\n"
+
+
+def test_cifar_recipe_refuses_another_loader_in_one_line(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "recipes" / "train_cifar.py"
+    argv = ["--data", str(tmp_path), "--output", str(tmp_path / "run"), "--device", "cpu", "--loader", "dali"]
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "error: --loader dali is for the ImageNet recipe: CIFAR is held in memory and augmented a batch at a time "
+        "by the torch loader\n"
+    )
+    assert not (tmp_path / "run").exists()

@@ -227,8 +227,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
     ref_output, ref_proc = reference
     assert ref_proc.returncode == 0, ref_proc.stderr
     output = tmp_path / "run"
-    # More loader processes than the reference's none: the data stream must not depend on them.
-    argv = recipe_argv(data, output, "--share", "--deterministic", "--workers", "2")
+    # More loader processes than the reference's none: the data stream must not depend on them. The torch loader
+    # (the default) ships each sample's colour draws; the device applies them, so resume replays them exactly.
+    argv = recipe_argv(data, output, "--share", "--deterministic", "--workers", "2", "--loader", "torch")
     # Killed in the middle of epoch 2, after two of its updates (the progress line of step 2/4).
     rc, out = kill_on_line(RECIPE, argv, rf"^epoch 2/2 \[.*\] 2/{STEPS_PER_EPOCH} ")
     assert rc == -signal.SIGKILL, out
