@@ -46,6 +46,7 @@ class ResidualBlock(NamedTuple):
     signature: ConvSignature
     conv_input: tuple[int, int]  # spatial size (H, W) of the spatial conv's input: its stage for grouping
     output: tuple[int, int]  # spatial size of the block's output: delimits stages
+    channels: int  # channels of the block's output: delimits stages where a dilated backbone keeps the size
     branch_convs: tuple[BranchConv, ...] = ()  # every spatial conv of the branch, in compute order (scope "all")
 
 
@@ -168,6 +169,7 @@ def find_blocks(graph: fx.Graph, model: nn.Module) -> list[ResidualBlock]:
             signature=ConvSignature.of(modules[_path(conv_node)]),
             conv_input=(conv_in[2], conv_in[3]),
             output=(out_shape[2], out_shape[3]),
+            channels=out_shape[1],
             branch_convs=tuple(branch),
         )
         add.meta[BLOCK_KEY] = block

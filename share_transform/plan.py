@@ -256,10 +256,15 @@ def check_policy(policy: str, name: str) -> Policy:
 
 
 def _stages(blocks: Sequence[ResidualBlock]) -> list[list[ResidualBlock]]:
-    """Consecutive blocks with the same output resolution form a stage."""
+    """Consecutive blocks with the same output resolution and channel count form a stage.
+
+    The channel count matters on dilated backbones (``output_stride=8`` or ``16``): their later stages
+    trade the stride for dilation and keep the resolution, but each still opens with a wider block.
+    """
     stages: list[list[ResidualBlock]] = []
     for b in blocks:
-        if not stages or stages[-1][-1].output != b.output:
+        prev = stages[-1][-1] if stages else None
+        if prev is None or (prev.output, prev.channels) != (b.output, b.channels):
             stages.append([])
         stages[-1].append(b)
     return stages
@@ -401,9 +406,9 @@ def _make_plan(
     name, stage_blocks = analysis.name, analysis.stages
     params_before, convs_before = analysis.params_before, analysis.convs_before
 
-    # Candidates: stride-1 spatial convs not kept by the policy, grouped by (input resolution, signature),
+    # Candidates: stride-1 spatial convs not kept by the policy, grouped by (stage, input resolution, signature),
     # each list in the order the model computes them.
-    candidates: dict[tuple[tuple[int, int], ConvSignature], list[str]] = {}
+    candidates: dict[tuple[int, tuple[int, int], ConvSignature], list[str]] = {}
     placed: list[tuple[int, int, ResidualBlock, BranchConv, str | None]] = []
     for s, stage in enumerate(stage_blocks, start=1):
         for position, b in enumerate(stage):
@@ -415,17 +420,16 @@ def _make_plan(
                 elif rule.keep_first_block and position == 0:
                     kept = KEPT_FIRST_BLOCK
                 else:
-                    candidates.setdefault((c.conv_input, c.signature), []).append(c.path)
+                    candidates.setdefault((s, c.conv_input, c.signature), []).append(c.path)
                 placed.append((s, position, b, c, kept))
 
     modules = dict(analysis.model.named_modules())
-    stage_of = {c.path: s for s, _, _, c, _ in placed}
 
     def grouping(run: int | None) -> tuple[list[ShareGroup], int, int]:
         """The groups for runs of ``run`` convs, and the parameters and conv weights they remove."""
         groups: list[ShareGroup] = []
         saved = removed = 0
-        for (resolution, sig), convs in candidates.items():
+        for (stage_index, resolution, sig), convs in candidates.items():
             for start in range(0, len(convs), run or len(convs)):
                 members = convs[start : start + (run or len(convs))]
                 if len(members) < 2:
@@ -433,7 +437,7 @@ def _make_plan(
                 numel = 1
                 for d in sig.weight_shape:
                     numel *= d
-                group = ShareGroup(stage_of[members[0]], resolution, sig, tuple(members), numel, templates)
+                group = ShareGroup(stage_index, resolution, sig, tuple(members), numel, templates)
                 # What the members hold now (they may be tied already): each tensor once.
                 storage: dict[int, int] = {}
                 keys: set[tuple[int, int]] = set()

@@ -11,6 +11,8 @@ import torchvision
 
 import share_transform as st
 
+KEPT_FIRST = "first block of the stage (policy cifar)"
+
 # Paper Table 1, ImageNet rows (docs/design.md, The paper's tables): exact torchvision/timm totals with 1000 classes.
 TABLE1 = {
     "resnet34": (21_797_672, 13_613_864),
@@ -48,6 +50,36 @@ def test_resnet50_stage_structure() -> None:
     assert (p.convs_before, p.convs_after) == (53, 44)
 
 
+# Dilated backbones trade the stride of the later stages for dilation: (output resolution per stage,
+# what the cifar policy keeps in each stage's first block).
+DILATED = {
+    8: ([(56, 56), (28, 28), (28, 28), (28, 28)], [KEPT_FIRST, "strided", KEPT_FIRST, KEPT_FIRST]),
+    16: ([(56, 56), (28, 28), (14, 14), (14, 14)], [KEPT_FIRST, "strided", "strided", KEPT_FIRST]),
+}
+
+
+@pytest.mark.parametrize("output_stride", list(DILATED))
+def test_dilated_resnet50_has_four_stages(output_stride: int) -> None:
+    with torch.device("meta"):
+        model = timm.create_model("resnet50", output_stride=output_stride)
+    resolutions, kept = DILATED[output_stride]
+    imagenet, cifar = st.plan(model), st.plan(model, "cifar")
+    layers = [tuple(f"layer{i}.{j}" for j in range(n)) for i, n in enumerate((3, 4, 6, 3), start=1)]
+    for p in (imagenet, cifar):
+        assert [s.resolution for s in p.stages] == resolutions
+        assert [s.blocks for s in p.stages] == layers
+        assert all(c.stage == g.stage for g in p.groups for c in p.spatial_convs if c.path in g.members)
+    for stage, reason in zip(cifar.stages, kept):
+        first = stage.spatial_convs[0]
+        assert (first.group, first.kept_because) == (None, reason)
+        assert all(c.group is not None for c in stage.spatial_convs[1:])
+    assert [len(g.members) for g in cifar.groups] == [2, 3, 5, 2]
+    # The first block of a dilated stage keeps the previous stage's dilation, so under policy imagenet too
+    # it has no partner, and the groups are those of the plain resnet50.
+    assert [len(g.members) for g in imagenet.groups] == [3, 3, 5, 2]
+    assert imagenet.params_after == TABLE1["resnet50"][1]
+
+
 def test_basic_block_shares_second_conv_and_strided_first_block() -> None:
     # ResNet-34: the basic block's spatial conv is its second 3x3, which is stride 1 in every block.
     p = st.plan(torchvision.models.resnet34())
@@ -62,7 +94,7 @@ def test_cifar_policy_keeps_first_block_of_every_stage() -> None:
     assert [len(g.members) for g in cifar.groups] == [2, 3, 5, 2]
     for stage in cifar.stages:
         assert stage.spatial_convs[0].group is None
-        assert stage.spatial_convs[0].kept_because == "first block of the stage (policy cifar)"
+        assert stage.spatial_convs[0].kept_because == KEPT_FIRST
         assert all(c.group is not None for c in stage.spatial_convs[1:])
     assert imagenet.params_after < cifar.params_after
 
