@@ -4,14 +4,24 @@ Autograd then sums the members' gradients into the shared weight (paper eq. 5), 
 the weight once, so weight decay and momentum act once per shared weight. A soft-shared group
 (``templates=k``) instead gives each member a parametrized weight mixing the group's template bank
 (:mod:`share_transform.soft`).
+
+``apply`` also hooks the model's state dict, so that every tool that walks ``state_dict()`` sees each
+shared tensor once: ``state_dict()`` lists it under its first name only (timm's ``ModelEmaV2``/``ModelEmaV3``
+would otherwise decay it once per alias), and ``load_state_dict`` fills the other names from it, refuses
+aliases with different values (an unshared checkpoint) and re-ties after ``assign=True``. The hooks work on
+tensor identity, so any tensor held by several modules (a soft-shared group's template bank too) gets the
+same treatment.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-from .errors import PlanMismatchError, ShareError, UnknownInitError
+from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError
 from .modelinfo import check_model, model_name
 from .plan import SharePlan, check_policy, plan as make_plan
 from .policies import INITS
@@ -29,7 +39,132 @@ def count_parameters(model: nn.Module) -> int:
 
 def get_plan(model: nn.Module) -> SharePlan | None:
     """The plan ``apply`` recorded on ``model``, or None for a model that was never shared."""
-    return getattr(model, PLAN_ATTR, None)
+    return getattr(check_model(model), PLAN_ATTR, None)
+
+
+def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What ``state_dict(keep_vars=True)`` lists without ``apply``'s hooks: every name, each alias included."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, m in module.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for name, p in m._parameters.items():
+            if p is not None:
+                tensors[prefix + name] = p
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                tensors[prefix + name] = b
+    return tensors
+
+
+def tensor_aliases(module: nn.Module) -> list[list[str]]:
+    """The state-dict names of every tensor that ``module`` holds under several names, first name first.
+
+    Example:
+        >>> from share_transform.apply import tensor_aliases
+        >>> tensor_aliases(share_transform.apply(timm.create_model("resnet50")))[0]
+        ['layer1.0.conv2.weight', 'layer1.1.conv2.weight', 'layer1.2.conv2.weight']
+    """
+    names: dict[int, list[str]] = {}
+    for name, t in state_tensors(module).items():
+        names.setdefault(id(t), []).append(name)
+    return [n for n in names.values() if len(n) > 1]
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes: NaN equals the same NaN (a value comparison would call it different)."""
+    if a is b:
+        return True
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def check_aliases_agree(
+    state: Mapping[str, torch.Tensor], aliases: Iterable[Sequence[str]], model: nn.Module, source: str
+) -> None:
+    """Refuse a state dict whose names of one shared tensor hold different values.
+
+    Copying them into the one tensor would silently keep whichever came last (an unshared checkpoint loaded
+    into a tied model). ``aliases`` lists, per shared tensor, its names present in ``state``.
+
+    Raises:
+        CheckpointError naming two disagreeing names.
+    """
+    for names in aliases:
+        for name in names[1:]:
+            if not same_bytes(state[names[0]], state[name]):
+                raise CheckpointError(
+                    f"{source} holds different weights under {names[0]} and {name}, which {model_name(model)} "
+                    "shares. It is an unshared checkpoint: load it before share_transform.apply (init='mean' "
+                    "averages the kernels), or convert it with sharetx convert --checkpoint"
+                )
+
+
+def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(path)
+    if attr in owner._parameters:
+        owner._parameters[attr] = tensor  # type: ignore[assignment]  # the first name's Parameter
+    else:
+        owner._buffers[attr] = tensor
+
+
+class _DropAliases:
+    """``state_dict`` post-hook: each shared tensor under its first name only."""
+
+    def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for names in tensor_aliases(module):
+            for name in names[1:]:
+                state.pop(prefix + name, None)
+
+
+class _FillAliases:
+    """``load_state_dict`` pre-hook: refuse disagreeing aliases, give every alias the value of a present one."""
+
+    def __init__(self) -> None:
+        self.aliases: list[list[str]] = []  # of the load in progress, for _Retie
+
+    def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        self.aliases = tensor_aliases(module)
+        present = [[prefix + n for n in names if prefix + n in state] for names in self.aliases]
+        check_aliases_agree(state, present, module, "the state dict")
+        for names, keys in zip(self.aliases, present):
+            if keys:
+                for name in names:
+                    state.setdefault(prefix + name, state[keys[0]])
+
+
+class _Retie:
+    """``load_state_dict`` post-hook: ``assign=True`` gave every holder its own new tensor; point aliases back."""
+
+    def __init__(self, fill: _FillAliases) -> None:
+        self.fill = fill
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        tensors = state_tensors(module)
+        for names in self.fill.aliases:
+            first = tensors[names[0]]
+            for name in names[1:]:
+                if tensors[name] is not first:
+                    _set_tensor(module, name, first)
+        self.fill.aliases = []
+
+
+def install_tie_hooks(model: nn.Module) -> nn.Module:
+    """Hook ``model``'s ``state_dict`` and ``load_state_dict`` so each shared tensor is listed once (idempotent).
+
+    ``apply`` calls it; call it yourself on a wrapper that holds tied modules but not the tied model itself.
+    ``state_dict()`` then lists a shared tensor under its first name only; ``load_state_dict`` accepts the
+    first name alone or every alias with equal values, refuses different values with ``CheckpointError``,
+    and keeps the ties with ``assign=True``. The hooks work on tensor identity: a tensor held by several
+    modules, whoever tied it, is listed once.
+    """
+    if not any(isinstance(h, _DropAliases) for h in model._state_dict_hooks.values()):
+        fill = _FillAliases()
+        model.register_state_dict_post_hook(_DropAliases())
+        model.register_load_state_dict_pre_hook(fill)
+        model.register_load_state_dict_post_hook(_Retie(fill))
+    return model
 
 
 def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Conv2d]]:
@@ -115,12 +250,12 @@ def apply(
         >>> share_transform.count_parameters(wrn)
         17125630
     """
-    model = check_model(model)
+    net = check_model(model)  # a torch.compile wrapper: the module it compiles
     if init not in INITS:
-        raise UnknownInitError(f"{model_name(model)}: unknown init {init!r}; choose one of {', '.join(INITS)}")
+        raise UnknownInitError(f"{model_name(net)}: unknown init {init!r}; choose one of {', '.join(INITS)}")
     if plan is None:
         plan = make_plan(
-            model,
+            net,
             policy,
             input_size=input_size,
             group_size=group_size,
@@ -128,11 +263,11 @@ def apply(
             templates=templates,
             budget=budget,
         )
-        groups = _group_convs(model, plan)
+        groups = _group_convs(net, plan)
     else:
-        check_policy(plan.policy, model_name(model))
-        groups = _group_convs(model, plan)
-        _check_made_for(model, plan, groups)
+        check_policy(plan.policy, model_name(net))
+        groups = _group_convs(net, plan)
+        _check_made_for(net, plan, groups)
     for group, convs in zip(plan.groups, groups):
         soft = [is_soft(c) for c in convs]
         if group.templates is not None:
@@ -142,7 +277,7 @@ def apply(
                 continue  # already mixing this group's bank
         if any(soft):
             raise PlanMismatchError(
-                f"{model_name(model)}: {group.members[soft.index(True)]} is soft-shared already, otherwise than "
+                f"{model_name(net)}: {group.members[soft.index(True)]} is soft-shared already, otherwise than "
                 "the plan says; call share_transform.untie(model) first"
             )
         if group.templates is not None:
@@ -159,7 +294,8 @@ def apply(
             shared = nn.Parameter(mean, requires_grad=weights[0].requires_grad)
         for c in convs:
             c.weight = shared
-    setattr(model, PLAN_ATTR, plan)
+    setattr(net, PLAN_ATTR, plan)
+    install_tie_hooks(net)
     return model
 
 
@@ -182,25 +318,27 @@ def untie(model: nn.Module) -> nn.Module:
 
     A soft-shared conv becomes a plain conv holding its current effective weight (its mix of the templates).
     """
+    net = check_model(model)
     seen: set[int] = set()
-    for m in bake(check_model(model)).modules():
+    for m in bake(net).modules():
         if isinstance(m, nn.Conv2d):
             w = m.weight
             if id(w) in seen:
                 m.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             else:
                 seen.add(id(w))
-    if hasattr(model, PLAN_ATTR):
-        delattr(model, PLAN_ATTR)
+    if hasattr(net, PLAN_ATTR):
+        delattr(net, PLAN_ATTR)
     return model
 
 
 def is_tied(model: nn.Module, plan: SharePlan | None = None) -> bool:
     """True when every group of ``plan`` (default: the recorded one) holds one Parameter (or mixes one bank)."""
-    plan = plan or get_plan(model)
+    net = check_model(model)
+    plan = plan or get_plan(net)
     if plan is None:
         return False
-    for group, convs in zip(plan.groups, _group_convs(model, plan)):
+    for group, convs in zip(plan.groups, _group_convs(net, plan)):
         if group.templates is None:
             tied = all(not is_soft(c) and c.weight is convs[0].weight for c in convs)
         else:

@@ -1,9 +1,9 @@
 """ShaResNet files: safetensors in which each shared weight is stored once, and checkpoint reading.
 
 A ShaResNet's point is to be small in memory *and on disk* (Boulch, arXiv 1702.08782: low-memory systems).
-``state_dict()`` lists a shared weight under every member's name and ``safetensors.torch.save_file``
-refuses tensors that share memory (docs/design.md, Tie traps), so :func:`save` stores each distinct tensor once,
-under its first name, and records the other names as aliases. The file's metadata (all strings, as
+``safetensors.torch.save_file`` refuses tensors that share memory (docs/design.md, Tie traps), so :func:`save`
+stores each distinct tensor once, under its first name (the one a tied model's ``state_dict()`` lists), and
+records the other names as aliases. The file's metadata (all strings, as
 safetensors requires) says how to rebuild and re-tie the model:
 
 ====================  ==========================================================================
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import apply, get_plan, is_tied, retie
+from .apply import apply, check_aliases_agree, get_plan, is_tied, retie, state_tensors, tensor_aliases
 from .build import SOURCES, build_model, build_spec, check_model_kwargs
 from .errors import (
     CheckpointError,
@@ -105,16 +105,9 @@ def _package_version() -> str:
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict with each distinct tensor once (first name wins), and ``{alias: stored name}``."""
-    stored: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    first_name: dict[int, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        key = id(tensor)  # Parameters shared by ``apply`` are the same object under every name
-        if key in first_name:
-            aliases[name] = first_name[key]
-            continue
-        first_name[key] = name
-        stored[name] = tensor.detach().contiguous()
+    aliases = {alias: names[0] for names in tensor_aliases(model) for alias in names[1:]}
+    # ``apply``'s hook already leaves the aliases out; a model tied by other means lists them.
+    stored = {k: t.detach().contiguous() for k, t in model.state_dict(keep_vars=True).items() if k not in aliases}
     return stored, aliases
 
 
@@ -505,15 +498,6 @@ def _misfit(
     )
 
 
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtype, shape and bytes: NaN equals the same NaN (a value comparison would call it different)."""
-    if a is b:
-        return True
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-
-
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> nn.Module:
     """Copy ``state`` into ``model`` after checking that every name and shape fits, exactly.
 
@@ -526,22 +510,15 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         one shared weight with different contents.
     """
     model = check_model(model)
-    own = model.state_dict(keep_vars=True)
+    own = state_tensors(model)  # every name of a shared tensor is the model's own
     state = _strip_prefixes(dict(state), set(own))
     error = _misfit(source, model, {k: tuple(v.shape) for k, v in state.items()}, own)
     if error is not None:
         raise error
-    # The aliases of one shared weight must agree: copying differing values into one Parameter would
-    # silently keep whichever came last (an unshared checkpoint loaded into a tied model).
-    first: dict[int, str] = {}
+    by_tensor: dict[int, list[str]] = {}
     for k in state:
-        name = first.setdefault(id(own[k]), k)
-        if name != k and not _same_bytes(state[name], state[k]):
-            raise CheckpointError(
-                f"{source} holds different weights under {name} and {k}, which {model_name(model)} shares. "
-                "It is an unshared checkpoint: load it before share_transform.apply (init='mean' averages "
-                "the kernels), or convert it with sharetx convert --checkpoint"
-            )
+        by_tensor.setdefault(id(own[k]), []).append(k)
+    check_aliases_agree(state, by_tensor.values(), model, source)
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
@@ -559,7 +536,7 @@ def _dtype_kind(dtype: torch.dtype) -> str:
 
 def _check_fits(model: nn.Module, info: FileInfo) -> None:
     """Every name, shape and dtype kind of the file's header, and the total element count, fit ``model``."""
-    own = model.state_dict(keep_vars=True)
+    own = state_tensors(model)
     shapes = {k: shape for k, (_, shape) in info.tensors.items()}
     shapes.update({alias: shapes[stored] for alias, stored in info.aliases.items()})
     error = _misfit(str(info.path), model, shapes, own)
@@ -638,7 +615,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
             "share_transform.io.load_checkpoint(model, path)"
         )
     model = _build_recorded(info, device)
-    own = model.state_dict(keep_vars=True)
+    own = state_tensors(model)
     with open(path, "rb") as f, torch.no_grad():
         for name in info.tensors:
             own[name].copy_(_read_tensor(f, info, name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from torch import nn
@@ -51,6 +52,14 @@ def check_input_size(size: Sequence[int], name: str) -> tuple[int, int, int]:
 
 
 def check_model(model: object) -> nn.Module:
+    """``model`` itself, or the module a ``torch.compile`` wrapper compiles; NotAModuleError for a non-module.
+
+    The wrapper (``OptimizedModule``) names everything ``_orig_mod.``: planning, tying and files work on the
+    compiled module, which the wrapper shares, so the compiled model sees every change.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # never imported: nothing is compiled
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return check_model(model._orig_mod)
     if not isinstance(model, nn.Module):
         raise NotAModuleError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself, e.g. "

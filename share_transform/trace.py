@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorConverter, FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from .errors import InputSizeError, TraceError
@@ -99,10 +99,15 @@ def trace_model(model: nn.Module, name: str) -> fx.Graph:
     errors: list[str] = []
     with eval_mode(model):
         for leaves, autowrap in attempts:
+            tracer = _ConvLeafTracer(leaves, autowrap)
             try:
-                return _ConvLeafTracer(leaves, autowrap).trace(model)
+                return tracer.trace(model)
             except Exception as exc:  # fx raises many types (TraceError, TypeError, AssertionError...)
                 errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
+            finally:
+                # fx's trace leaves the tracer in a reference cycle (a recursive closure), holding the model
+                # and a dict of its tensors until the garbage collector runs; drop them now.
+                vars(tracer).clear()
     raise TraceError(
         f"{name}: torch.fx could not trace the model ({errors[-1]}). Register the untraceable layer "
         "with timm.layers.register_notrace_module (or register_notrace_function) and try again."
@@ -279,3 +284,8 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_size: tuple[int, i
             f"{name}: the model rejected input size {size} during shape propagation "
             f"({type(exc).__name__}: {_first_line(exc)}). Pass input_size=(C, H, W) that the model accepts."
         ) from exc
+    finally:
+        # Fake dispatch leaves the mode in reference cycles, and its converter's memo holds weak references
+        # to the parameters it saw until the garbage collector runs: torch.utils.swap_tensors (``.half()``
+        # under set_swap_module_params_on_conversion) refuses such tensors. Drop the memo now.
+        fake_mode.fake_tensor_converter = FakeTensorConverter()

@@ -4,9 +4,11 @@ Both are pre-activation networks of the authors' Torch7 CIFAR code: a 3x3 stem, 
 blocks (stride 2 entering stages 2 and 3), a final BN-ReLU (the last block leaves it out), average pooling
 and a linear classifier, initialised as docs/design.md, Training protocols, says for CIFAR (fan-in).
 :class:`CifarResNet` builds that frame around a block class and gives both networks timm's model API.
-"""
 
-from __future__ import annotations
+The models' modules do not use ``from __future__ import annotations``: torch.fx copies ``forward``'s
+annotations into the code it generates, where a string annotation becomes a name TorchScript cannot resolve
+(timm's fx -> TorchScript test).
+"""
 
 from collections.abc import Callable, Sequence
 from typing import Any

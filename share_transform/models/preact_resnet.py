@@ -16,8 +16,6 @@ Papers:
 * `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import torch

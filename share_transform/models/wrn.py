@@ -12,8 +12,6 @@ Papers:
 * `Wide Residual Networks` - https://arxiv.org/abs/1605.07146
 """
 
-from __future__ import annotations
-
 from functools import partial
 from typing import Any
 
