@@ -197,7 +197,14 @@ def test_export(tmp_path: Path) -> None:
 def test_models() -> None:
     result = sharetx("models", "wrn")
     assert result.exit_code == 0
-    assert set(result.stdout.split()) == {"wrn_22_10", "wrn_28_4", "wrn_28_10", "wrn_40_4"}
+    assert set(result.stdout.split()) == {
+        "wrn_22_10",
+        "wrn_28_4",
+        "wrn_28_10",
+        "wrn_40_4",
+        "wrn_28_10_share",
+        "wrn_40_4_share",
+    }
     names = json.loads(sharetx("models", "resnet1*", "--source", "torchvision", "--json").stdout)
     assert set(names) == {"torchvision:resnet18", "torchvision:resnet101", "torchvision:resnet152"}
     result = sharetx("models", "no-such-net")  # finds nothing: fails like grep, one line on stderr

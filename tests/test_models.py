@@ -241,7 +241,7 @@ def test_cifar_init_is_the_package_init_without_the_engine(monkeypatch: pytest.M
     import share_transform.init
 
     # import_module: the package's ``preact_resnet`` attribute is the builder function, not the module.
-    preact_module = importlib.import_module("share_transform.models.preact_resnet")
+    preact_module = importlib.import_module("share_transform.models.preact")
     frame_module = importlib.import_module("share_transform.models._cifar")
 
     assert not hasattr(preact_module, "init_cifar_weights")

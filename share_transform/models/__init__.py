@@ -1,9 +1,11 @@
-"""The paper's CIFAR networks, registered with timm.
+"""The paper's CIFAR networks and the ShaResNets, registered with timm.
 
 Importing this package registers ``preact_resnet164``, ``preact_resnet92``, ``wrn_40_4``, ``wrn_28_4``,
-``wrn_28_10`` and ``wrn_22_10`` with ``timm.create_model``; :func:`preact_resnet` and :func:`wide_resnet` build
-any depth the formulas allow (9n+2 and 6n+4), and :func:`register_cifar_size` registers any such size by name
-(``wrn_22_1``, ``preact_resnet29``): ``share_transform.build_model`` and ``load`` call it on demand.
+``wrn_28_10`` and ``wrn_22_10`` with ``timm.create_model``, and the ShaResNets of :mod:`.sharesnet`
+(``sharesnet18`` ... ``sharesnet152``, ``preact_resnet164_share``, ``wrn_40_4_share``, ``wrn_28_10_share``);
+:func:`preact_resnet` and :func:`wide_resnet` build any depth the formulas allow (9n+2 and 6n+4), and
+:func:`register_cifar_size` registers any such size by name (``wrn_22_1``, ``preact_resnet29``):
+``share_transform.build_model`` and ``load`` call it on demand.
 """
 
 import re
@@ -16,7 +18,7 @@ from timm.models import register_model
 
 from ..errors import UnknownModelError
 from ._cifar import CifarResNet
-from .preact_resnet import (
+from .preact import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,
@@ -25,6 +27,7 @@ from .preact_resnet import (
     PreActResNet,
     preact_resnet,
 )
+from .sharesnet import CIFAR_SHARED, SHARESNETS
 from .wrn import WideBasicBlock, WideResNet, wide_resnet
 
 _CIFAR_NAME = re.compile(r"wrn_(\d+)_(\d+)|preact_resnet(\d+)")
@@ -64,6 +67,8 @@ def register_cifar_size(name: str) -> bool:
 
 
 __all__ = [
+    "CIFAR_SHARED",
+    "SHARESNETS",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
