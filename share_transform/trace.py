@@ -252,6 +252,16 @@ class _MetaShapeInterpreter(fx.Interpreter):
             out = run(target, fake_args, fake_kwargs)
         return tree_map(_meta_like, out)
 
+    def drop_fake_memo(self) -> None:
+        """Forget the parameters the fake path saw.
+
+        Fake dispatch leaves the mode in reference cycles, and its converter's memo holds weak references to
+        the parameters it converted until the garbage collector runs: torch.utils.swap_tensors (``.half()``
+        under set_swap_module_params_on_conversion) refuses such tensors.
+        """
+        if self._fake_mode is not None:
+            self._fake_mode.fake_tensor_converter = FakeTensorConverter()
+
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
@@ -275,9 +285,10 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_size: tuple[int, i
     args = [x] + [p.args[0] if p.args else None for p in placeholders[1:]]
     # The fake path runs on the model's own device (meta for a model built under ``torch.device("meta")``).
     device = param.device if param is not None else torch.device("cpu")
+    interpreter = _MetaShapeInterpreter(model, graph, device)
     try:
         with eval_mode(model), torch.no_grad():
-            _MetaShapeInterpreter(model, graph, device).run(*args)
+            interpreter.run(*args)
     except Exception as exc:
         size = "x".join(str(s) for s in input_size)
         raise InputSizeError(
@@ -285,7 +296,4 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_size: tuple[int, i
             f"({type(exc).__name__}: {_first_line(exc)}). Pass input_size=(C, H, W) that the model accepts."
         ) from exc
     finally:
-        # Fake dispatch leaves the mode in reference cycles, and its converter's memo holds weak references
-        # to the parameters it saw until the garbage collector runs: torch.utils.swap_tensors (``.half()``
-        # under set_swap_module_params_on_conversion) refuses such tensors. Drop the memo now.
-        fake_mode.fake_tensor_converter = FakeTensorConverter()
+        interpreter.drop_fake_memo()
