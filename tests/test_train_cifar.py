@@ -263,3 +263,52 @@ def test_soft_shared_run_killed_and_resumed_is_bit_identical(data_dir, tmp_path)
         "holds the model these sharing options built, so resume with the same --templates or start a new run in "
         "another --output"
     ]
+
+
+def test_sharing_experiment_reports_progress_and_the_settings_table(tmp_path, monkeypatch, capsys):
+    from test_report import make_run
+
+    recipes = ROOT / "recipes"
+    modules = {}
+    for name in ("digits_experiment", "sharing_experiment"):  # the second imports the first by name
+        spec = importlib.util.spec_from_file_location(name, recipes / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, modules[name])
+        spec.loader.exec_module(modules[name])
+    sharing = modules["sharing_experiment"]
+    trained = []
+
+    def fake_train(args):
+        """Stands in for a training run: writes the run directory train_cifar.py would, with a made-up error."""
+        # The setting's index in sharing.SETTINGS, read back from the parsed flags.
+        if not args.share:
+            index = 0
+        elif args.policy == "swrn":
+            index = 4
+        else:
+            index = 3 if args.scope == "all" else 2 if args.group_size == 2 else 1
+        trained.append((index, args.seed))
+        make_run(
+            args.output.parent, args.output.name, arch=args.arch, dataset="digits", share=args.share, seed=args.seed,
+            params=1000 - 100 * index, final_top1=index + args.seed, epochs=args.epochs, policy=args.policy,
+            sharing={"group_size": args.group_size, "scope": args.scope, "templates": args.templates},
+        )  # fmt: skip
+
+    monkeypatch.setattr(sharing.train_cifar, "main", fake_train)
+    argv = ["--out", str(tmp_path / "out"), "--seeds", "0", "1", "--epochs", "2", "--figure", str(tmp_path / "f.png")]
+    sharing.main(sharing.get_args_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    progress = [line for line in out.splitlines() if line.startswith("run ")]
+    assert progress[0] == "run 1 of 10: wrn_28_1 original, seed 0; ETA for all runs after the first run"
+    assert all(line.startswith(f"run {k} of 10: ") and line.endswith(" min") for k, line in enumerate(progress[1:], 2))
+    assert trained == [(i, seed) for seed in (0, 1) for i in range(5)]
+    table = (tmp_path / "out" / "report" / "sharing.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == [
+        "| WRN-28-1", "| WRN-28-1 Share", "| WRN-28-1 Share (group size 2)", "| WRN-28-1 Share (scope all)",
+        "| WRN-28-1 Share (swrn, 2 templates)",
+    ]  # fmt: skip
+    assert table[4].split(" | ")[1:] == ["800", "20.0%", "2.00 / 3.00", "2.50 ± 0.71 |"]
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second call trains nothing: every run is finished.
+    sharing.main(sharing.get_args_parser().parse_args(argv))
+    assert len(trained) == 10 and "trained 0 runs" in capsys.readouterr().out
