@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,14 @@ def test_names_are_in_timms_registry_without_weights() -> None:
     for name in [*SHARESNETS, *CIFAR_SHARED]:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.architecture == name and not cfg.url and not cfg.hf_hub_id
+
+
+def test_importing_the_package_registers_the_names() -> None:
+    # A fresh interpreter, as timm's train.py run after "import share_transform" sees the registry.
+    code = "import share_transform, timm; print(timm.is_model('sharesnet152'), timm.is_model('wrn_40_4_share'))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]
 
 
 def test_sharesnet152_has_the_papers_parameter_count() -> None:
