@@ -301,3 +301,19 @@ def test_soft_onnx_export_bakes_member_weights(tmp_path: Path) -> None:
     got = ort.InferenceSession(str(tmp_path / "soft.onnx")).run(["output"], {"input": x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_state_dict_lists_each_bank_once_and_load_fills_the_members() -> None:
+    model = soft_wrn()
+    state = model.state_dict()
+    banks = [k for k in state if k.endswith(".bank.templates")]
+    assert banks == [f"stages.{s}.1.conv1.parametrizations.weight.0.bank.templates" for s in range(3)]
+    assert sum(k.endswith("parametrizations.weight.original") for k in state) == 12  # coefficients: one each
+    torch.manual_seed(1)
+    other = st.apply(st.build_model("wrn_22_1"), "swrn", templates=2)
+    other.load_state_dict(state)
+    assert st.is_tied(other)
+    for a, b in zip(members(model), members(other)):
+        assert torch.equal(bank_of(b[0]).templates, bank_of(a[0]).templates)
+        assert all(bank_of(c) is bank_of(b[0]) for c in b)  # every member mixes the loaded bank
+        assert all(torch.equal(coefficients_of(x), coefficients_of(y)) for x, y in zip(a, b))
