@@ -140,20 +140,20 @@ def main(args: argparse.Namespace) -> nn.Module:
     """Train as ``args`` say; returns the trained model (unwrapped, on the training device)."""
     args = resolve_args(args, recipe="cifar")
     batch_per_rank = per_rank_batch(args.batch_size, world_from_env()[1])
-    check_output(args.output, resume=args.resume, args=args)
-    setup_runtime(deterministic=args.deterministic)
-    seed_all(args.seed)
-
-    # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
-    data = load_data(args)
     is_wrn = args.arch.startswith("wrn_")
     dropout = args.dropout
     if dropout is None:
         dropout = WRN_CIFAR100_DROPOUT if is_wrn and args.dataset == "cifar100" else 0.0
     if dropout and not is_wrn:
         raise ConfigError(f"--dropout applies to Wide ResNets (wrn_*), not {args.arch}")
-    if is_wrn:
+    if is_wrn:  # before check_output: --resume compares the model's full constructor arguments with the run's
         args.model_kwargs.setdefault("dropout", dropout)
+    check_output(args.output, resume=args.resume, args=args)
+    setup_runtime(deterministic=args.deterministic)
+    seed_all(args.seed)
+
+    # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
+    data = load_data(args)
     model, params_unshared, unique_params = build_recipe_model(args, data.num_classes, input_size=(3, 32, 32))
 
     dist_info = init_distributed(args.device)

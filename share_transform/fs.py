@@ -168,7 +168,7 @@ def _locked(directory: str | os.PathLike[str], pid: int) -> OutputLockedError:
 
 
 def lock_holder(directory: str | os.PathLike[str]) -> int | None:
-    """The PID holding :func:`run_lock` on ``directory``, or None when no live process holds it."""
+    """The PID holding :func:`run_lock` on ``directory``, or None when no other live process holds it."""
     path = Path(directory) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -178,7 +178,8 @@ def lock_holder(directory: str | os.PathLike[str]) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _read_pid(fd)
+            pid = _read_pid(fd)
+            return None if pid == os.getpid() else pid  # this process's own run_lock
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

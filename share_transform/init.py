@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import UnknownInitError
+
 __all__ = ["MODES", "init_weights"]
 
 MODES = ("fan_out", "fan_in")
@@ -36,10 +38,10 @@ def init_weights(model: nn.Module, mode: str = "fan_out") -> nn.Module:
     paper's recipes did not use.
 
     Raises:
-        ValueError: ``mode`` is not one of :data:`MODES`.
+        UnknownInitError: ``mode`` is not one of :data:`MODES` (a ``ValueError`` too).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown init mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise UnknownInitError(f"unknown init mode {mode!r}; choose one of {', '.join(MODES)}")
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             k = m.kernel_size[0] * m.kernel_size[1]

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import share_transform
+from share_transform.errors import UnknownInitError
 from share_transform.train import (
     METRIC_KEYS,
     DistInfo,
@@ -95,7 +96,7 @@ def test_multistep_schedule_matches_fb_resnet() -> None:
 def test_init_weights_refuses_an_unknown_mode() -> None:
     model = nn.Conv2d(3, 4, 3)
     before = model.weight.detach().clone()
-    with pytest.raises(ValueError, match="^unknown init mode 'xavier'; choose one of fan_out, fan_in$"):
+    with pytest.raises(UnknownInitError, match="^unknown init mode 'xavier'; choose one of fan_out, fan_in$"):
         init_weights(model, "xavier")
     assert torch.equal(model.weight, before)
 

@@ -283,11 +283,15 @@ def test_bad_data_dir(case: str, recipe: ModuleType, data: Path, tmp_path: Path,
 
 BAD_FLAGS = {
     "unknown policy": (["--policy", "resnet"], "unknown policy 'resnet'"),
-    # build_model's own ModelArgumentError, once: the recipe does not wrap it again.
-    "constructor argument": (
+    "constructor argument outside the allow-list": (
         ["--model-kwargs", '{"bogus": 1}'],
-        "error: timm model 'resnet18' rejected its arguments {'bogus': 1, 'num_classes': 2}: "
-        "ResNet.__init__() got an unexpected keyword argument 'bogus'",
+        "error: --model-kwargs: constructor argument 'bogus' is not accepted",
+    ),
+    # build_model's own ModelArgumentError, once: the recipe does not wrap it again.
+    "constructor argument the model does not take": (
+        ["--model-kwargs", '{"widen_factor": 2}'],
+        "error: timm model 'resnet18' rejected its arguments {'widen_factor': 2, 'num_classes': 2}: "
+        "ResNet.__init__() got an unexpected keyword argument 'widen_factor'",
     ),
     "resume without a run": (["--resume"], "holds no checkpoint-last to continue from"),
 }

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..build import check_model_kwargs
 from ..errors import ConfigError
 from ..init import MODES
 
@@ -181,7 +183,8 @@ def resolve_args(args: argparse.Namespace, *, recipe: str) -> argparse.Namespace
     """Fill the device-dependent defaults and the output directory; check values that argparse cannot.
 
     Raises:
-        ConfigError: a non-positive epoch count, batch size or worker count.
+        ConfigError: a value out of its range (see :data:`RANGES`), or ``--model-kwargs`` outside
+            :data:`share_transform.build.MODEL_KWARGS`.
     """
     if args.amp is None:
         args.amp = args.device == "cuda"
@@ -190,15 +193,47 @@ def resolve_args(args: argparse.Namespace, *, recipe: str) -> argparse.Namespace
     if args.output is None:
         arch = args.arch.replace(":", "-").replace("/", "-")
         args.output = Path("runs") / f"{recipe}-{arch}-{'shared' if args.share else 'original'}"
-    for name in ("epochs", "batch_size", "print_freq"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be at least 0, got {args.workers}")
+    _check_ranges(args)
+    check_model_kwargs(args.model_kwargs, where="--model-kwargs", error=ConfigError)
+    if "num_classes" in args.model_kwargs:
+        raise ConfigError("--model-kwargs: num_classes is set by the dataset, not by --model-kwargs")
     given = [flag for flag in SHARING_FLAGS if getattr(args, flag) is not None]
     if given and not args.share:
         raise ConfigError(f"--{given[0].replace('_', '-')} is a sharing option; it needs --share")
     return args
+
+
+#: Flag -> (low, high, whether low itself is allowed); every value must be finite and at most high, except
+#: momentum, which is Nesterov's: 0 < momentum < 1. ``img_size`` is the ImageNet recipe's.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "epochs": (1, math.inf, True),
+    "batch_size": (1, math.inf, True),
+    "print_freq": (1, math.inf, True),
+    "workers": (0, math.inf, True),
+    "lr": (0, math.inf, False),
+    "lr_reference_batch": (1, math.inf, True),
+    "momentum": (0, 1, False),
+    "weight_decay": (0, math.inf, True),
+    "lr_gamma": (0, math.inf, False),
+    "img_size": (1, math.inf, True),
+    "seed": (0, 2**63 - 1, True),
+}
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for name, (low, high, low_ok) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        above_low = low <= value if low_ok else low < value
+        below_high = value < high if name == "momentum" else value <= high
+        if not (above_low and below_high and math.isfinite(value)):
+            text = f"at least {low:g}" if low_ok else f"above {low:g}"
+            if high != math.inf:
+                text += f" and {'below' if name == 'momentum' else 'at most'} {high:g}"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {text}, got {value}")
+    if any(m < 0 for m in args.lr_milestones):
+        raise ConfigError(f"--lr-milestones must be epochs (0 or more), got {' '.join(map(str, args.lr_milestones))}")
 
 
 #: The sharing options both recipes take, as ``share_transform.plan`` names them.

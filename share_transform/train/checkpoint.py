@@ -20,8 +20,14 @@ this order:
 
 :func:`load_checkpoint` reads the epoch in the weights and takes the state of that epoch: the epoch-stamped
 file when a kill came between 2 and 3, else ``checkpoint-TAG.state.pt``. A kill before 2 leaves the previous
-pair (and a stray epoch-stamped state, removed by the next save). Files that still disagree were not
-written by this module, and resuming from them refuses.
+pair (and a stray epoch-stamped state). Files that still disagree were not written by this module, and
+resuming from them refuses.
+
+The best checkpoint is never lost: an epoch saves ``last`` first, then ``best`` when it improved the best
+error, so at any kill point either ``best`` is complete for the best epoch of ``last``'s history, or that best
+epoch *is* ``last``'s epoch. On resume :func:`repair_checkpoints` finishes what the kill interrupted: it
+completes the pair of the loaded epoch, writes ``best`` again from ``last`` in the second case, and removes
+stray epoch-stamped states.
 
 Random state: the training process reseeds its generators from ``(seed, epoch, rank)`` at the start of
 every epoch and data augmentation is seeded per sample (see :mod:`.data`), so the RNG state at an epoch
@@ -35,8 +41,9 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
-import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +85,15 @@ def save_checkpoint(output: Path, tag: str, model: nn.Module, state: dict[str, A
 
 
 def _write_state(output: Path, tag: str, state: dict[str, Any]) -> None:
-    atomic_write(epoch_state_path(output, tag, int(state["epoch"])), lambda tmp: torch.save(state, tmp))
+    # Serialised in memory, written as bytes: a full disk is then an OSError naming the file, not torch's
+    # RuntimeError from inside its zip writer.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(buffer.getbuffer())
+
+    atomic_write(epoch_state_path(output, tag, int(state["epoch"])), write)
 
 
 def _write_weights(output: Path, tag: str, model: nn.Module, epoch: int) -> None:
@@ -89,8 +104,38 @@ def _commit_state(output: Path, tag: str, epoch: int) -> None:
     # Not fsynced: until the directory reaches the disk the epoch-stamped name is there, which resumes
     # as well; the next atomic_write in this directory fsyncs it.
     os.replace(epoch_state_path(output, tag, epoch), state_path(output, tag))
+    _remove_strays(output, tag)
+
+
+def _remove_strays(output: Path, tag: str) -> None:
     for stray in Path(output).glob(f"checkpoint-{tag}.epoch*.state.pt"):  # states of saves killed before 3
         stray.unlink(missing_ok=True)
+
+
+def best_epoch(history: list[dict[str, Any]]) -> int | None:
+    """The epoch of the lowest test top-1 error in ``history`` (the first, on a tie), as ``fit`` picks it."""
+    best: tuple[float, int] | None = None
+    for record in history:
+        if best is None or record["val_top1_err"] < best[0]:
+            best = (record["val_top1_err"], record["epoch"])
+    return None if best is None else best[1]
+
+
+def repair_checkpoints(output: Path, model: nn.Module, state: dict[str, Any]) -> None:
+    """After :func:`load_checkpoint` of ``last`` into ``model``: finish the saves a kill interrupted (rank 0).
+
+    ``last``'s pair is committed under its own names; when the history's best epoch is ``last``'s epoch, ``best``
+    is written again from it (the kill may have come before or during its save); stray epoch-stamped states of
+    both checkpoints are removed.
+    """
+    epoch = int(state["epoch"])
+    if epoch_state_path(output, "last", epoch).is_file():
+        _commit_state(output, "last", epoch)
+    _remove_strays(output, "last")
+    if best_epoch(state["history"]) == epoch:
+        save_checkpoint(output, "best", model, state)
+    else:
+        _remove_strays(output, "best")  # a save of best killed before its weights: its old pair stands
 
 
 def load_checkpoint(output: Path, tag: str, model: nn.Module, *, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -107,25 +152,53 @@ def load_checkpoint(output: Path, tag: str, model: nn.Module, *, device: str | t
     wpath = weights_path(output, tag)
     if not wpath.is_file():
         raise MissingFileError(f"cannot resume: {wpath} is missing")
-    file_epoch = read_info(wpath).user.get("epoch")
+    text = read_info(wpath).user.get("epoch")
+    if text is None or not text.isdigit():
+        raise CheckpointError(
+            f"cannot resume: {wpath} does not record its epoch (epoch={text!r}); it was not written by a training run"
+        )
+    file_epoch = int(text)
     spath = state_path(output, tag)
-    if file_epoch is not None and epoch_state_path(output, tag, int(file_epoch)).is_file():
-        spath = epoch_state_path(output, tag, int(file_epoch))  # killed after the weights, before the rename
+    if epoch_state_path(output, tag, file_epoch).is_file():
+        spath = epoch_state_path(output, tag, file_epoch)  # killed after the weights, before the rename
     if not spath.is_file():
         raise MissingFileError(f"cannot resume: {spath} is missing")
     try:
-        state = torch.load(spath, map_location=device, weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        ValueError,
-    ) as e:  # what torch raises for bad files
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols before failing on random bytes
+            warnings.simplefilter("ignore")
+            state = torch.load(spath, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001  a tampered file reaches the restricted unpickler as any of a dozen errors
         raise CheckpointError(f"cannot resume: {spath} is unreadable ({type(e).__name__})") from None
-    if file_epoch is not None and int(file_epoch) != state.get("epoch"):
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        raise CheckpointError(f"cannot resume: {spath} is not a training state (a dict with an int epoch)")
+    if file_epoch != state["epoch"]:
         raise CheckpointError(
             f"cannot resume: {wpath.name} is from epoch {file_epoch} but {spath.name} from epoch "
-            f"{state.get('epoch')} (these files were not written together); start afresh in another --output"
+            f"{state['epoch']} (these files were not written together); start afresh in another --output"
         )
     load_weights_file(model, wpath)
     return state
+
+
+#: What ``fit`` stores in a state file, and the type each entry must have (``save_checkpoint`` needs only epoch).
+STATE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "epoch": int,
+    "global_step": int,
+    "optimizer": dict,
+    "scheduler": dict,
+    "best_top1_err": (int, float),
+    "history": list,
+}
+
+
+def check_training_state(state: dict[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` holds :data:`STATE_KEYS` and one history record per epoch."""
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise CheckpointError(f"cannot resume: {path} has no valid {key!r} (got {state.get(key)!r:.60})")
+    history = state["history"]
+    if len(history) != state["epoch"] or not all(
+        isinstance(r, dict) and r.get("epoch") == i and isinstance(r.get("val_top1_err"), int | float)
+        for i, r in enumerate(history, start=1)
+    ):
+        raise CheckpointError(f"cannot resume: {path} holds a history that is not one record per epoch done")

@@ -29,7 +29,8 @@ import json
 import os
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -42,9 +43,18 @@ from torch.utils.data import DataLoader
 from ..apply import apply, count_parameters, get_plan, retie
 from ..build import build_model
 from ..errors import CheckpointError, ConfigError, MissingFileError, NonFiniteLossError, OutputExistsError, ShareError
+from ..fs import check_unlocked, run_lock
 from ..init import init_weights
 from .args import SHARING_FLAGS, sharing_options
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, weights_path
+from .checkpoint import (
+    check_training_state,
+    has_checkpoint,
+    load_checkpoint,
+    repair_checkpoints,
+    save_checkpoint,
+    state_path,
+    weights_path,
+)
 from .data.sampling import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
 from .loop import EpochStats, Preprocess, evaluate, train_one_epoch
@@ -209,9 +219,12 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
 PROTOCOL_FLAGS = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
 #: Why a resume refuses a changed flag: the checkpoint's optimizer and schedule carry the optimisation flags,
 #: and its tensors are the model the sharing flags built.
+#: The flags that made the run's model and data stream (``img_size`` is the ImageNet recipe's).
+RUN_FLAGS = ("seed", "img_size", "init", "policy", "model_kwargs")
 _RESUME_REASONS = {
     **dict.fromkeys(PROTOCOL_FLAGS, "the run's optimizer and schedule keep its values"),
     **dict.fromkeys(SHARING_FLAGS, "its checkpoint holds the model these sharing options built"),
+    **dict.fromkeys(RUN_FLAGS, "its checkpoint and data stream were made with the run's value"),
 }
 
 
@@ -230,12 +243,16 @@ def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[
     Raises:
         OutputExistsError: ``output`` is a file, or a fresh run would overwrite a run (a checkpoint or
             metrics).
+        OutputLockedError: another process is running in ``output`` (the message names its PID).
         MissingFileError: ``resume`` without a checkpoint.
-        CheckpointError: ``resume`` with another value of an optimisation or sharing flag than the run's.
+        CheckpointError: ``resume`` with another value of an optimisation or sharing flag, or of
+            :data:`RUN_FLAGS`, than the run's; a ``run.json`` that is not a JSON object.
         ConfigError: matplotlib, needed for ``curves.png``, is missing.
     """
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"--output {output} is a file, not a directory")
+    if output.is_dir():
+        check_unlocked(output)
     found = has_checkpoint(output, "last")
     metrics = output / METRICS_FILE
     if not resume and (found or (metrics.is_file() and metrics.stat().st_size > 0)):
@@ -250,9 +267,22 @@ def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[
     require_matplotlib()  # curves.png is part of the output contract
 
 
-def _check_same_protocol(output: Path, args: dict[str, Any]) -> None:
+def _read_run_json(output: Path) -> dict[str, Any]:
+    """The run's ``run.json`` (empty when there is none); a tampered one is a :class:`CheckpointError`."""
     path = output / RUN_FILE
-    before = json.loads(path.read_text(encoding="utf-8")).get("args", {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"--resume: {path} is not valid JSON ({e}); it was not written by a run") from None
+    if not isinstance(run, dict) or not isinstance(run.get("args", {}), dict):
+        raise CheckpointError(f"--resume: {path} is not a run record (a JSON object with an args object)")
+    return run
+
+
+def _check_same_protocol(output: Path, args: dict[str, Any]) -> None:
+    before = _read_run_json(output).get("args", {})
     for key, reason in _RESUME_REASONS.items():
         if key in before and key in args and before[key] != args[key]:
             flag = "--" + key.replace("_", "-")
@@ -283,10 +313,7 @@ def write_run_json(output: Path, run_info: dict[str, Any]) -> None:
 
 
 def _check_same_run(output: Path, run_info: dict[str, Any]) -> None:
-    path = output / RUN_FILE
-    if not path.is_file():
-        return
-    before = json.loads(path.read_text(encoding="utf-8"))
+    before = _read_run_json(output)
     for key in ("arch", "share", "policy", "dataset", "batch_size"):
         if key in before and before[key] != run_info.get(key):
             raise CheckpointError(
@@ -350,26 +377,42 @@ def fit(
             share, policy, dataset, batch size, or a :data:`PROTOCOL_FLAGS` value; ``epochs`` may grow).
         NonFiniteLossError: the loss became NaN/inf; nothing from that epoch was written.
     """
-    run = _start_run(model, config, dist_info, Path(output), resume=resume, run_info=run_info, steps=len(train_loader))
-    if resume:
-        _resume(run, run_info)
-    if dist_info.is_main:
-        write_run_json(run.output, run_info)  # on resume too: --epochs may have grown
-    for epoch in range(run.start_epoch, config.epochs):
-        lr = run.optimizer.param_groups[0]["lr"]
-        bar = ProgressBar(run.steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
-        train = _train_epoch(run, epoch, train_loader, val_loader, train_preprocess, bar)
-        val = _evaluate_epoch(run, val_loader, eval_preprocess)
-        record = _epoch_record(run, epoch, lr, train, val)
-        is_best = val.top1_err < run.best_err
-        run.best_err = min(run.best_err, val.top1_err)
-        run.history.append(record)
-        if bar is not None:
-            bar.close(_epoch_summary(record))
+    output = Path(output)
+    with _locked_output(output, resume=resume, dist_info=dist_info, args=run_info.get("args")):
+        run = _start_run(model, config, dist_info, output, run_info=run_info, steps=len(train_loader))
+        if resume:
+            _resume(run, run_info)
         if dist_info.is_main:
-            _save_epoch(run, record, is_best=is_best, title=title)
-    barrier()
+            write_run_json(run.output, run_info)  # on resume too: --epochs may have grown
+        for epoch in range(run.start_epoch, config.epochs):
+            lr = run.optimizer.param_groups[0]["lr"]
+            bar = ProgressBar(run.steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
+            train = _train_epoch(run, epoch, train_loader, val_loader, train_preprocess, bar)
+            val = _evaluate_epoch(run, val_loader, eval_preprocess)
+            record = _epoch_record(run, epoch, lr, train, val)
+            is_best = val.top1_err < run.best_err
+            run.best_err = min(run.best_err, val.top1_err)
+            run.history.append(record)
+            if bar is not None:
+                bar.close(_epoch_summary(record))
+            if dist_info.is_main:
+                _save_epoch(run, record, is_best=is_best, title=title)
+        barrier()
     return run.history
+
+
+@contextmanager
+def _locked_output(
+    output: Path, *, resume: bool, dist_info: DistInfo, args: argparse.Namespace | dict[str, Any] | None
+) -> Iterator[None]:
+    """Create the run directory and, on rank 0, hold its lock for the run; check it again under the lock."""
+    prepare_output(output, resume=resume, dist_info=dist_info, args=args)
+    if not dist_info.is_main:
+        yield
+        return
+    with run_lock(output):
+        check_output(output, resume=resume, args=args)  # a run that ended since the first check left files
+        yield
 
 
 def _start_run(
@@ -378,12 +421,10 @@ def _start_run(
     dist_info: DistInfo,
     output: Path,
     *,
-    resume: bool,
     run_info: dict[str, Any],
     steps: int,
 ) -> _Run:
-    """Check and create the run directory; move the model to the device, ties kept; build the optimizer; wrap."""
-    prepare_output(output, resume=resume, dist_info=dist_info, args=run_info.get("args"))
+    """Move the model to the device, ties kept; build the optimizer; wrap."""
     device = dist_info.device
     ties = alias_groups(model)
     model.to(device)
@@ -409,11 +450,23 @@ def _resume(run: _Run, run_info: dict[str, Any]) -> None:
     """Load ``checkpoint-last`` into the model, optimizer and schedule; continue after its epoch."""
     _check_same_run(run.output, run_info)
     state = load_checkpoint(run.output, "last", run.model, device=run.dist_info.device)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    check_training_state(state, state_path(run.output, "last"))
+    if run.config.epochs < state["epoch"]:
+        raise CheckpointError(
+            f"--resume: {run.output} has {state['epoch']} epochs done, more than --epochs {run.config.epochs}; "
+            f"give --epochs {state['epoch']} or more"
+        )
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(
+            f"cannot resume: the optimizer state in {state_path(run.output, 'last')} does not fit the model ({e})"
+        ) from None
     run.history, run.best_err = list(state["history"]), float(state["best_top1_err"])
     run.start_epoch = int(state["epoch"])
     if run.dist_info.is_main:
+        repair_checkpoints(run.output, run.model, state)
         # Rewritten from the checkpoint: drops the line of an epoch that was not checkpointed.
         write_metrics(run.output / METRICS_FILE, run.history)
     print0(f"resumed from {weights_path(run.output, 'last')} after epoch {run.start_epoch}")
@@ -498,10 +551,11 @@ def _save_epoch(run: _Run, record: dict[str, Any], *, is_best: bool, title: str)
         "best_top1_err": run.best_err,
         "history": run.history,
     }
-    # Checkpoint before the metrics line: a kill in between is repaired from the history on resume.
-    save_checkpoint(run.output, "last", run.model, state)
-    if is_best:
-        save_checkpoint(run.output, "best", run.model, state)
+    # Checkpoint before the metrics line: a kill in between is repaired from the history on resume. Last before
+    # best: a kill between them leaves the best epoch in last, which the resume copies to best.
+    for tag in ("last", "best") if is_best else ("last",):
+        save_checkpoint(run.output, tag, run.model, state)
+        print0(f"saved {weights_path(run.output, tag).name} (epoch {epoch})")
     append_metrics(run.output / METRICS_FILE, record)
     plot_curves(run.output / CURVES_FILE, run.history, title=title)
 
