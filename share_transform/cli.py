@@ -324,7 +324,7 @@ def sweep_command(
 
     if plot is not None:
         _check_output(plot, force=True)
-        from .train.metrics import require_matplotlib
+        from .figure import require_matplotlib
 
         require_matplotlib()  # before the build: a missing [train] extra costs nothing
     model = _build(name, source, num_classes)
@@ -364,8 +364,8 @@ def sweep_command(
 
 def _plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """One line per (scope, templates): unique parameters (millions) against the group size."""
+    from .figure import new_figure
     from .fs import atomic_write
-    from .train.metrics import new_figure
 
     sizes = sorted({r["group_size"] for r in rows}, key=lambda g: (g is None, g or 0))
     labels = ["stage" if g is None else str(g) for g in sizes]

@@ -55,3 +55,25 @@ def test_lazy_names_resolve_to_the_functions_even_after_their_submodules_load() 
     assert set(share_transform.__all__) <= set(dir(share_transform))
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         _ = share_transform.no_such_name  # type: ignore[attr-defined]
+
+
+def test_the_core_imports_nothing_of_the_training_stack() -> None:
+    # Lazy imports inside functions count too: the core must work with the training stack absent.
+    import ast
+
+    core = [p for p in (ROOT / "share_transform").rglob("*.py") if "train" not in p.relative_to(ROOT).parts[1:2]]
+    offenders = []
+    for path in core:
+        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                names = [f"{base}.{node.module}" if node.level else str(node.module)]
+                if node.module is None:
+                    names = [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("share_transform.train")]
+    assert len(core) > 20 and offenders == []

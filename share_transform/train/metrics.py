@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-from ..errors import ConfigError, FileFormatError
+from ..errors import FileFormatError
+from ..figure import new_figure
 from ..fs import atomic_write
 
 RUN_FILE = "run.json"  # what was trained (written by the trainer, read by the report)
@@ -107,35 +108,6 @@ def curves_title(info: dict[str, Any]) -> str:
     'wrn_40_4 on CIFAR-10, ShaResNet'
     """
     return f"{info['arch']} on {dataset_name(info['dataset'])}, {'ShaResNet' if info['share'] else 'original'}"
-
-
-def require_matplotlib() -> None:
-    """Check that matplotlib, which draws ``curves.png`` and the report's figures, is installed.
-
-    Raises:
-        ConfigError: it is not; the message names the extra that installs it.
-    """
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(
-            f"matplotlib draws curves.png and the report's figures ({e}): pip install 'share-transform[train]'"
-        ) from None
-
-
-def new_figure(figsize: tuple[float, float], **kwargs: Any) -> Any:
-    """A matplotlib ``Figure`` on its own Agg canvas: no display needed, matplotlib's global backend untouched.
-
-    Raises:
-        ConfigError: matplotlib is not installed (see :func:`require_matplotlib`).
-    """
-    require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, **kwargs)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def plot_curves(path: Path, history: Sequence[dict[str, Any]], *, title: str = "") -> None:

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from ..apply import apply, count_parameters, get_plan, retie
 from ..build import build_model
 from ..errors import CheckpointError, ConfigError, MissingFileError, NonFiniteLossError, OutputExistsError, ShareError
+from ..figure import require_matplotlib
 from ..fs import check_unlocked, run_lock
 from ..init import init_weights
 from .args import SHARING_FLAGS, sharing_options
@@ -65,7 +66,6 @@ from .metrics import (
     ProgressBar,
     append_metrics,
     plot_curves,
-    require_matplotlib,
     write_metrics,
     write_text,
 )

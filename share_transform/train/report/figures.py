@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ... import paper
+from ...figure import new_figure
 from ...fs import atomic_write
-from ..metrics import new_figure
 from .results import Result, _paper_table2_row, dataset_name, paper_model_name
 
 if TYPE_CHECKING:
