@@ -36,6 +36,7 @@ except ImportError as e:  # one line and exit status 2, as every bad set-up of t
     raise SystemExit(2) from None
 
 from share_transform.train import run_recipe
+from share_transform.train.args import HelpFormatter
 from share_transform.train.checkpoint import has_checkpoint
 from share_transform.train.data import write_cifar
 from share_transform.train.metrics import RUN_FILE
@@ -49,7 +50,7 @@ SPLIT_SEED = 0
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="ShaResNet against ResNet on scikit-learn's digits (32x32, CIFAR format), on a CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("runs/digits"), help="data, runs and report go here")
     parser.add_argument("--arch", default="wrn_28_1", help="trained shared and original")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from share_transform import paper
 from share_transform.train import run_recipe
+from share_transform.train.args import HelpFormatter
 from share_transform.train.report import write_report
 
 _DATASETS = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ImageNet": "imagenet"}
@@ -25,7 +26,7 @@ _DATASETS = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ImageNet": "imagen
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Tables 2-3 and Figures 4-5 of the ShaResNet paper from run directories, or the runs to train.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("runs", nargs="*", type=Path, help="run directories, or folders holding them")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where the report is written")

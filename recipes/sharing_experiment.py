@@ -30,6 +30,7 @@ import train_cifar
 
 from share_transform.fs import atomic_write
 from share_transform.train import run_recipe
+from share_transform.train.args import HelpFormatter
 from share_transform.train.checkpoint import has_checkpoint
 from share_transform.train.metrics import RUN_FILE
 from share_transform.train.report import load_run, write_report
@@ -50,7 +51,7 @@ TABLE_FILE = "sharing.md"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="One WRN at five sharing settings on scikit-learn's digits (32x32, CIFAR format), on a CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("runs/sharing"), help="data, runs and report go here")
     parser.add_argument("--arch", default="wrn_28_1", help="the WRN trained at every setting")

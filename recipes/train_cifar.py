@@ -42,6 +42,7 @@ from share_transform.train import (
     setup_runtime,
     world_from_env,
 )
+from share_transform.train.args import HelpFormatter
 from share_transform.train.data import CifarData, load_cifar, load_preprocessing, save_preprocessing, synthetic_cifar
 from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
 
@@ -52,7 +53,7 @@ WRN_CIFAR100_DROPOUT = 0.3
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a ShaResNet (or, with --no-share, the original network) on CIFAR as in the paper.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100"))

@@ -47,6 +47,7 @@ from share_transform.train import (
     setup_runtime,
     world_from_env,
 )
+from share_transform.train.args import HelpFormatter
 from share_transform.train.data.dali import DaliLoader, require_dali
 from share_transform.train.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD, imagenet_datasets
 from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
@@ -57,6 +58,7 @@ SYNTHETIC_CLASSES = 1000
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Train a ShaResNet (or, with --no-share, the original ResNet) on ImageNet as in the paper.",
     )
     g = parser.add_argument_group("data")

@@ -49,8 +49,8 @@ class DataError(ShareError, ValueError):
     """Training data is missing, empty, malformed or not laid out as the recipe expects."""
 
 
-class ModelArgumentError(ShareError, TypeError):
-    """The model's constructor does not take the keyword arguments given."""
+class ModelArgumentError(ShareError, TypeError, ValueError):
+    """The model's constructor does not take the arguments given, or not their values (a WRN depth off 6n+4)."""
 
 
 class UnknownInitError(ShareError, ValueError):

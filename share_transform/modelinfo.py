@@ -43,11 +43,15 @@ def check_input_size(size: Sequence[int], name: str) -> tuple[int, int, int]:
     (3, 32, 32)
 
     Raises:
-        InputSizeError: ``size`` does not hold three numbers.
+        InputSizeError: ``size`` does not hold three positive whole numbers.
     """
-    if len(size) != 3:
-        raise InputSizeError(f"{name}: input_size must be (C, H, W), got {tuple(size)!r}")
-    c, h, w = (int(s) for s in size)
+    try:
+        c, h, w = (int(s) for s in size)
+        whole = all(int(s) == s for s in size)
+    except (TypeError, ValueError):
+        whole = False
+    if len(size) != 3 or not whole or min(c, h, w) < 1:
+        raise InputSizeError(f"{name}: input_size must be (C, H, W), three positive integers, got {tuple(size)!r}")
     return (c, h, w)
 
 

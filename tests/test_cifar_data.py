@@ -119,6 +119,25 @@ def test_wrong_shapes_and_labels_are_reported(cifar10_dir, tmp_path):
         read_cifar(tmp_path, "cifar10", train=False)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.int64])
+def test_pixels_other_than_uint8_are_refused_not_cast(cifar10_dir, tmp_path, dtype):
+    root, train, test = cifar10_dir
+    folder = write_cifar(tmp_path, "cifar10", train, test)
+    with open(folder / "test_batch", "wb") as f:  # 300 would wrap to 44 under a silent uint8 cast
+        pickle.dump({"data": np.full((2, 3072), 300, dtype), "labels": [0, 1]}, f)
+    with pytest.raises(DataError, match=rf"test_batch: 'data' must hold uint8 pixels, got {np.dtype(dtype)}"):
+        read_cifar(tmp_path, "cifar10", train=False)
+
+
+def test_an_empty_split_is_reported_as_empty(cifar10_dir, tmp_path):
+    root, train, test = cifar10_dir
+    folder = write_cifar(tmp_path, "cifar10", train, test)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((0, 3072), np.uint8), "labels": []}, f)
+    with pytest.raises(DataError, match="the test split is empty"):
+        read_cifar(tmp_path, "cifar10", train=False)
+
+
 def test_a_pickle_that_would_run_code_is_refused(cifar10_dir, tmp_path):
     """The CIFAR format is a pickle; ours rebuilds arrays only, so a tampered file cannot run anything."""
     root, train, test = cifar10_dir

@@ -45,7 +45,10 @@ def test_input_size_the_model_rejects() -> None:
         st.plan(model, input_size=(3, 64, 64))
     with pytest.raises(st.InputSizeError, match="3x2x2"):
         st.plan(timm.create_model("resnet18"), input_size=(3, 2, 2))
-    with pytest.raises(st.InputSizeError, match=r"^resnet18: input_size must be \(C, H, W\), got \(224, 224\)$"):
+    with pytest.raises(
+        st.InputSizeError,
+        match=r"^resnet18: input_size must be \(C, H, W\), three positive integers, got \(224, 224\)$",
+    ):
         st.plan(timm.create_model("resnet18"), input_size=(224, 224))
 
 
@@ -97,3 +100,40 @@ def test_all_errors_derive_from_share_error() -> None:
     assert len(classes) >= 14
     assert all(issubclass(c, st.ShareError) for c in classes)
     assert {c.__name__ for c in classes} <= set(st.__all__)
+
+
+def _resnet() -> nn.Module:
+    return st.build_model("resnet18", num_classes=10)
+
+
+def _init_weights(*args: object) -> None:
+    from share_transform.init import init_weights
+
+    init_weights(*args)  # type: ignore[arg-type]
+
+
+def _set_epoch(*args: object) -> None:
+    from share_transform.train import set_epoch
+
+    set_epoch(*args)  # type: ignore[arg-type]
+
+
+BAD_PUBLIC_CALLS = {
+    "wide_resnet depth off 6n+4": lambda: st.wide_resnet(27, 4),
+    "wide_resnet widen_factor 0": lambda: st.wide_resnet(28, 0),
+    "preact_resnet depth off 9n+2": lambda: st.preact_resnet(27),
+    "init_weights unknown mode": lambda: _init_weights(_resnet(), "bogus"),
+    "set_epoch on a plain loader": lambda: _set_epoch(torch.utils.data.DataLoader([1, 2]), 1),
+    "plan with a zero input size": lambda: st.plan(_resnet(), input_size=(3, 0, 0)),
+    "plan with a fractional input size": lambda: st.plan(_resnet(), input_size=(3, 32.5, 32)),
+    "plan with two numbers": lambda: st.plan(_resnet(), input_size=(32, 32)),
+    "save of a meta model": lambda: st.save(_resnet().to("meta"), "never.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PUBLIC_CALLS))
+def test_a_public_functions_bad_argument_is_a_share_error(case: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(st.ShareError):
+        BAD_PUBLIC_CALLS[case]()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

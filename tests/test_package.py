@@ -77,3 +77,22 @@ def test_the_core_imports_nothing_of_the_training_stack() -> None:
                 continue
             offenders += [f"{path.name}: {n}" for n in names if n.startswith("share_transform.train")]
     assert len(core) > 20 and offenders == []
+
+
+@pytest.mark.parametrize(
+    "recipe", ["train_imagenet", "train_cifar", "reproduce", "digits_experiment", "sharing_experiment"]
+)
+def test_each_recipe_help_states_every_default_once(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import re
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))  # the experiments import the recipes they drive
+    spec = importlib.util.spec_from_file_location(f"recipe_{recipe}", ROOT / "recipes" / f"{recipe}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = " ".join(module.get_args_parser().format_help().split())
+    options = re.split(r" (?=--?\w[\w-]* )", text.split("options:", 1)[1])
+    twice = [o for o in options if o.count("default") > 1]
+    assert len(options) > 3 and twice == []
+    assert "(default: None)" not in text

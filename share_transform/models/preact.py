@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..errors import ModelArgumentError
 from ._cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarResNet, cifar_cfg
 
 __all__ = [
@@ -91,7 +92,9 @@ class PreActResNet(CifarResNet):
         drop_rate: float = 0.0,
     ) -> None:
         if depth < 11 or (depth - 2) % 9:
-            raise ValueError(f"pre-act ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 92, ..., 164), got {depth}")
+            raise ModelArgumentError(
+                f"pre-act ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 92, ..., 164), got {depth}"
+            )
         super().__init__(
             PreActBottleneck,
             [base_width * PreActBottleneck.expansion * 2**s for s in range(3)],
@@ -108,7 +111,7 @@ class PreActResNet(CifarResNet):
 def preact_resnet(depth: int, num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Build a pre-activation bottleneck ResNet-``depth`` for CIFAR through timm's builder.
 
-    ``depth`` must be 9n+2 (n >= 1); ``ValueError`` otherwise. No pretrained weights exist. Extra keyword
+    ``depth`` must be 9n+2 (n >= 1); ``ModelArgumentError`` otherwise. No pretrained weights exist. Extra keyword
     arguments go to :class:`PreActResNet` (``in_chans``, ``base_width``, ``global_pool``, ``drop_rate``) or to
     ``timm.models.build_model_with_cfg``.
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..errors import ModelArgumentError
 from ._cifar import CifarResNet, cifar_cfg
 
 __all__ = ["WideBasicBlock", "WideResNet", "wide_resnet"]
@@ -76,11 +77,11 @@ class WideResNet(CifarResNet):
         drop_rate: float = 0.0,
     ) -> None:
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+            raise ModelArgumentError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
         if widen_factor < 1:
-            raise ValueError(f"WRN widen_factor must be a positive integer, got {widen_factor}")
+            raise ModelArgumentError(f"WRN widen_factor must be a positive integer, got {widen_factor}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"WRN dropout must be in [0, 1), got {dropout}")
+            raise ModelArgumentError(f"WRN dropout must be in [0, 1), got {dropout}")
         super().__init__(
             partial(WideBasicBlock, dropout=dropout),
             [16 * widen_factor * 2**s for s in range(3)],
@@ -105,7 +106,7 @@ def wide_resnet(
 ) -> WideResNet:
     """Build WRN-``depth``-``widen_factor`` for CIFAR through timm's builder.
 
-    ``depth`` must be 6n+4 (n >= 1) and ``widen_factor`` >= 1; ``ValueError`` otherwise. ``dropout`` is applied
+    ``depth`` must be 6n+4 (n >= 1) and ``widen_factor`` >= 1; ``ModelArgumentError`` otherwise. ``dropout`` is applied
     between the two convs of every block only when > 0 (the paper used 0.3 for CIFAR-100). No pretrained
     weights exist. Extra keyword arguments go to :class:`WideResNet` or ``timm.models.build_model_with_cfg``.
 

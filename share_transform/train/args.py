@@ -35,6 +35,21 @@ from ..build import check_model_kwargs
 from ..errors import ConfigError
 from ..init import MODES
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The recipes' ``--help``: each default stated once.
+
+    A help text that already says its default (``default 90``, ``default: cuda if present``) keeps its own
+    words; one that does not gets ``(default: X)``; flags and defaults decided later (``None``) get nothing.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 #: The ``--loader`` choices (:mod:`share_transform.train.data.imagenet`, :mod:`share_transform.train.data.dali`).
 LOADERS = ("torch", "pil", "dali")
 

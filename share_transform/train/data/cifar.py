@@ -171,10 +171,12 @@ def read_cifar(root: str | os.PathLike[str], dataset: str, *, train: bool) -> Ci
             )
         batch = _unpickle(path)
         try:
-            data = np.asarray(batch["data"], dtype=np.uint8)
+            data = np.asarray(batch["data"])
             label = np.asarray(batch[_LABEL_KEY[name]], dtype=np.int64)
         except (KeyError, ValueError, TypeError) as e:
             raise DataError(f"{path}: expected uint8 'data' and '{_LABEL_KEY[name]}' entries ({e})") from e
+        if data.dtype != np.uint8:  # a cast would wrap or truncate pixel values without a word
+            raise DataError(f"{path}: 'data' must hold uint8 pixels, got {data.dtype}")
         if data.ndim != 2 or data.shape[1] != _IMAGE_BYTES or label.shape != (data.shape[0],):
             raise DataError(
                 f"{path}: expected data (N, {_IMAGE_BYTES}) and labels (N,), got {data.shape} and {label.shape}"

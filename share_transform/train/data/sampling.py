@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ..distributed import DistInfo
 
 _M64 = (1 << 64) - 1
@@ -249,9 +249,12 @@ def make_loader(
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Select ``epoch``'s order and augmentation in a loader from :func:`make_loader`."""
-    if not isinstance(loader.sampler, EpochSampler):
-        raise TypeError("the engine needs loaders made by share_transform.train.make_loader")
-    loader.sampler.set_epoch(epoch)
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, EpochSampler):
+        raise ConfigError(
+            f"set_epoch needs a loader made by share_transform.train.make_loader, got {type(loader).__name__}"
+        )
+    sampler.set_epoch(epoch)
 
 
 #: Size of a ``--synthetic`` run's epoch, in batches: long enough to time, short enough to be a smoke test.
