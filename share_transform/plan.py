@@ -241,7 +241,9 @@ class SharePlan:
             + (f"; {options})" if options else ")")
         ]
         lines += format_columns(rows, left={1, 5})
-        lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,} (-{100 * self.decrease:.1f}%)")
+        lines.append(
+            f"parameters: {self.params_before:,} -> {self.params_after:,} ({-100 * self.decrease:+.1f}%)"
+        )  # soft banks can add parameters
         lines.append(f"distinct conv weights: {self.convs_before} -> {self.convs_after}")
         return "\n".join(lines)
 

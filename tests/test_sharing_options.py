@@ -317,3 +317,12 @@ def test_state_dict_lists_each_bank_once_and_load_fills_the_members() -> None:
         assert torch.equal(bank_of(b[0]).templates, bank_of(a[0]).templates)
         assert all(bank_of(c) is bank_of(b[0]) for c in b)  # every member mixes the loaded bank
         assert all(torch.equal(coefficients_of(x), coefficients_of(y)) for x, y in zip(a, b))
+
+
+def test_the_plan_table_signs_a_growth_in_parameters() -> None:
+    # Four templates per group on ResNet-50 hold more than the convs they replace: the total goes up.
+    model = timm.create_model("resnet50", pretrained=False)
+    p = st.plan(model, templates=4)
+    assert p.params_after > p.params_before
+    growth = 100 * (p.params_after - p.params_before) / p.params_before
+    assert str(p).splitlines()[-2] == f"parameters: {p.params_before:,} -> {p.params_after:,} (+{growth:.1f}%)"
