@@ -76,7 +76,7 @@ def add_training_args(
     ``model_kwargs_example`` is the ``--model-kwargs`` JSON the help shows: arguments the default ``arch`` takes.
     """
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", default=arch, help=f"timm name, or torchvision:NAME (default {arch})")
+    g.add_argument("--arch", default=arch, help="timm name, or torchvision:NAME")
     g.add_argument(
         "--model-kwargs",
         default="{}",
@@ -89,7 +89,7 @@ def add_training_args(
         default=True,
         help="share one spatial conv weight per stage (ShaResNet; default); --no-share trains the original",
     )
-    g.add_argument("--policy", default=policy, help=f"sharing policy: imagenet, cifar or swrn (default {policy})")
+    g.add_argument("--policy", default=policy, help="sharing policy: imagenet, cifar or swrn")
     g.add_argument(
         "--group-size",
         type=int,
@@ -108,43 +108,43 @@ def add_training_args(
         default=None,
         help="unique parameters at most this fraction of the original: picks the least sharing that fits",
     )
-    g.add_argument("--init", default=init, choices=MODES, help=f"conv init, He et al. (default {init})")
+    g.add_argument("--init", default=init, choices=MODES, help="conv init, He et al.")
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+    g.add_argument("--epochs", type=int, default=epochs, help="epochs to train")
     g.add_argument(
         "--batch-size",
         type=int,
         default=batch_size,
-        help=f"global batch over all ranks (default {batch_size})",
+        help="global batch over all ranks",
     )
     g.add_argument(
         "--lr",
         type=float,
         default=lr,
-        help=f"learning rate per {lr_reference_batch} images, scaled linearly with --batch-size (default {lr})",
+        help=f"learning rate per {lr_reference_batch} images, scaled linearly with --batch-size",
     )
     g.add_argument("--lr-reference-batch", type=int, default=lr_reference_batch, help=argparse.SUPPRESS)
-    g.add_argument("--momentum", type=float, default=momentum, help=f"Nesterov momentum (default {momentum})")
+    g.add_argument("--momentum", type=float, default=momentum, help="Nesterov momentum")
     g.add_argument(
         "--weight-decay",
         type=float,
         default=weight_decay,
-        help=f"on every parameter (default {weight_decay})",
+        help="on every parameter",
     )
     g.add_argument(
         "--lr-milestones",
         type=int,
         nargs="*",
         default=list(milestones),
-        help=f"epochs after which lr *= --lr-gamma (default {' '.join(map(str, milestones))})",
+        help="epochs after which lr *= --lr-gamma",
     )
-    g.add_argument("--lr-gamma", type=float, default=gamma, help=f"default {gamma}")
+    g.add_argument("--lr-gamma", type=float, default=gamma, help="lr factor at each milestone")
 
     g = parser.add_argument_group("run")
     g.add_argument("--output", type=Path, default=None, help="run directory (default runs/RECIPE-ARCH-shared|original)")
     g.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
-    g.add_argument("--workers", type=int, default=workers, help=f"data loader processes per rank (default {workers})")
+    g.add_argument("--workers", type=int, default=workers, help="data loader processes per rank")
     g.add_argument(
         "--loader",
         default="torch",
