@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..apply import apply, count_parameters, get_plan, retie
+from ..apply import apply, count_parameters, get_plan, retie, tensor_aliases
 from ..build import build_model
 from ..errors import CheckpointError, ConfigError, MissingFileError, NonFiniteLossError, OutputExistsError, ShareError
 from ..figure import require_matplotlib
@@ -196,11 +196,8 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
 
 
 def alias_groups(model: nn.Module) -> frozenset[tuple[str, ...]]:
-    """Names of the parameters that are one object, grouped (a shared weight lists all its members)."""
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    return frozenset(tuple(g) for g in groups.values() if len(g) > 1)
+    """Names of the tensors that are one object, grouped (a shared weight lists all its members)."""
+    return frozenset(tuple(names) for names in tensor_aliases(model))
 
 
 def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str) -> None:
