@@ -1,18 +1,36 @@
-"""Shared pytest set-up: the opt-in slow marker and small model builders."""
+"""Shared pytest set-up: the opt-in slow marker, and skips for tests whose optional extra is not installed."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+
+#: ``@pytest.mark.needs("nvidia.dali", extra="dali")``: skip, naming the extra, where the module cannot be imported.
+NEEDS = "needs"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run the slow full sweeps")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{NEEDS}(module, extra): the test imports an optional extra's module")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    slow = None if config.getoption("--runslow") else pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if slow is not None and "slow" in item.keywords:
+            item.add_marker(slow)
+        for mark in item.iter_markers(NEEDS):
+            module, extra = mark.args[0], mark.kwargs["extra"]
+            if not _importable(module):
+                item.add_marker(pytest.mark.skip(reason=f"needs {module}: pip install -e '.[{extra}]'"))

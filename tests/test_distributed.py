@@ -78,6 +78,61 @@ def test_two_ranks_train_agree_and_stay_tied(data: Path, tmp_path: Path) -> None
     assert all(0 < m["train_loss"] < 10 and m["images_per_s"] > 0 for m in metrics)
 
 
+LOCK_WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    from share_transform.fs import lock_holder
+    from share_transform.train.distributed import DistInfo
+    from share_transform.train.trainer import locked_output
+
+    rank, base, rounds = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    dist.init_process_group("gloo", init_method=f"file://{base}/store", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    results = []
+    for i in range(rounds + 1):
+        output = base / f"run{i}"
+        if i == rounds and rank == 0:
+            output.write_text("a file where the run directory should be")  # rank 0 refuses this one
+        if rank == 1 and i < rounds:
+            # The ordering that lost the race: rank 1 arrives after rank 0 holds the lock.
+            deadline = time.monotonic() + 60
+            while lock_holder(output) is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+        try:
+            with locked_output(output, resume=False, dist_info=info, args=None):
+                results.append(["ok", lock_holder(output) if rank == 1 else None])
+                dist.barrier()
+        except Exception as e:
+            results.append([type(e).__name__, str(e)])
+    (base / f"rank{rank}.json").write_text(json.dumps({"pid": os.getpid(), "results": results}))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_only_rank_0_checks_and_locks_the_output(tmp_path: Path) -> None:
+    """Rank 1 reaches the run directory after rank 0 locked it, 20 times: it waits for rank 0's verdict instead
+    of finding rank 0's lock; when rank 0 refuses the directory, rank 1 fails too, quoting it."""
+    rounds = 20
+    worker = tmp_path / "worker.py"
+    worker.write_text(LOCK_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(r), str(tmp_path), str(rounds)], env=env, cwd=ROOT)
+        for r in (0, 1)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["results"][:rounds] == [["ok", None]] * rounds
+    assert rank1["results"][:rounds] == [["ok", rank0["pid"]]] * rounds  # rank 0 held the lock meanwhile
+    output = tmp_path / f"run{rounds}"
+    refused = f"--output {output} is a file, not a directory"
+    assert rank0["results"][rounds] == ["OutputExistsError", refused]
+    assert rank1["results"][rounds] == ["ConfigError", f"rank 0 refused --output {output}: {refused}"]
+
+
 def test_batch_not_divisible_by_world_size_under_torchrun(data: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
     proc = torchrun(str(RECIPE), *recipe_argv(data, output, "--batch-size", "15"))

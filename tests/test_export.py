@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -15,6 +13,9 @@ from torch import nn
 import share_transform as st
 from share_transform.errors import ExportError, InputSizeError
 from share_transform.export import export_onnx
+
+onnx = pytest.importorskip("onnx", reason="needs onnx: pip install -e '.[onnx]'")
+ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime: pip install -e '.[onnx]'")
 
 SIZE = (3, 96, 96)  # shape propagation is done at 224; a smaller check input keeps the CPU test fast
 

@@ -43,6 +43,7 @@ from share_transform.train.data.sampling import SeededDataset, _splitmix64, samp
 from share_transform.train.loop import ColourAugment, Normalize
 
 TINY_MODEL = json.dumps({"channels": [8, 16, 32, 64], "stem_width": 8, "layers": [1, 1, 1, 1]})
+NEEDS_DALI = pytest.mark.needs("nvidia.dali", extra="dali")
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -227,6 +228,10 @@ def test_torch_training_sample_is_decode_jpeg_crop_flip_with_its_draws(tmp_path:
     assert (read_image(path).float() - decoded.float()).abs().mean() < 2  # decode_jpeg decodes as PIL does
 
 
+NEEDS_DALI = pytest.mark.needs("nvidia.dali", extra="dali")
+
+
+@NEEDS_DALI
 def test_dali_cpu_loader_gives_the_torch_loaders_samples(tmp_path: Path) -> None:
     """Same order, same draws (crop window, flip, colours), pixels within a few grey levels (DALI decodes)."""
     root = _photo_folder(tmp_path)
@@ -245,6 +250,7 @@ def test_dali_cpu_loader_gives_the_torch_loaders_samples(tmp_path: Path) -> None
             assert all(torch.equal(a, b) for a, b in zip(ours[1:], theirs[1:], strict=True))
 
 
+@NEEDS_DALI
 def test_dali_refuses_ten_crop(tmp_path: Path) -> None:
     _, val = imagenet_datasets(_photo_folder(tmp_path), IMG, ten_crop=True)
     with pytest.raises(ConfigError, match="--ten-crop needs --loader torch or pil"):
@@ -272,7 +278,7 @@ def _recipe(
     )
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=NEEDS_DALI)])
 def test_each_loader_drives_a_recipe_run_to_completion(loader: str, tmp_path: Path) -> None:
     root = _photo_folder(tmp_path / "data")
     proc = _recipe(root, tmp_path / "run", "--loader", loader)
@@ -304,8 +310,8 @@ def _spoil(root: Path, case: str) -> Path:
         ("bomb", ("--loader", "torch", "--workers", "2")),
         ("truncated", ("--loader", "pil", "--workers", "2")),
         ("bomb", ("--loader", "pil")),
-        ("truncated", ("--loader", "dali")),
-        ("bomb", ("--loader", "dali")),
+        pytest.param("truncated", ("--loader", "dali"), marks=NEEDS_DALI),
+        pytest.param("bomb", ("--loader", "dali"), marks=NEEDS_DALI),
     ],
 )
 def test_a_bad_image_is_one_error_line_naming_the_file(case: str, flags: tuple[str, ...], tmp_path: Path) -> None:

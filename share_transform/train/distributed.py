@@ -111,6 +111,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def share_verdict(message: str | None) -> str | None:
+    """Rank 0's ``message`` on every rank (the others pass None); ``message`` itself outside a process group."""
+    if not dist.is_initialized():
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks in place and return it (identity outside a process group)."""
     if dist.is_initialized():

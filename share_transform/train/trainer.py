@@ -25,6 +25,7 @@ Example (what a recipe's ``main`` does):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -57,7 +58,7 @@ from .checkpoint import (
     weights_path,
 )
 from .data.sampling import sample_seed, set_epoch
-from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error
+from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error, share_verdict
 from .loop import EpochStats, Preprocess, evaluate, train_one_epoch
 from .metrics import (
     CURVES_FILE,
@@ -295,15 +296,6 @@ def _flag_text(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
-def prepare_output(
-    output: Path, *, resume: bool, dist_info: DistInfo, args: argparse.Namespace | dict[str, Any] | None = None
-) -> None:
-    """:func:`check_output`, then create ``output`` (rank 0)."""
-    check_output(output, resume=resume, args=args)
-    if dist_info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-
-
 def write_run_json(output: Path, run_info: dict[str, Any]) -> None:
     """Write ``run.json`` atomically (paths and other non-JSON values become strings)."""
     write_text(output / RUN_FILE, json.dumps(run_info, indent=2, default=str) + "\n")
@@ -375,7 +367,7 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf; nothing from that epoch was written.
     """
     output = Path(output)
-    with _locked_output(output, resume=resume, dist_info=dist_info, args=run_info.get("args")):
+    with locked_output(output, resume=resume, dist_info=dist_info, args=run_info.get("args")):
         run = _start_run(model, config, dist_info, output, run_info=run_info, steps=len(train_loader))
         if resume:
             _resume(run, run_info)
@@ -399,16 +391,35 @@ def fit(
 
 
 @contextmanager
-def _locked_output(
+def locked_output(
     output: Path, *, resume: bool, dist_info: DistInfo, args: argparse.Namespace | dict[str, Any] | None
 ) -> Iterator[None]:
-    """Create the run directory and, on rank 0, hold its lock for the run; check it again under the lock."""
-    prepare_output(output, resume=resume, dist_info=dist_info, args=args)
+    """Rank 0 checks the run directory, creates it and holds its lock for the ``with`` block; the other ranks
+    wait for its verdict.
+
+    Only rank 0 looks: another rank checking the directory would find rank 0's own lock, a race every
+    multi-process start could lose. Rank 0 shares its verdict (None, or its error's message) with one
+    collective, so every rank fails when rank 0 refuses the directory, and none waits for ever.
+
+    Raises:
+        the errors of :func:`check_output` on rank 0; :class:`ConfigError` quoting rank 0's on the others.
+    """
     if not dist_info.is_main:
+        verdict = share_verdict(None)
+        if verdict is not None:
+            raise ConfigError(f"rank 0 refused --output {output}: {verdict}")
         yield
         return
-    with run_lock(output):
-        check_output(output, resume=resume, args=args)  # a run that ended since the first check left files
+    with contextlib.ExitStack() as stack:
+        try:
+            check_output(output, resume=resume, args=args)
+            output.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(run_lock(output))
+            check_output(output, resume=resume, args=args)  # a run that ended since the first check left files
+        except (ShareError, OSError) as e:
+            share_verdict(str(e))
+            raise
+        share_verdict(None)
         yield
 
 
