@@ -29,8 +29,9 @@ from .tie import check_aliases_agree, check_state_fits, state_tensors
 
 __all__ = ["load_checkpoint", "read_checkpoint"]
 
-#: Suffixes read with ``torch.load(weights_only=True)``.
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+#: Suffixes read with ``torch.load(weights_only=True)`` (``.tar``: timm's and the soft-sharing reference's
+#: ``model_best.pth.tar``).
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 #: Top-level keys under which training scripts nest the state dict (timm, Lightning, torchvision refs).
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "model_ema", "state_dict_ema")
 #: Key prefixes wrappers add: DDP/DataParallel, Lightning modules holding ``self.model``, torch.compile.
