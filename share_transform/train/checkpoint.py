@@ -6,8 +6,10 @@ output directory:
 * ``checkpoint-TAG.safetensors``: the model, each shared weight stored once, loadable on its own with
   ``share_transform.load`` (which rebuilds the architecture and re-ties the shared convs); its
   metadata carries ``epoch``;
-* ``checkpoint-TAG.state.pt``: optimizer and scheduler state, epochs done, global step, best error and
-  the metrics history; read back only with ``torch.load(..., weights_only=True)``.
+* ``checkpoint-TAG.state.pt``: optimizer and scheduler state, epochs done, global step, best error, the
+  metrics history and the run's record (``run.json``'s content, so a resume checks its flags against what the
+  checkpoint was trained with even when ``run.json`` is gone); read back only with
+  ``torch.load(..., weights_only=True)``.
 
 Each file is written to a temporary name beside it, fsynced, then renamed over the old one
 (``share_transform.fs.atomic_write``), so a kill at any moment leaves the previous complete file. The two
@@ -137,6 +139,28 @@ def repair_checkpoints(output: Path, model: nn.Module, state: dict[str, Any]) ->
         save_checkpoint(output, "best", model, state)
     else:
         _remove_strays(output, "best")  # a save of best killed before its weights: its old pair stands
+
+
+def read_run_record(output: Path, tag: str = "last") -> dict[str, Any] | None:
+    """The ``run.json`` record the state of checkpoint ``tag`` carries (``fit`` stores it with every epoch), or
+    None when the state is missing, unreadable or older than the record.
+
+    Reads the state file memory-mapped, without its tensors' bytes, so a resume can check its flags against the
+    checkpoint before building anything. The checkpoint's record, not ``run.json`` (which a user may delete or
+    edit), is what the checkpoint was trained with.
+    """
+    candidates = sorted(Path(output).glob(f"checkpoint-{tag}.epoch*.state.pt")) + [state_path(output, tag)]
+    for path in reversed(candidates):  # a kill between the weights and the rename leaves the newer one stamped
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001  missing or tampered: the resume's own checks name the problem later
+            continue
+        record = state.get("run") if isinstance(state, dict) else None
+        if isinstance(record, dict) and isinstance(record.get("args"), dict):
+            return record
+    return None
 
 
 def load_run_checkpoint(
