@@ -248,9 +248,8 @@ def convert(
     """
     from .checkpoints import load_checkpoint
     from .files import save
-    from .planning import plan
     from .summary import summarize
-    from .tie import apply
+    from .tie import apply, get_plan
 
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
@@ -261,8 +260,9 @@ def convert(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         _warn_non_finite(model, checkpoint)
-    share_plan = plan(model, policy, options=options)
-    apply(model, plan=share_plan, init=init)
+    # A model shared by construction (sharesnet18) keeps its own plan; another one is refused (the re-apply rule).
+    share_plan = get_plan(apply(model, policy, options=options, init=init))
+    assert share_plan is not None
     save(model, out)
     summary = summarize(model, share_plan, file=out)
     _emit(summary.to_dict(), str(summary), as_json)
