@@ -293,10 +293,18 @@ def plan_command(
     """
     from .planning import plan
     from .summary import summarize
+    from .tie import apply, get_plan
 
     options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
     model = _build(name, source, num_classes)
-    summary = summarize(model, plan(model, policy, options=options))
+    # Shared by construction (sharesnet18): its own plan, or convert's refusal (apply changes nothing here).
+    share_plan = (
+        plan(model, policy, options=options)
+        if get_plan(model) is None
+        else get_plan(apply(model, policy, options=options))
+    )
+    assert share_plan is not None
+    summary = summarize(model, share_plan)
     _emit(summary.to_dict(), str(summary), as_json)
 
 

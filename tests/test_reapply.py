@@ -182,6 +182,19 @@ def test_convert_a_sharesnet_with_another_policy_is_one_line_and_writes_nothing(
     assert (total["params_before"], total["params_after"]) == (plain, st.count_parameters(loaded))
 
 
+def test_plan_reports_a_sharesnet_as_built_and_refuses_another_policy() -> None:
+    args = ["plan", "--model", "sharesnet18", "--num-classes", "10"]
+    result = CliRunner().invoke(sharetx_main, [*args, "--policy", "cifar"], prog_name="sharetx")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "re-planning it (policy cifar) is refused: start from resnet18" in result.stderr
+    result = CliRunner().invoke(sharetx_main, [*args, "--json"], prog_name="sharetx")
+    assert result.exit_code == 0, result.output
+    total = json.loads(result.stdout)["total"]
+    plain = st.count_parameters(timm.create_model("resnet18", num_classes=10))
+    shared = st.count_parameters(timm.create_model("sharesnet18", num_classes=10))
+    assert (total["params_before"], total["params_after"]) == (plain, shared) and shared < plain
+
+
 # ----------------------------------------------------------------------------------------- the recipes
 
 
