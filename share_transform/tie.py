@@ -291,27 +291,24 @@ def _same_request(recorded: SharePlan, policy: str, options: SharingOptions) -> 
 
     Compared as asked, not re-planned: a plan of the shared model would count its parameters as shared already.
     """
-    r = recorded.options
-    if (policy, options.scope, options.templates) != (recorded.policy, r.scope, r.templates):
+    if (policy, options.scope, options.templates) != (recorded.policy, recorded.scope, recorded.templates):
         return False
     if options.budget is not None:
-        return options.budget == r.budget  # the recorded plan resolved this budget into its group size
-    return options.group_size == r.group_size
+        return options.budget == recorded.budget  # the recorded plan resolved this budget into its group size
+    return options.group_size == recorded.group_size
 
 
 def _sharing(p: SharePlan) -> tuple[object, ...]:
-    """What a plan ties: its policy, options and groups; not its counts or the input size it traced."""
-    return (p.policy, p.options, tuple((g.members, g.templates) for g in p.groups))
+    """What a plan ties: its policy, scope and groups (members, templates); not how a budget chose the group
+    size, its counts or the input size it traced."""
+    return (p.policy, p.scope, p.templates, tuple((g.members, g.templates) for g in p.groups))
 
 
 def _refuse_replan(net: nn.Module, recorded: SharePlan, requested: str) -> PlanMismatchError:
     """The one-line refusal of the re-apply rule: a shared model keeps its plan until it is untied."""
     plain = getattr(net, PLAIN_ATTR, None)
-    way_out = (
-        f"start from {plain}, or call share_transform.untie(model) first"
-        if plain
-        else ("call share_transform.untie(model) first")
-    )
+    untie = "call share_transform.untie(model) first"
+    way_out = f"start from {plain}, or {untie}" if plain else untie
     return PlanMismatchError(
         f"{model_name(net)} is shared already ({_describe(recorded.policy, recorded.options)}); "
         f"re-planning it ({requested}) is refused: {way_out}"

@@ -97,6 +97,7 @@ def test_applying_the_same_plan_again_changes_nothing() -> None:
     st.apply(model, input_size=SIZE, budget=0.9)  # the same request
     st.apply(model, input_size=SIZE, group_size=plan.group_size)  # what the budget chose, asked for by name
     st.apply(model, plan=st.plan(small_resnet(), input_size=SIZE, budget=0.9))  # an equal plan, made elsewhere
+    st.apply(model, plan=st.plan(small_resnet(), input_size=SIZE, group_size=plan.group_size))  # the same groups
     st.apply(model, input_size=SIZE, budget=0.9, init="mean")  # init only says how to start a new shared weight
     assert snapshot(model) == before and st.get_plan(model) is plan
 
