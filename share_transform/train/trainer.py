@@ -65,7 +65,7 @@ from ..files import read_info
 from ..init import init_weights
 from ..planning import SharePlan, plan as make_plan
 from ..policies import POLICIES, SharingOptions
-from ..tie import alias_groups, apply, count_parameters, get_plan, keep_ties
+from ..tie import PLAIN_ATTR, alias_groups, apply, count_parameters, get_plan, keep_ties
 from .args import SHARING_FLAGS, sharing_options
 from .checkpoint import (
     best_epoch,
@@ -144,13 +144,25 @@ def build_recipe_model(
     A ``--share`` whose policy finds nothing to share in ``--arch`` (WRN-16-k under ``cifar``: one block a
     stage, and the policy keeps each stage's first block) leaves the model unshared, with no plan recorded,
     and says so in one line on stderr; :func:`is_shared` then tells the recipe not to call the run shared.
+
+    Raises:
+        ConfigError: ``--no-share`` with a network shared by construction (``sharesnet18``).
+        PlanMismatchError: ``--share`` with options other than those a network shared by construction has.
     """
     model = build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
+    built = get_plan(model)  # a network shared by construction: its plan counts it before sharing
+    if built is not None and not args.share:
+        raise ConfigError(
+            f"--arch {args.arch} is shared by construction (policy {built.policy}); for an unshared run use "
+            f"--arch {getattr(model, PLAIN_ATTR, 'the network it shares')}"
+        )
     init_weights(model, args.init)
     init_classifier(model, getattr(args, "classifier_init", None) or "uniform")
-    params_unshared = count_parameters(model)
+    params_unshared = built.params_before if built is not None else count_parameters(model)
     options = sharing_options(args)
-    if options is not None:
+    if options is not None and built is not None:
+        apply(model, args.policy, input_size=input_size, options=options)  # its own plan, or the re-apply refusal
+    elif options is not None:
         share_plan = make_plan(model, args.policy, input_size=input_size, options=options)
         if share_plan.groups:
             apply(model, plan=share_plan)
