@@ -38,6 +38,8 @@ from share_transform.train import (
     curves_title,
     fit,
     init_distributed,
+    is_shared,
+    locked_output,
     make_loader,
     per_rank_batch,
     print0,
@@ -52,7 +54,6 @@ from share_transform.train.args import HelpFormatter
 from share_transform.train.data import CifarData, load_cifar, load_preprocessing, save_preprocessing, synthetic_cifar
 from share_transform.train.data.cifar import PADS
 from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
-from share_transform.train.trainer import is_shared, locked_output
 
 PREPROCESS_FILE = "preprocess.safetensors"
 WRN_CIFAR100_DROPOUT = 0.3

@@ -37,6 +37,8 @@ from share_transform.train import (
     curves_title,
     fit,
     init_distributed,
+    is_shared,
+    locked_output,
     make_loader,
     per_rank_batch,
     print0,
@@ -52,7 +54,6 @@ from share_transform.train.data.dali import DaliLoader, require_dali
 from share_transform.train.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD, imagenet_datasets
 from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
 from share_transform.train.loop import ColourAugment, Preprocess
-from share_transform.train.trainer import is_shared, locked_output
 
 SYNTHETIC_CLASSES = 1000
 #: The ``--loader`` choices (:mod:`share_transform.train.data.imagenet`, :mod:`share_transform.train.data.dali`).
