@@ -269,7 +269,9 @@ def _recipe(
 ) -> subprocess.CompletedProcess[str]:
     argv = [
         "--data", str(root), "--output", str(output), "--arch", "resnet18", "--model-kwargs", TINY_MODEL,
-        "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", *extra,
+        "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+        "--no-share",  # one block a stage: nothing to share (a --share would say so on stderr)
+        *extra,
     ]  # fmt: skip
     return subprocess.run(
         [sys.executable, str(RECIPE), *argv],

@@ -138,10 +138,10 @@ def curves_figure(history: Sequence[dict[str, Any]], *, title: str = "", held_ou
     ``held_out`` names what ``val_*`` holds: ``"test"``, or ``"val"`` (a split of the training set; the test
     figures of the epochs the test set was evaluated at are then drawn as single points).
     """
+    fig = new_figure((10, 4), dpi=100, layout="constrained")  # first: without matplotlib, MissingExtraError
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
-    fig = new_figure((10, 4), dpi=100, layout="constrained")
     ax_loss, ax_err = fig.subplots(1, 2)
     # Training loss alone, as Figure 4: an early test loss of an untrained BatchNorm can be 1000x larger.
     ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")

@@ -116,10 +116,10 @@ def figure4(table2: Sequence[Table2Entry]) -> Any:
     The held-out set is the test set, or for runs with a held-out split (``--val-split``) that split: the panel's
     title says which.
     """
+    rows = len(table2)
+    fig = new_figure((11, 3.6 * rows))  # first: without matplotlib, MissingExtraError
     from matplotlib.ticker import MaxNLocator
 
-    rows = len(table2)
-    fig = new_figure((11, 3.6 * rows))
     axes = fig.subplots(rows, 2, squeeze=False)
     for (ax_loss, ax_acc), entry in zip(axes, table2):
         title = f"{paper_model_name(entry.original.config.arch)}, {dataset_name(entry.original.config.dataset)}"
