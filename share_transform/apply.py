@@ -21,15 +21,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError
+from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError, WarmStartError
 from .modelinfo import check_model, model_name
-from .plan import SharePlan, check_policy, plan as make_plan
+from .plan import ShareGroup, SharePlan, check_policy, plan as make_plan
 from .policies import INITS
 from .signature import ConvSignature
-from .soft import bake, bank_of, is_soft, share_softly
+from .soft import TemplateBank, bake, bank_of, coefficients_of, is_soft, share_softly
+from .warmstart import (
+    GroupReconstruction,
+    Reconstruction,
+    check_foldable,
+    fold_scales,
+    following_norms,
+    mean_scaled_weights,
+    measure,
+    stack,
+    svd_templates,
+)
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.
 PLAN_ATTR = "_share_plan"
+#: Attribute under which ``apply`` records what a warm start lost (:func:`get_reconstruction`).
+RECONSTRUCTION_ATTR = "_share_reconstruction"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -40,6 +53,20 @@ def count_parameters(model: nn.Module) -> int:
 def get_plan(model: nn.Module) -> SharePlan | None:
     """The plan ``apply`` recorded on ``model``, or None for a model that was never shared."""
     return getattr(check_model(model), PLAN_ATTR, None)
+
+
+def get_reconstruction(model: nn.Module) -> Reconstruction | None:
+    """What the warm start of ``apply`` lost: the relative reconstruction error per group and in total.
+
+    Recorded by ``apply`` when it computed shared weights from the members' (``init="mean"``,
+    ``"mean-scaled"``, ``"svd"``); None for a model shared with ``init="first"`` or never shared.
+
+    Example:
+        >>> model = share_transform.apply(trained, templates=2, init="svd")
+        >>> round(share_transform.get_reconstruction(model).total, 3)
+        0.412
+    """
+    return getattr(check_model(model), RECONSTRUCTION_ATTR, None)
 
 
 def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,6 +233,52 @@ def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Conv
         )
 
 
+def _check_init(net: nn.Module, init: str, todo: list[tuple[int, ShareGroup, list[nn.Conv2d]]]) -> dict[int, nn.Module]:
+    """Refuse an init that does not fit the groups, before anything changes; for ``"mean-scaled"``, the
+    BatchNorm reading each member's output (by ``id`` of the member)."""
+    name = model_name(net)
+    for _, group, _ in todo:
+        if init == "svd" and group.templates is None:
+            raise WarmStartError(
+                f"{name}: init='svd' warm-starts soft groups (templates=k); the plan's groups are hard-shared, "
+                "so use init='mean' or 'mean-scaled', or give templates"
+            )
+        if init in ("mean", "mean-scaled") and group.templates is not None:
+            raise WarmStartError(
+                f"{name}: init={init!r} makes one hard-shared weight; soft groups ({group.templates} templates) "
+                "warm-start with init='svd'"
+            )
+    norms: dict[int, nn.Module] = {}
+    members = [(path, conv) for _, group, convs in todo for path, conv in zip(group.members, convs)]
+    if init != "mean-scaled" or not members:
+        return norms
+    found = following_norms(net, [path for path, _ in members], name)
+    for path, conv in members:
+        norm = found[path]
+        if isinstance(norm, str):
+            raise WarmStartError(
+                f"{name}: init='mean-scaled' folds each member's scales into the BatchNorm that reads its output, "
+                f"but {norm}; use init='mean'"
+            )
+        check_foldable(norm, conv.weight.shape[0], f"{name}: {path}")
+        norms[id(conv)] = norm
+    return norms
+
+
+def _svd_init(index: int, rows: torch.Tensor, convs: list[nn.Conv2d], bank: TemplateBank) -> GroupReconstruction:
+    """Overwrite a new bank and its members' coefficients with the best rank-k approximation of the members'
+    former weights ``rows``; templates beyond the members' count keep their He-normal draw, with coefficients 0."""
+    templates, coefficients = svd_templates(rows, bank.k)
+    r = templates.shape[0]
+    with torch.no_grad():
+        bank.templates[:r].copy_(templates.reshape(r, *bank.templates.shape[1:]))
+        for conv, row in zip(convs, coefficients):
+            stored = coefficients_of(conv)
+            stored.zero_()
+            stored[:r].copy_(row)
+    return measure(index, rows, coefficients @ templates)
+
+
 def apply(
     model: nn.Module,
     policy: str = "imagenet",
@@ -228,10 +301,15 @@ def apply(
         model: the residual network.
         policy: ``"imagenet"`` (default), ``"cifar"`` or ``"swrn"``; ignored when ``plan`` is given.
         plan: a plan from :func:`share_transform.plan` (it carries its options); made here when omitted.
-        init: hard sharing only: ``"first"`` keeps the first member's weight (training from scratch: the
-            distribution stays as initialised; the Parameter object is kept, so an optimizer holding it stays
-            valid); ``"mean"`` averages the members' kernels (warm start from a trained model). Soft groups
-            are initialised as the reference code: He-normal templates, orthogonal coefficients.
+        init: how a new shared weight starts. ``"first"`` (default; training from scratch): a hard group keeps
+            its first member's weight (the distribution stays as initialised; the Parameter object is kept, so
+            an optimizer holding it stays valid), a soft group is initialised as the reference code (He-normal
+            templates, orthogonal coefficients). Warm starts from trained weights
+            (:mod:`share_transform.warmstart`), which record their reconstruction error
+            (:func:`get_reconstruction`): ``"mean"`` (hard) averages the members' weights; ``"mean-scaled"``
+            (hard) shares a kernel compared up to a per-channel scale and folds each member's scales into the
+            BatchNorm that reads its output; ``"svd"`` (soft) sets each bank and its coefficients to the
+            members' best rank-k approximation (exact when k >= members).
         input_size: ``(C, H, W)`` for planning; defaults to the model's own.
         group_size, scope, templates, budget: the sharing options of :func:`share_transform.plan`;
             ignored when ``plan`` is given.
@@ -240,6 +318,8 @@ def apply(
         PlanMismatchError: the plan does not fit the model (made for another architecture: another name,
             parameter count, member path or conv signature), or a group is shared the other way (hard
             against soft) already; :func:`untie` the model first.
+        UnknownInitError; WarmStartError: ``init`` does not fit the groups (``"svd"`` for hard sharing,
+            ``"mean"`` for soft), or ``"mean-scaled"`` finds no BatchNorm reading a member's output.
 
     Example:
         >>> import timm, share_transform
@@ -268,7 +348,8 @@ def apply(
         check_policy(plan.policy, model_name(net))
         groups = _group_convs(net, plan)
         _check_made_for(net, plan, groups)
-    for group, convs in zip(plan.groups, groups):
+    todo: list[tuple[int, ShareGroup, list[nn.Conv2d]]] = []  # the groups not shared yet
+    for index, (group, convs) in enumerate(zip(plan.groups, groups)):
         soft = [is_soft(c) for c in convs]
         if group.templates is not None:
             banks = {id(bank_of(c)) for c in convs}
@@ -280,20 +361,42 @@ def apply(
                 f"{model_name(net)}: {group.members[soft.index(True)]} is soft-shared already, otherwise than "
                 "the plan says; call share_transform.untie(model) first"
             )
+        if group.templates is None and all(c.weight is convs[0].weight for c in convs):
+            continue  # already shared: keep the Parameter so optimizers holding it stay valid
+        todo.append((index, group, convs))
+    norms = _check_init(net, init, todo)
+    measured = []
+    for index, group, convs in todo:
+        real = not convs[0].weight.is_meta
         if group.templates is not None:
-            share_softly(convs, group.templates)
+            rows = stack([c.weight for c in convs]).reshape(len(convs), -1) if init == "svd" and real else None
+            bank = share_softly(convs, group.templates)
+            if rows is not None:
+                measured.append(_svd_init(index, rows, convs, bank))
             continue
         weights = [c.weight for c in convs]
-        if all(w is weights[0] for w in weights):
-            continue  # already shared: keep the Parameter so optimizers holding it stay valid
         if init == "first":
             shared = weights[0]
         else:
             with torch.no_grad():
-                mean = torch.stack([w.detach() for w in weights]).mean(dim=0)
-            shared = nn.Parameter(mean, requires_grad=weights[0].requires_grad)
+                rows = stack(weights) if real else torch.empty(0)
+                if not real:
+                    value = torch.empty_like(weights[0])
+                elif init == "mean":
+                    value = rows.mean(dim=0)
+                    measured.append(measure(index, rows, value.expand_as(rows)))
+                else:
+                    value, scales = mean_scaled_weights(rows)
+                    measured.append(measure(index, rows, scales[..., None] * value))
+                    for conv, s in zip(convs, scales):
+                        fold_scales(conv, norms[id(conv)], s)
+            shared = nn.Parameter(
+                value.reshape(weights[0].shape).to(weights[0].dtype), requires_grad=weights[0].requires_grad
+            )
         for c in convs:
             c.weight = shared
+    if measured:
+        setattr(net, RECONSTRUCTION_ATTR, Reconstruction(init, tuple(measured)))
     setattr(net, PLAN_ATTR, plan)
     install_tie_hooks(net)
     return model
@@ -327,8 +430,9 @@ def untie(model: nn.Module) -> nn.Module:
                 m.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             else:
                 seen.add(id(w))
-    if hasattr(net, PLAN_ATTR):
-        delattr(net, PLAN_ATTR)
+    for attr in (PLAN_ATTR, RECONSTRUCTION_ATTR):
+        if hasattr(net, attr):
+            delattr(net, attr)
     return model
 
 

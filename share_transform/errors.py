@@ -41,6 +41,11 @@ class ShareOptionError(ShareError, ValueError):
     cannot be met."""
 
 
+class WarmStartError(ShareOptionError):
+    """A warm start that cannot be made: ``init`` does not fit the groups (``"svd"`` for hard groups, ``"mean"`` for
+    soft ones), or ``"mean-scaled"`` finds no BatchNorm to fold a member's scales into."""
+
+
 class UnknownModelError(ShareError, ValueError):
     """No timm or torchvision model has this name."""
 

@@ -44,8 +44,10 @@ POLICIES: dict[str, Policy] = {
     )
 }
 
-#: How a shared weight starts: the first member's weight, or the members' mean (a warm start from trained weights).
-INITS = ("first", "mean")
+#: How a shared weight starts: the first member's weight (from scratch), or a warm start from trained weights:
+#: the members' mean, their mean compared up to a per-channel scale (folded into the following BatchNorm), or
+#: for soft groups the members' best rank-k approximation (share_transform.warmstart).
+INITS = ("first", "mean", "mean-scaled", "svd")
 
 
 def describe_sharing(options: Mapping[str, Any] | None) -> str:
