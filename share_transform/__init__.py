@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "apply": "apply",
     "count_parameters": "apply",
     "get_plan": "apply",
+    "get_reconstruction": "apply",
     "is_tied": "apply",
     "retie": "apply",
     "untie": "apply",
@@ -60,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "UnknownInitError": "errors",
     "UnknownModelError": "errors",
     "UnknownPolicyError": "errors",
+    "WarmStartError": "errors",
     "OnnxExport": "export",
     "export_onnx": "export",
     "FileInfo": "io",
@@ -80,6 +82,8 @@ _EXPORTS: dict[str, str] = {
     "ConvSignature": "signature",
     "ShareSummary": "summary",
     "summarize": "summary",
+    "Reconstruction": "warmstart",
+    "recalibrate_bn": "warmstart",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -93,6 +97,7 @@ if TYPE_CHECKING:  # the names as type checkers and IDEs see them; `X as X` mark
         apply as apply,
         count_parameters as count_parameters,
         get_plan as get_plan,
+        get_reconstruction as get_reconstruction,
         is_tied as is_tied,
         retie as retie,
         untie as untie,
@@ -124,6 +129,7 @@ if TYPE_CHECKING:  # the names as type checkers and IDEs see them; `X as X` mark
         UnknownInitError as UnknownInitError,
         UnknownModelError as UnknownModelError,
         UnknownPolicyError as UnknownPolicyError,
+        WarmStartError as WarmStartError,
     )
     from .export import (
         OnnxExport as OnnxExport,
@@ -156,6 +162,10 @@ if TYPE_CHECKING:  # the names as type checkers and IDEs see them; `X as X` mark
     from .summary import (
         ShareSummary as ShareSummary,
         summarize as summarize,
+    )
+    from .warmstart import (
+        Reconstruction as Reconstruction,
+        recalibrate_bn as recalibrate_bn,
     )
 
 

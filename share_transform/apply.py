@@ -28,6 +28,7 @@ from .policies import INITS
 from .signature import ConvSignature
 from .soft import TemplateBank, bake, bank_of, coefficients_of, is_soft, share_softly
 from .warmstart import (
+    RECONSTRUCTION_ATTR,
     GroupReconstruction,
     Reconstruction,
     check_foldable,
@@ -41,8 +42,6 @@ from .warmstart import (
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.
 PLAN_ATTR = "_share_plan"
-#: Attribute under which ``apply`` records what a warm start lost (:func:`get_reconstruction`).
-RECONSTRUCTION_ATTR = "_share_reconstruction"
 
 
 def count_parameters(model: nn.Module) -> int:

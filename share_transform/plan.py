@@ -16,12 +16,15 @@ coefficients; Savarese & Maire, ICLR 2019) and ``budget`` picks the least sharin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
+from .allocate import allocate_runs, gram, run_errors, run_saving
 from .blocks import BranchConv, ResidualBlock, find_blocks, lost_reductions
 from .errors import InputSizeError, NoSpatialConvError, ShareOptionError, UnknownPolicyError
 from .modelinfo import (
@@ -42,6 +45,7 @@ KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
 KEPT_UNIQUE = "no other spatial conv of this stage and signature"
 KEPT_RUN = "alone in its run of group_size"
+KEPT_ALLOCATED = "alone in its run (allocated by weights)"
 
 
 @dataclass(frozen=True)
@@ -122,12 +126,19 @@ class SharePlan:
     group_size: int | None = None  # convs per run; None = the whole stage
     scope: str = "last"
     templates: int | None = None  # soft sharing with this many templates per group; None = hard sharing
-    budget: float | None = None  # the budget that chose group_size, when one was given
+    budget: float | None = None  # the budget that chose group_size (or the runs), when one was given
+    allocate: str = "uniform"  # "weights": the groups are the runs the trained weights chose (group_size None)
 
     @property
     def options(self) -> dict[str, Any]:
         """The sharing options, as ``plan`` takes them (``budget`` already resolved into ``group_size``)."""
-        return {"group_size": self.group_size, "scope": self.scope, "templates": self.templates, "budget": self.budget}
+        return {
+            "group_size": self.group_size,
+            "scope": self.scope,
+            "templates": self.templates,
+            "budget": self.budget,
+            "allocate": self.allocate,
+        }
 
     def describe_options(self) -> str:
         """The options that differ from the paper's, e.g. ``group size 2, scope all, 2 templates``."""
@@ -216,6 +227,7 @@ class SharePlan:
             scope=d.get("scope", "last"),
             templates=d.get("templates"),
             budget=d.get("budget"),
+            allocate=d.get("allocate", "uniform"),
         )
 
     def __str__(self) -> str:
@@ -281,6 +293,7 @@ def plan(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    allocate: str = "uniform",
 ) -> SharePlan:
     """Plan the ShaResNet transform of ``model`` without changing it.
 
@@ -301,14 +314,19 @@ def plan(
             run owns a bank of k templates and each member k coefficients.
         budget: the least sharing that brings the unique parameters to at most ``budget`` x the
             original: the smallest ``group_size`` that reaches it (recorded in the plan).
+        allocate: ``"uniform"`` (default): runs of ``group_size`` (or the budget's). ``"weights"`` (needs
+            ``budget`` and trained weights): each stage's sharable convs of one signature are cut into the
+            consecutive runs, of any lengths, whose sharing loses least (the least total reconstruction error,
+            the mean or the best rank-k approximation of each run as its shared weight) under the budget;
+            an exact search (:mod:`share_transform.allocate`). The plan's groups are the runs chosen.
 
     Returns:
         A :class:`SharePlan`; ``print`` it for the per-stage table.
 
     Raises:
         NotAModuleError, UnknownPolicyError, ShareOptionError (an option out of range, ``budget`` with
-        ``group_size``, ``swrn`` without ``templates``, an unreachable budget), TraceError, InputSizeError,
-        NoSpatialConvError.
+        ``group_size``, ``swrn`` without ``templates``, an unreachable budget, ``allocate="weights"`` without a
+        budget or on a model without data), TraceError, InputSizeError, NoSpatialConvError.
 
     Example:
         >>> import timm, share_transform
@@ -321,9 +339,13 @@ def plan(
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
-    scope = check_options(name, rule, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    scope = check_options(
+        name, rule, group_size=group_size, scope=scope, templates=templates, budget=budget, allocate=allocate
+    )
     analysis = _analyse(model, name, input_size)
-    return _make_plan(analysis, rule, scope=scope, group_size=group_size, templates=templates, budget=budget)
+    return _make_plan(
+        analysis, rule, scope=scope, group_size=group_size, templates=templates, budget=budget, allocate=allocate
+    )
 
 
 def sweep(
@@ -361,6 +383,10 @@ def sweep(
                 check_options(name, rule, group_size=group_size, scope=scope, templates=k, budget=None)
                 plans.append(_make_plan(analysis, rule, scope=scope, group_size=group_size, templates=k, budget=None))
     return plans
+
+
+#: A candidate list: the stage, the input resolution and the signature its sharable convs have in common.
+Key = tuple[int, tuple[int, int], ConvSignature]
 
 
 @dataclass(frozen=True)
@@ -404,13 +430,14 @@ def _make_plan(
     group_size: int | None,
     templates: int | None,
     budget: float | None,
+    allocate: str = "uniform",
 ) -> SharePlan:
     name, stage_blocks = analysis.name, analysis.stages
     params_before, convs_before = analysis.params_before, analysis.convs_before
 
     # Candidates: stride-1 spatial convs not kept by the policy, grouped by (stage, input resolution, signature),
     # each list in the order the model computes them.
-    candidates: dict[tuple[int, tuple[int, int], ConvSignature], list[str]] = {}
+    candidates: dict[Key, list[str]] = {}
     placed: list[tuple[int, int, ResidualBlock, BranchConv, str | None]] = []
     for s, stage in enumerate(stage_blocks, start=1):
         for position, b in enumerate(stage):
@@ -427,19 +454,26 @@ def _make_plan(
 
     modules = dict(analysis.model.named_modules())
 
-    def grouping(run: int | None) -> tuple[list[ShareGroup], int, int]:
-        """The groups for runs of ``run`` convs, and the parameters and conv weights they remove."""
+    def numel_of(sig: ConvSignature) -> int:
+        numel = 1
+        for d in sig.weight_shape:
+            numel *= d
+        return numel
+
+    def grouping(runs: dict[Key, list[int]]) -> tuple[list[ShareGroup], int, int]:
+        """The groups for ``runs`` (per candidate list, its run lengths in order), and the parameters and conv
+        weights they remove."""
         groups: list[ShareGroup] = []
         saved = removed = 0
-        for (stage_index, resolution, sig), convs in candidates.items():
-            for start in range(0, len(convs), run or len(convs)):
-                members = convs[start : start + (run or len(convs))]
+        for key, convs in candidates.items():
+            stage_index, resolution, sig = key
+            start = 0
+            for length in runs[key]:
+                members = convs[start : start + length]
+                start += length
                 if len(members) < 2:
                     continue
-                numel = 1
-                for d in sig.weight_shape:
-                    numel *= d
-                group = ShareGroup(stage_index, resolution, sig, tuple(members), numel, templates)
+                group = ShareGroup(stage_index, resolution, sig, tuple(members), numel_of(sig), templates)
                 # What the members hold now (they may be tied already): each tensor once.
                 storage: dict[int, int] = {}
                 keys: set[tuple[int, int]] = set()
@@ -451,23 +485,38 @@ def _make_plan(
                 groups.append(group)
         return groups, saved, removed
 
-    if budget is not None:
-        longest = max((len(c) for c in candidates.values()), default=1)
-        after = {}
-        for run in range(1, longest + 1):
-            after[run] = params_before - grouping(run)[1]
-            if after[run] <= budget * params_before:
-                group_size = run
-                break
-        else:
-            best = min(after, key=after.__getitem__)
-            raise ShareOptionError(
-                f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
-                f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
-                f"parameters (group_size={best})"
-            )
+    def uniform(run: int | None) -> dict[Key, list[int]]:
+        """Runs of ``run`` convs (None: the whole list), the last one shorter."""
+        return {key: [min(run or n, n - s) for s in range(0, n, run or n)] for key, n in sizes.items()}
 
-    groups, saved_now, removed_now = grouping(group_size)
+    sizes = {key: len(convs) for key, convs in candidates.items()}
+    if allocate == "weights":
+        assert budget is not None  # check_options
+        runs = _allocate_by_weights(analysis, rule, candidates, modules, scope, templates, budget)
+    else:
+        if budget is not None:
+            longest = max(sizes.values(), default=1)
+            after = {}
+            for run in range(1, longest + 1):
+                after[run] = params_before - grouping(uniform(run))[1]
+                if after[run] <= budget * params_before:
+                    group_size = run
+                    break
+            else:
+                best = min(after, key=after.__getitem__)
+                raise ShareOptionError(
+                    f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+                    f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
+                    f"parameters (group_size={best})"
+                )
+        runs = uniform(group_size)
+
+    groups, saved_now, removed_now = grouping(runs)
+    if allocate == "weights" and budget is not None and params_before - saved_now > budget * params_before:
+        raise ShareOptionError(
+            f"{name}: the convs to share are tied otherwise already, so allocate='weights' cannot count what its "
+            "runs save; untie the model (share_transform.untie) first"
+        )
     group_of = {m: i for i, g in enumerate(groups) for m in g.members}
     peers = {m: len(convs) for convs in candidates.values() for m in convs}
     stages = []
@@ -476,7 +525,7 @@ def _make_plan(
         for _, position, b, c, kept in (p for p in placed if p[0] == s):
             group = group_of.get(c.path)
             if group is None and kept is None:
-                kept = KEPT_RUN if peers[c.path] > 1 else KEPT_UNIQUE
+                kept = KEPT_UNIQUE if peers[c.path] == 1 else KEPT_ALLOCATED if allocate == "weights" else KEPT_RUN
             spatial.append(SpatialConv(c.path, b.name, s, position, c.conv_input, c.signature, group, kept))
         stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(spatial)))
 
@@ -494,4 +543,39 @@ def _make_plan(
         scope=scope,
         templates=templates,
         budget=budget,
+        allocate=allocate,
     )
+
+
+def _allocate_by_weights(
+    analysis: _Analysis,
+    rule: Policy,
+    candidates: dict[Key, list[str]],
+    modules: dict[str, nn.Module],
+    scope: str,
+    templates: int | None,
+    budget: float,
+) -> dict[Key, list[int]]:
+    """The run lengths of every candidate list that meet ``budget`` with the least total reconstruction error."""
+    name, before = analysis.name, analysis.params_before
+    lists = []
+    for key, convs in candidates.items():
+        weights = [cast(torch.Tensor, modules[path].weight) for path in convs]
+        if any(w.is_meta for w in weights):
+            raise ShareOptionError(
+                f"{name}: allocate='weights' reads the trained weights, and this model has none (meta device); "
+                "load its weights first"
+            )
+        numel = 1
+        for d in key[2].weight_shape:
+            numel *= d
+        lists.append((run_errors(gram(weights), templates), numel))
+    required = math.ceil(before - budget * before)  # the budget is params_after <= budget * before
+    chosen = allocate_runs(lists, templates, required)
+    if chosen is None:
+        most = sum(run_saving(len(convs), numel, templates) for convs, (_, numel) in zip(candidates.values(), lists))
+        raise ShareOptionError(
+            f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+            f"scope {scope}, templates {templates}) is {(before - most) / before:.4f} of the original parameters"
+        )
+    return {key: list(runs) for key, runs in zip(candidates, chosen.runs)}

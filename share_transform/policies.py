@@ -11,10 +11,13 @@ from typing import Any
 
 from .errors import ShareOptionError
 
-__all__ = ["INITS", "POLICIES", "SCOPES", "Policy", "check_options", "describe_sharing"]
+__all__ = ["ALLOCATIONS", "INITS", "POLICIES", "SCOPES", "Policy", "check_options", "describe_sharing"]
 
 #: Which spatial convs of a block may share: the block's last one (the paper), or all of its residual branch.
 SCOPES = ("last", "all")
+#: How a budget is spread over a stage: runs of one length (``uniform``), or the runs whose trained weights lose
+#: least when shared (``weights``, share_transform.allocate).
+ALLOCATIONS = ("uniform", "weights")
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,8 @@ INITS = ("first", "mean", "mean-scaled", "svd")
 
 
 def describe_sharing(options: Mapping[str, Any] | None) -> str:
-    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``; absent or None = the paper's) as
-    words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
+    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``, ``allocate``; absent or None = the
+    paper's) as words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
     options = options or {}
     parts = []
     if options.get("group_size") is not None:
@@ -63,6 +66,8 @@ def describe_sharing(options: Mapping[str, Any] | None) -> str:
         parts.append(f"{options['templates']} templates")
     if options.get("budget") is not None:
         parts.append(f"budget {options['budget']:g}")
+    if options.get("allocate") not in (None, "uniform"):
+        parts.append(f"allocated by {options['allocate']}")
     return ", ".join(parts)
 
 
@@ -74,6 +79,7 @@ def check_options(
     scope: str | None,
     templates: int | None,
     budget: float | None,
+    allocate: str = "uniform",
 ) -> str:
     """Check the sharing options against each other and ``rule``; returns the scope to use.
 
@@ -94,6 +100,12 @@ def check_options(
             raise ShareOptionError(f"{name}: budget is a fraction of the original parameters in (0, 1], got {budget!r}")
         if group_size is not None:
             raise ShareOptionError(f"{name}: give budget or group_size, not both (the budget chooses the group size)")
+    if allocate not in ALLOCATIONS:
+        raise ShareOptionError(f"{name}: unknown allocate {allocate!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if allocate == "weights" and budget is None:
+        raise ShareOptionError(
+            f"{name}: allocate='weights' chooses the runs that lose least under a budget; give budget=fraction"
+        )
     if rule.needs_templates and templates is None:
         raise ShareOptionError(
             f"{name}: policy {rule.name!r} is soft sharing; give templates=k (k >= 1 templates per stage)"

@@ -76,7 +76,9 @@ class TemplateMix(nn.Module):
         target = weight.detach().reshape(-1, 1).to(basis.dtype)
         if basis.device.type == "meta":
             return torch.empty(self.bank.k, device=basis.device, dtype=basis.dtype)
-        return torch.linalg.lstsq(basis, target).solution.reshape(-1)
+        # lstsq's solution is column-major: with k = 1 its one element has the basis' stride, which safetensors
+        # writers (a byte view) refuse; a fresh contiguous copy has stride 1.
+        return torch.linalg.lstsq(basis, target).solution.reshape(-1).clone(memory_format=torch.contiguous_format)
 
 
 def _parametrizations(conv: nn.Module) -> nn.ModuleDict:

@@ -47,6 +47,9 @@ __all__ = [
     "svd_templates",
 ]
 
+#: Attribute under which ``apply`` records what a warm start lost (``share_transform.get_reconstruction``).
+RECONSTRUCTION_ATTR = "_share_reconstruction"
+
 #: A member channel whose least-squares scale is below this (in units of the channel's shared kernel, whose
 #: norm is the members' mean norm) is approximated by zero: its output is folded into a constant.
 ZERO_SCALE = 1e-7
@@ -299,11 +302,11 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], n: int) -> int:
             m.train()
         try:
             for batch in batches:
-                if used == n:
-                    break
                 x = batch[0] if isinstance(batch, tuple | list) else batch
                 model(x.to(device) if isinstance(x, torch.Tensor) and device is not None else x)
                 used += 1
+                if used == n:
+                    break  # before drawing another batch from a loader
         except BaseException:
             used = 0
             raise
