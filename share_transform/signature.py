@@ -8,6 +8,8 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+__all__ = ["ConvSignature"]
+
 
 @dataclass(frozen=True)
 class ConvSignature:

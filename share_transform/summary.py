@@ -1,6 +1,6 @@
 """The ``sharetx`` report: what sharing changes, per stage and in total.
 
-For every stage of a :class:`~share_transform.plan.SharePlan` (and for the rest of the network: stem,
+For every stage of a :class:`~share_transform.planning.SharePlan` (and for the rest of the network: stem,
 head, anything outside a residual block) the report gives the parameters before and after sharing, the
 decrease, the distinct conv weights before and after, and the bytes the stage's tensors take on disk.
 "Before" is the network with every conv owning its weight; "after" stores each shared weight once. The
@@ -16,14 +16,13 @@ from typing import Any
 
 from torch import nn
 
-from .apply import get_plan
-from .build import build_spec
-from .plan import ShareGroup, SharePlan
+from .modelinfo import build_spec
+from .planning import ShareGroup, SharePlan
 from .soft import bank_of
 from .text import format_columns
 from .warmstart import RECONSTRUCTION_ATTR, Reconstruction
 
-__all__ = ["ShareSummary", "StageSummary", "summarize"]
+__all__ = ["ShareSummary", "summarize"]
 
 REST = "rest"
 TOTAL = "total"
@@ -80,7 +79,8 @@ class ShareSummary:
 
     def group_error(self, index: int) -> float | None:
         """The relative reconstruction error of group ``index``, when a warm start measured it."""
-        found = self.reconstruction.of_group(index) if self.reconstruction is not None else None
+        members = self.groups[index].members
+        found = self.reconstruction.of_members(members) if self.reconstruction is not None else None
         return found.relative if found is not None else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,9 +245,12 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
     )
     spec = build_spec(model)
     path = Path(file) if file is not None else None
-    # The warm start's error describes the groups of the plan apply recorded; another plan's groups differ.
-    recorded = get_plan(model)
-    reconstruction = getattr(model, RECONSTRUCTION_ATTR, None) if recorded == share_plan else None
+    # The warm start's error describes the groups apply shared; another plan's groups differ.
+    reconstruction = getattr(model, RECONSTRUCTION_ATTR, None)
+    if reconstruction is not None and {g.members for g in reconstruction.groups} != {
+        g.members for g in share_plan.groups
+    }:
+        reconstruction = None
     return ShareSummary(
         model=spec["name"] if spec else share_plan.model_name,
         source=spec["source"] if spec else None,
@@ -257,7 +260,7 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         rest=rest,
         total=total,
         groups=share_plan.groups,
-        options=share_plan.options,
+        options=share_plan.options.to_dict(),
         describe_options=share_plan.describe_options(),
         file=path,
         file_bytes=path.stat().st_size if path is not None else None,

@@ -38,14 +38,7 @@ from torch import nn
 from .errors import ShareOptionError, WarmStartError
 from .trace import eval_mode, trace_model
 
-__all__ = [
-    "GroupReconstruction",
-    "Reconstruction",
-    "following_norms",
-    "mean_scaled_weights",
-    "recalibrate_bn",
-    "svd_templates",
-]
+__all__ = ["GroupReconstruction", "Reconstruction", "recalibrate_bn"]
 
 #: Attribute under which ``apply`` records what a warm start lost (``share_transform.get_reconstruction``).
 RECONSTRUCTION_ATTR = "_share_reconstruction"
@@ -60,7 +53,7 @@ class GroupReconstruction:
     """What sharing loses in one group: squared Frobenius norms over its stacked members."""
 
     group: int  # index into the plan's groups
-    members: int
+    members: tuple[str, ...]  # their module paths, as the plan's group lists them
     squared_error: float  # sum_j ||W_j - W_hat_j||^2
     squared_norm: float  # sum_j ||W_j||^2
 
@@ -70,7 +63,7 @@ class GroupReconstruction:
         return math.sqrt(self.squared_error / self.squared_norm) if self.squared_norm > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"group": self.group, "members": self.members, "relative_error": self.relative}
+        return {"group": self.group, "members": list(self.members), "relative_error": self.relative}
 
 
 @dataclass(frozen=True)
@@ -89,8 +82,9 @@ class Reconstruction:
         norm = sum(g.squared_norm for g in self.groups)
         return math.sqrt(sum(g.squared_error for g in self.groups) / norm) if norm > 0 else 0.0
 
-    def of_group(self, index: int) -> GroupReconstruction | None:
-        return next((g for g in self.groups if g.group == index), None)
+    def of_members(self, members: tuple[str, ...]) -> GroupReconstruction | None:
+        """The error of the group of these members, when it was measured."""
+        return next((g for g in self.groups if g.members == members), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"init": self.init, "total": self.total, "groups": [g.to_dict() for g in self.groups]}
@@ -102,11 +96,11 @@ def stack(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.detach().reshape(w.shape[0], -1).to(dtype) for w in weights])
 
 
-def measure(index: int, rows: torch.Tensor, approx: torch.Tensor) -> GroupReconstruction:
+def measure(index: int, members: tuple[str, ...], rows: torch.Tensor, approx: torch.Tensor) -> GroupReconstruction:
     """The error of ``approx`` against ``rows`` (both ``(members, ...)``)."""
     return GroupReconstruction(
         index,
-        rows.shape[0],
+        members,
         float((rows - approx).double().square().sum()),
         float(rows.double().square().sum()),
     )

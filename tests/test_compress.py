@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import share_transform as st
+from share_transform.checkpoints import read_checkpoint
 from share_transform.cli import main
-from share_transform.io import load, read_checkpoint, save
+from share_transform.files import load, save
 
 SIZE = (3, 32, 32)
 

@@ -36,10 +36,12 @@ from .modelinfo import (
     model_name,
     weight_storage,
 )
-from .policies import POLICIES, SCOPES, Policy, check_options, describe_sharing
+from .policies import POLICIES, SCOPES, Policy, SharingOptions
 from .signature import ConvSignature
 from .text import format_columns
 from .trace import propagate_shapes, trace_model
+
+__all__ = ["ShareGroup", "SharePlan", "SpatialConv", "StagePlan", "plan", "sweep"]
 
 KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
@@ -123,26 +125,36 @@ class SharePlan:
     params_after: int
     convs_before: int
     convs_after: int
-    group_size: int | None = None  # convs per run; None = the whole stage
-    scope: str = "last"
-    templates: int | None = None  # soft sharing with this many templates per group; None = hard sharing
-    budget: float | None = None  # the budget that chose group_size (or the runs), when one was given
-    allocate: str = "uniform"  # "weights": the groups are the runs the trained weights chose (group_size None)
+    #: The sharing options, scope resolved and ``budget`` (when given) resolved into ``group_size``.
+    options: SharingOptions = SharingOptions(scope="last")
 
     @property
-    def options(self) -> dict[str, Any]:
-        """The sharing options, as ``plan`` takes them (``budget`` already resolved into ``group_size``)."""
-        return {
-            "group_size": self.group_size,
-            "scope": self.scope,
-            "templates": self.templates,
-            "budget": self.budget,
-            "allocate": self.allocate,
-        }
+    def group_size(self) -> int | None:
+        """Convs per run; None = the whole stage."""
+        return self.options.group_size
+
+    @property
+    def scope(self) -> str:
+        return self.options.scope or "last"
+
+    @property
+    def templates(self) -> int | None:
+        """Soft sharing with this many templates per group; None = hard sharing."""
+        return self.options.templates
+
+    @property
+    def budget(self) -> float | None:
+        """The budget that chose ``group_size``, when one was given."""
+        return self.options.budget
+
+    @property
+    def allocate(self) -> str:
+        """``"weights"``: the groups are the runs the trained weights chose (``group_size`` None)."""
+        return self.options.allocate
 
     def describe_options(self) -> str:
         """The options that differ from the paper's, e.g. ``group size 2, scope all, 2 templates``."""
-        return describe_sharing(self.options)
+        return self.options.describe()
 
     @property
     def decrease(self) -> float:
@@ -184,7 +196,7 @@ class SharePlan:
             "params_after": self.params_after,
             "convs_before": self.convs_before,
             "convs_after": self.convs_after,
-            **self.options,
+            **self.options.to_dict(),
         }
 
     @classmethod
@@ -223,11 +235,7 @@ class SharePlan:
             convs_before=d["convs_before"],
             convs_after=d["convs_after"],
             # Files written before the options existed hold the paper's plan.
-            group_size=d.get("group_size"),
-            scope=d.get("scope", "last"),
-            templates=d.get("templates"),
-            budget=d.get("budget"),
-            allocate=d.get("allocate", "uniform"),
+            options=SharingOptions.from_dict({**d, "scope": d.get("scope", "last")}),
         )
 
     def __str__(self) -> str:
@@ -284,11 +292,34 @@ def _stages(blocks: Sequence[ResidualBlock]) -> list[list[ResidualBlock]]:
     return stages
 
 
+def sharing_options(
+    options: SharingOptions | None,
+    *,
+    group_size: int | None = None,
+    scope: str | None = None,
+    templates: int | None = None,
+    budget: float | None = None,
+    allocate: str = "uniform",
+) -> SharingOptions:
+    """One :class:`SharingOptions` from ``options=`` or the loose keywords of ``plan`` and ``apply``, not both.
+
+    Raises:
+        ShareOptionError: both were given.
+    """
+    loose = SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget, allocate=allocate)
+    if options is None:
+        return loose
+    if loose != SharingOptions():
+        raise ShareOptionError("give the sharing options as options=SharingOptions(...) or as keywords, not both")
+    return options
+
+
 def plan(
     model: nn.Module,
     policy: str = "imagenet",
     *,
     input_size: Sequence[int] | None = None,
+    options: SharingOptions | None = None,
     group_size: int | None = None,
     scope: str | None = None,
     templates: int | None = None,
@@ -319,6 +350,8 @@ def plan(
             consecutive runs, of any lengths, whose sharing loses least (the least total reconstruction error,
             the mean or the best rank-k approximation of each run as its shared weight) under the budget;
             an exact search (:mod:`share_transform.allocate`). The plan's groups are the runs chosen.
+        options: the options above as one :class:`~share_transform.SharingOptions` (instead of the
+            keywords).
 
     Returns:
         A :class:`SharePlan`; ``print`` it for the per-stage table.
@@ -339,13 +372,12 @@ def plan(
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
-    scope = check_options(
-        name, rule, group_size=group_size, scope=scope, templates=templates, budget=budget, allocate=allocate
+    options = sharing_options(
+        options, group_size=group_size, scope=scope, templates=templates, budget=budget, allocate=allocate
     )
+    options = options.check(name, rule)
     analysis = _analyse(model, name, input_size)
-    return _make_plan(
-        analysis, rule, scope=scope, group_size=group_size, templates=templates, budget=budget, allocate=allocate
-    )
+    return _make_plan(analysis, rule, options)
 
 
 def sweep(
@@ -372,16 +404,16 @@ def sweep(
     analysis = _analyse(model, name, input_size)
     plans = []
     for scope in scopes:
-        check_options(name, rule, group_size=None, scope=scope, templates=1, budget=None)
-        stage = _make_plan(analysis, rule, scope=scope, group_size=None, templates=None, budget=None)
+        SharingOptions(scope=scope, templates=1).check(name, rule)  # an unknown scope fails here
+        stage = _make_plan(analysis, rule, SharingOptions(scope=scope))  # hard, whole stages: the longest runs
         longest = max((len(g.members) for g in stage.groups), default=1)
         sizes: list[int | None] = [2**i for i in range(longest.bit_length()) if 2**i < longest] + [None]
         for group_size in sizes:
             choices = [k for k in templates if k is not None or not rule.needs_templates]
             # Runs of one convert nothing: one row stands for every templates value.
             for k in choices[:1] if group_size == 1 else choices:
-                check_options(name, rule, group_size=group_size, scope=scope, templates=k, budget=None)
-                plans.append(_make_plan(analysis, rule, scope=scope, group_size=group_size, templates=k, budget=None))
+                options = SharingOptions(group_size=group_size, scope=scope, templates=k).check(name, rule)
+                plans.append(_make_plan(analysis, rule, options))
     return plans
 
 
@@ -422,17 +454,11 @@ def _analyse(model: nn.Module, name: str, input_size: Sequence[int] | None) -> _
     )
 
 
-def _make_plan(
-    analysis: _Analysis,
-    rule: Policy,
-    *,
-    scope: str,
-    group_size: int | None,
-    templates: int | None,
-    budget: float | None,
-    allocate: str = "uniform",
-) -> SharePlan:
+def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> SharePlan:
+    """The plan of ``options`` (checked, scope resolved) on the traced model."""
     name, stage_blocks = analysis.name, analysis.stages
+    scope, group_size, templates, budget = options.scope, options.group_size, options.templates, options.budget
+    allocate = options.allocate
     params_before, convs_before = analysis.params_before, analysis.convs_before
 
     # Candidates: stride-1 spatial convs not kept by the policy, grouped by (stage, input resolution, signature),
@@ -539,11 +565,9 @@ def _make_plan(
         params_after=params_before - saved_now,
         convs_before=convs_before,
         convs_after=convs_before - removed_now,
-        group_size=group_size,
-        scope=scope,
-        templates=templates,
-        budget=budget,
-        allocate=allocate,
+        options=SharingOptions(
+            group_size=group_size, scope=scope, templates=templates, budget=budget, allocate=options.allocate
+        ),
     )
 
 
@@ -552,7 +576,7 @@ def _allocate_by_weights(
     rule: Policy,
     candidates: dict[Key, list[str]],
     modules: dict[str, nn.Module],
-    scope: str,
+    scope: str | None,
     templates: int | None,
     budget: float,
 ) -> dict[Key, list[int]]:
