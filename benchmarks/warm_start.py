@@ -5,7 +5,9 @@ timm ResNet (bottleneck ``resnet50`` layout, or basic-block ``resnet34`` with ``
 digits (8x8, upsampled to 64x64, 25% held out), then shares copies of it and reports, for each setting and
 before any fine-tuning:
 
-* the relative reconstruction error ``||W - W_shared|| / ||W||`` that ``apply`` records;
+* the relative reconstruction error ``||W - W_shared|| / ||W||`` that ``apply`` records, over the shared
+  layers (``recon err``) and over every layer that could share (``over all``: what ``allocate="weights"``
+  minimises, comparable between allocations);
 * the relative output error ``||logits_shared - logits|| / ||logits||`` on the held-out digits (eval mode);
 * the held-out accuracy, as shared and after ``recalibrate_bn`` on the training digits (``--recalibrate`` batches).
 
@@ -121,19 +123,27 @@ def main() -> None:
             {"init": "mean-scaled", "budget": args.budget, "allocate": "weights"},
         ),
     ]
-    head = f"{'setting':40s} {'params':>9s} {'recon err':>9s} {'output err':>10s} {'acc':>7s} {'acc+BN':>7s}"
+    modules = dict(model.named_modules())
+    sharable = [m for g in st.plan(model, input_size=size).groups for m in g.members]
+    energy = sum(float(modules[m].weight.detach().double().square().sum()) for m in sharable)
+    head = (
+        f"{'setting':40s} {'params':>9s} {'recon err':>9s} {'over all':>8s} {'output err':>10s} {'acc':>7s} "
+        f"{'acc+BN':>7s}"
+    )
     print(head)
     for label, options in settings:
         shared = copy.deepcopy(model)
         st.apply(shared, input_size=size, **options)
         recon = st.get_reconstruction(shared)
+        assert recon is not None
         logits, shared_acc = evaluate(shared, xte, yte)
         out_err = float((logits - ref).norm() / ref.norm())
         gen = torch.Generator().manual_seed(1)
         st.recalibrate_bn(shared, batches(xtr, ytr, 64, gen), args.recalibrate)
         _, bn_acc = evaluate(shared, xte, yte)
+        over_all = (sum(g.squared_error for g in recon.groups) / energy) ** 0.5
         print(
-            f"{label:40s} {st.count_parameters(shared):9,d} {recon.total if recon else float('nan'):9.4f} "
+            f"{label:40s} {st.count_parameters(shared):9,d} {recon.total:9.4f} {over_all:8.4f} "
             f"{out_err:10.4f} {100 * shared_acc:6.2f}% {100 * bn_acc:6.2f}%"
         )
 

@@ -63,15 +63,23 @@ class TemplateBank(nn.Module):
 class TemplateMix(nn.Module):
     """The parametrization of a member conv's weight: its coefficients (the stored tensor) mix ``bank``."""
 
-    def __init__(self, bank: TemplateBank) -> None:
+    def __init__(self, bank: TemplateBank, start: torch.Tensor | None = None) -> None:
         super().__init__()
         self.bank = bank
+        self._start = start  # the coefficients registration stores, instead of fitting the weight it replaces
 
     def forward(self, coefficients: torch.Tensor) -> torch.Tensor:
         return torch.tensordot(coefficients, self.bank.templates, dims=1)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        """The coefficients whose mix is closest to ``weight`` (least squares), for ``conv.weight = W``."""
+        """The coefficients whose mix is closest to ``weight`` (least squares), for ``conv.weight = W``.
+
+        At registration with ``start`` given, ``start`` itself: :func:`share_softly` sets the coefficients, so a
+        least-squares fit per member (a QR of the weight's size) would be thrown away.
+        """
+        if self._start is not None:
+            start, self._start = self._start, None
+            return start
         basis = self.bank.templates.detach().reshape(self.bank.k, -1).T
         target = weight.detach().reshape(-1, 1).to(basis.dtype)
         if basis.device.type == "meta":
@@ -131,11 +139,9 @@ def share_softly(convs: Sequence[nn.Conv2d], templates: int) -> TemplateBank:
     nn.init.orthogonal_(init)
     for conv, row in zip(convs, init):
         requires_grad = conv.weight.requires_grad
-        parametrize.register_parametrization(conv, "weight", TemplateMix(bank), unsafe=True)
-        coefficients = coefficients_of(conv)
-        with torch.no_grad():
-            coefficients.copy_(row)
-        coefficients.requires_grad_(requires_grad)
+        start = row.to(device=weight.device, dtype=weight.dtype)
+        parametrize.register_parametrization(conv, "weight", TemplateMix(bank, start), unsafe=True)
+        coefficients_of(conv).requires_grad_(requires_grad)
     bank.templates.requires_grad_(weight.requires_grad)
     return bank
 

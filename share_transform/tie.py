@@ -29,15 +29,15 @@ from .signature import ConvSignature
 from .soft import TemplateBank, bake, bank_of, coefficients_of, is_soft, share_softly
 from .warmstart import (
     RECONSTRUCTION_ATTR,
-    GroupReconstruction,
     Reconstruction,
     check_foldable,
     fold_scales,
     following_norms,
     mean_scaled_weights,
+    mean_weight,
     measure,
     stack,
-    svd_templates,
+    svd_weights,
 )
 
 __all__ = [
@@ -340,20 +340,16 @@ def _check_init(net: nn.Module, init: str, todo: list[tuple[int, ShareGroup, lis
     return norms
 
 
-def _svd_init(
-    index: int, members: tuple[str, ...], rows: torch.Tensor, convs: list[nn.Conv2d], bank: TemplateBank
-) -> GroupReconstruction:
-    """Overwrite a new bank and its members' coefficients with the best rank-k approximation of the members'
-    former weights ``rows``; templates beyond the members' count keep their He-normal draw, with coefficients 0."""
-    templates, coefficients = svd_templates(rows, bank.k)
+@torch.no_grad()
+def _set_bank(convs: list[nn.Conv2d], bank: TemplateBank, templates: torch.Tensor, coefficients: torch.Tensor) -> None:
+    """Overwrite a new bank and its members' coefficients with the members' best rank-k approximation; templates
+    beyond the members' count keep their He-normal draw, with coefficients 0."""
     r = templates.shape[0]
-    with torch.no_grad():
-        bank.templates[:r].copy_(templates.reshape(r, *bank.templates.shape[1:]))
-        for conv, row in zip(convs, coefficients):
-            stored = coefficients_of(conv)
-            stored.zero_()
-            stored[:r].copy_(row)
-    return measure(index, members, rows, coefficients @ templates)
+    bank.templates[:r].copy_(templates.reshape(r, *bank.templates.shape[1:]))
+    for conv, row in zip(convs, coefficients):
+        stored = coefficients_of(conv)
+        stored.zero_()
+        stored[:r].copy_(row)
 
 
 def apply(
@@ -443,24 +439,26 @@ def apply(
     measured = []
     for index, group, convs in todo:
         real = not convs[0].weight.is_meta
-        if group.templates is not None:
-            rows = stack([c.weight for c in convs]).reshape(len(convs), -1) if init == "svd" and real else None
-            bank = share_softly(convs, group.templates)
-            if rows is not None:
-                measured.append(_svd_init(index, group.members, rows, convs, bank))
-            continue
         weights = [c.weight for c in convs]
+        if group.templates is not None:
+            # The members' weights before the bank replaces them.
+            start = svd_weights(index, group.members, weights, group.templates) if init == "svd" and real else None
+            bank = share_softly(convs, group.templates)
+            if start is not None:
+                _set_bank(convs, bank, start[0], start[1])
+                measured.append(start[2])
+            continue
         if init == "first":
             shared = weights[0]
         else:
             with torch.no_grad():
-                rows = stack(weights) if real else torch.empty(0)
                 if not real:
                     value = torch.empty_like(weights[0])
                 elif init == "mean":
-                    value = rows.mean(dim=0)
-                    measured.append(measure(index, group.members, rows, value.expand_as(rows)))
+                    value, error = mean_weight(index, group.members, weights)
+                    measured.append(error)
                 else:
+                    rows = stack(weights)
                     value, scales = mean_scaled_weights(rows)
                     measured.append(measure(index, group.members, rows, scales[..., None] * value))
                     for conv, s in zip(convs, scales):

@@ -96,14 +96,41 @@ def stack(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.detach().reshape(w.shape[0], -1).to(dtype) for w in weights])
 
 
+def _squared_norm(t: torch.Tensor) -> float:
+    """``||t||^2`` of a float32 (or wider) tensor, without a float64 copy of it (the reduction is pairwise)."""
+    return float(torch.linalg.vector_norm(t)) ** 2
+
+
 def measure(index: int, members: tuple[str, ...], rows: torch.Tensor, approx: torch.Tensor) -> GroupReconstruction:
     """The error of ``approx`` against ``rows`` (both ``(members, ...)``)."""
-    return GroupReconstruction(
-        index,
-        members,
-        float((rows - approx).double().square().sum()),
-        float(rows.double().square().sum()),
-    )
+    return GroupReconstruction(index, members, _squared_norm(rows - approx), _squared_norm(rows))
+
+
+def mean_weight(
+    index: int, members: tuple[str, ...], weights: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, GroupReconstruction]:
+    """The members' average (float32 or wider) and its reconstruction error, one member at a time (no stacked
+    copy of the group)."""
+    dtype = torch.promote_types(weights[0].dtype, torch.float32)
+    total = weights[0].detach().to(dtype, copy=True)
+    for w in weights[1:]:
+        total.add_(w.detach())
+    mean = total.div_(len(weights))
+    error = sum(_squared_norm(w.detach().to(dtype) - mean) for w in weights)
+    norm = sum(_squared_norm(w.detach().to(dtype)) for w in weights)
+    return mean, GroupReconstruction(index, members, error, norm)
+
+
+def svd_weights(
+    index: int, members: tuple[str, ...], weights: Sequence[torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor, GroupReconstruction]:
+    """``(templates, coefficients, error)`` of the best rank-``k`` approximation of the members (see
+    :func:`svd_templates`); the error is the closed form, the discarded eigenvalues of the Gram matrix (the
+    squared singular values) over its trace."""
+    rows = stack(weights).reshape(len(weights), -1)
+    templates, coefficients, values = svd_templates(rows, k, eigenvalues=True)
+    discarded = float(values[: max(len(values) - k, 0)].clamp(min=0).sum())
+    return templates, coefficients, GroupReconstruction(index, members, discarded, float(values.clamp(min=0).sum()))
 
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:
@@ -118,12 +145,13 @@ def _orient(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * sign
 
 
-def svd_templates(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_templates(rows: torch.Tensor, k: int, *, eigenvalues: bool = False) -> Any:
     """The best rank-``k`` approximation of ``rows`` (members x elements) as ``coefficients @ templates``.
 
     Returns ``(templates, coefficients)``: ``r = min(k, members)`` templates ``S_r V_r^T`` of shape
     ``(r, elements)`` and coefficients ``U_r`` of shape ``(members, r)`` (orthonormal columns, each oriented
-    so it sums to >= 0). Computed from the members' Gram matrix (an ``m x m`` eigenproblem in float64), which
+    so it sums to >= 0); with ``eigenvalues=True`` also the Gram matrix's eigenvalues, ascending (the squared
+    singular values). Computed from the members' Gram matrix (an ``m x m`` eigenproblem in float64), which
     costs one product over the weights instead of a full SVD.
 
     Example:
@@ -132,10 +160,10 @@ def svd_templates(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         (torch.Size([2, 576]), torch.Size([4, 2]))
     """
     flat = rows.reshape(rows.shape[0], -1)
-    _, vectors = torch.linalg.eigh(_gram(flat))  # ascending eigenvalues
+    values, vectors = torch.linalg.eigh(_gram(flat))  # ascending eigenvalues
     r = min(k, flat.shape[0])
     u = _orient(vectors[:, -r:].flip(-1)).to(flat.dtype)
-    return u.T @ flat, u
+    return (u.T @ flat, u, values) if eigenvalues else (u.T @ flat, u)
 
 
 def mean_scaled_weights(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
