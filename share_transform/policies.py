@@ -146,9 +146,12 @@ class SharingOptions:
         return replace(self, scope=self.scope if self.scope is not None else rule.scope)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"group_size", "scope", "templates", "budget", "allocate"}``: what ``run.json`` and a plan's JSON
-        record."""
-        return asdict(self)
+        """``{"group_size", "scope", "templates", "budget"}``, and ``"allocate"`` unless it is ``"uniform"``: what
+        ``run.json`` and a plan's JSON record (a record of the paper's dial stays as it was before allocate)."""
+        d = asdict(self)
+        if d["allocate"] == "uniform":
+            del d["allocate"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SharingOptions:

@@ -377,13 +377,7 @@ def test_convert_soft_sharing_round_trip_and_inspect(tmp_path: Path) -> None:
     info = sharetx("inspect", str(out), "--json")
     assert info.exit_code == 0, info.output
     data = json.loads(info.stdout)
-    assert data["sharing"] == {
-        "group_size": None,
-        "scope": "all",
-        "templates": 2,
-        "budget": None,
-        "allocate": "uniform",
-    }
+    assert data["sharing"] == {"group_size": None, "scope": "all", "templates": 2, "budget": None}
     assert data["parameters"] == expected
     text = sharetx("inspect", str(out)).stdout
     assert "scope all, 2 templates" in text and "stage 1: 2 templates 64x64x3x3 for 4 convs" in text

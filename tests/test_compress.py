@@ -385,6 +385,16 @@ def test_weights_allocation_meets_the_budget_and_replays_from_json_and_files(tmp
     assert loaded_plan == plan and sorted(len(g.members) for g in loaded_plan.groups) == lengths
 
 
+def test_allocate_is_recorded_only_where_it_is_not_uniform() -> None:
+    model = clustered(basic((1, 1, 6, 1)))
+    uniform = st.plan(model, input_size=SIZE, budget=0.9)
+    weights = st.plan(model, input_size=SIZE, budget=0.9, allocate="weights")
+    assert "allocate" not in uniform.to_dict() and uniform.allocate == "uniform"  # records stay as before
+    assert weights.to_dict()["allocate"] == "weights"
+    assert st.SharePlan.from_dict(uniform.to_dict()) == uniform
+    assert st.SharingOptions.from_dict({"budget": 0.9}) == st.SharingOptions(budget=0.9, allocate="uniform")
+
+
 def test_weights_allocation_needs_a_budget_and_weights() -> None:
     with pytest.raises(st.ShareOptionError, match="allocate='weights' .* give budget"):
         st.plan(bottleneck(), input_size=SIZE, allocate="weights")

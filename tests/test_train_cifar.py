@@ -240,7 +240,7 @@ def test_soft_shared_run_killed_and_resumed_is_bit_identical(data_dir, tmp_path)
     flags = "--arch wrn_16_1 --policy swrn --templates 2 --epochs 2 --batch-size 32 --deterministic --seed 3"
     train(data_dir, tmp_path / "straight", flags)
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
-    assert run["sharing"] == {"group_size": None, "scope": None, "templates": 2, "budget": None, "allocate": "uniform"}
+    assert run["sharing"] == {"group_size": None, "scope": None, "templates": 2, "budget": None}
     # 3 stages x 2 members, each with 2 coefficients: no weight decay on them, 5e-4 on the rest.
     state = torch.load(tmp_path / "straight" / "checkpoint-last.state.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]
