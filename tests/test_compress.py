@@ -395,6 +395,17 @@ def test_allocate_is_recorded_only_where_it_is_not_uniform() -> None:
     assert st.SharingOptions.from_dict({"budget": 0.9}) == st.SharingOptions(budget=0.9, allocate="uniform")
 
 
+def test_a_model_allocated_by_weights_keeps_its_plan_until_untied() -> None:
+    model = clustered(basic((1, 1, 6, 1)))
+    st.apply(model, input_size=SIZE, budget=0.9, allocate="weights", init="mean")
+    params = [id(p) for p in model.parameters()]
+    st.apply(model, input_size=SIZE, budget=0.9, allocate="weights")  # the same request: nothing changes
+    assert [id(p) for p in model.parameters()] == params
+    with pytest.raises(st.PlanMismatchError, match=r"allocated by weights\); re-planning it \(policy imagenet, budget"):
+        st.apply(model, input_size=SIZE, budget=0.9)  # uniform runs are another plan
+    assert [id(p) for p in model.parameters()] == params
+
+
 def test_weights_allocation_needs_a_budget_and_weights() -> None:
     with pytest.raises(st.ShareOptionError, match="allocate='weights' .* give budget"):
         st.plan(bottleneck(), input_size=SIZE, allocate="weights")
