@@ -152,6 +152,32 @@ def test_mean_scaled_keeps_each_member_output_where_kernels_are_positive_multipl
         assert (plain(x) - logits).abs().max() > 1e-2
 
 
+def test_mean_scaled_keeps_a_dead_channel_constant() -> None:
+    """A member channel of zero weights (s = 0) cannot be divided into its BatchNorm: the channel's output, a
+    constant, goes into the norm's bias instead (gamma 0)."""
+    model = bottleneck()
+    plan = st.plan(model, input_size=SIZE)
+    modules = dict(model.named_modules())
+    group = plan.groups[0]
+    with torch.no_grad():
+        base = modules[group.members[0]].weight.clone()
+        for i, path in enumerate(group.members):
+            weight = base * (i + 1)
+            weight[3] = 0.0 if i == 1 else weight[3]  # member 1's channel 3 is dead
+            modules[path].weight.copy_(weight)
+    x = torch.randn(4, *SIZE)
+    bn = modules[group.members[1].replace("conv2", "bn2")]
+    seen: list[torch.Tensor] = []
+    hook = bn.register_forward_hook(lambda _m, _i, o: seen.append(o))
+    with torch.no_grad():
+        model(x)
+        st.apply(model, plan=plan, init="mean-scaled")
+        model(x)
+    hook.remove()
+    assert bn.weight[3] == 0 and torch.allclose(seen[1], seen[0], atol=1e-4)
+    assert st.get_reconstruction(model).of_members(group.members).relative < 1e-5
+
+
 def test_mean_scaled_on_trained_like_weights_folds_exactly_what_it_reports() -> None:
     """In general mean-scaled approximates member j by s_j * K: the model then computes what the original
     computes with those weights, BatchNorm in eval mode."""
