@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import PlanMismatchError
+
 __all__ = [
     "TemplateBank",
     "TemplateMix",
@@ -104,7 +106,7 @@ def bank_of(conv: nn.Module) -> TemplateBank | None:
 def coefficients_of(conv: nn.Module) -> nn.Parameter:
     """The ``k`` coefficients of a soft member conv (its parametrization's stored tensor)."""
     if _mix(conv) is None:
-        raise ValueError(f"{type(conv).__name__} is not a soft-shared conv")
+        raise PlanMismatchError(f"{type(conv).__name__} is not a soft-shared conv")
     return cast(nn.Parameter, _parametrizations(conv)["weight"].original)
 
 
