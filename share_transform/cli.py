@@ -303,9 +303,8 @@ def convert(
     """
     from .checkpoints import load_checkpoint
     from .files import save
-    from .planning import plan
     from .summary import summarize
-    from .tie import apply
+    from .tie import apply, get_plan
 
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
@@ -318,8 +317,9 @@ def convert(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         _warn_non_finite(model, checkpoint)
-    share_plan = plan(model, policy, options=options)
-    apply(model, plan=share_plan, init=init)
+    # A model shared by construction (sharesnet18) keeps its own plan; another one is refused (the re-apply rule).
+    share_plan = get_plan(apply(model, policy, options=options, init=init))
+    assert share_plan is not None
     save(model, out)
     summary = summarize(model, share_plan, file=out)
     _emit(summary.to_dict(), str(summary), as_json)
@@ -352,12 +352,20 @@ def plan_command(
     """
     from .planning import plan
     from .summary import summarize
+    from .tie import apply, get_plan
 
     options = _check_sharing(
         name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=exclude
     )
     model = _build(name, source, num_classes)
-    summary = summarize(model, plan(model, policy, options=options))
+    # Shared by construction (sharesnet18): its own plan, or convert's refusal (apply changes nothing here).
+    share_plan = (
+        plan(model, policy, options=options)
+        if get_plan(model) is None
+        else get_plan(apply(model, policy, options=options))
+    )
+    assert share_plan is not None
+    summary = summarize(model, share_plan)
     _emit(summary.to_dict(), str(summary), as_json)
 
 
