@@ -400,6 +400,16 @@ def test_exclude_is_recorded_in_the_plan_and_the_file(tmp_path: Path) -> None:
     assert loaded.stages[2][1].conv2.weight is not loaded.stages[2][2].conv2.weight
 
 
+def test_a_shared_model_keeps_its_exclusions() -> None:
+    model = st.apply(st.build_model("wrn_22_1", num_classes=10), "cifar", exclude=["stages.2"])
+    recorded = st.get_plan(model)
+    assert st.apply(model, "cifar", exclude=["stages.2"]) is model and st.get_plan(model) is recorded
+    refused = r"shared already \(policy cifar, exclude stages.2\); re-planning it \(policy cifar\) is refused"
+    with pytest.raises(st.PlanMismatchError, match=refused):
+        st.apply(model, "cifar")
+    assert st.get_plan(model) is recorded
+
+
 def test_sweep_keeps_the_exclusion_in_every_plan() -> None:
     model = st.build_model("wrn_22_1", num_classes=10)
     plans = st.sweep(model, "cifar", exclude=["stages.0"])
