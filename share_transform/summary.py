@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .modelinfo import build_spec
-from .planning import ShareGroup, SharePlan
+from .planning import KEPT_EXCLUDED, ShareGroup, SharePlan
 from .soft import bank_of
 from .text import format_columns
 from .warmstart import RECONSTRUCTION_ATTR, Reconstruction
@@ -70,10 +70,11 @@ class ShareSummary:
     rest: StageSummary
     total: StageSummary
     groups: tuple[ShareGroup, ...]
-    options: dict[str, Any]  # the plan's sharing options (group_size, scope, templates, budget)
+    options: dict[str, Any]  # the plan's sharing options (group_size, scope, templates, budget, exclude)
     describe_options: str  # the options that differ from the paper's, as the header prints them
     file: Path | None = None  # the file written or inspected
     file_bytes: int | None = None  # its size, header included
+    excluded: tuple[str, ...] = ()  # spatial convs that keep their own weights because ``exclude`` names them
     # What the warm start lost (``apply`` with init mean, mean-scaled or svd): None otherwise.
     reconstruction: Reconstruction | None = None
 
@@ -108,6 +109,7 @@ class ShareSummary:
             if self.reconstruction is None
             else {"init": self.reconstruction.init, "total": self.reconstruction.total},
             "file": None if self.file is None else {"path": str(self.file), "bytes": self.file_bytes},
+            "excluded": list(self.excluded),
         }
 
     def __str__(self) -> str:
@@ -154,6 +156,8 @@ class ShareSummary:
                 f"reconstruction error (init {self.reconstruction.init}): {self.reconstruction.total:.4f} "
                 "= ||W - W_shared|| / ||W|| over every shared conv's weight"
             )
+        if self.excluded:
+            lines.append(f"excluded (keep their own weights): {', '.join(self.excluded)}")
         if self.file is not None:
             lines.append(
                 f"file: {self.file} ({self.file_bytes:,} bytes; unshared tensors take {self.total.bytes_before:,})"
@@ -264,5 +268,6 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         describe_options=share_plan.describe_options(),
         file=path,
         file_bytes=path.stat().st_size if path is not None else None,
+        excluded=tuple(c.path for c in share_plan.spatial_convs if c.kept_because == KEPT_EXCLUDED),
         reconstruction=reconstruction,
     )

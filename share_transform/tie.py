@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError, WarmStartError
+from .errors import CheckpointError, PlanMismatchError, UnknownInitError, WarmStartError
 from .modelinfo import BUILD_ATTR, build_spec, check_model, model_name
 from .planning import ShareGroup, SharePlan, check_policy, plan as make_plan, sharing_options
 from .policies import INITS, SharingOptions
@@ -124,13 +124,16 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
         >>> ties = alias_groups(model)
         >>> model.to(device)
         >>> keep_ties(model, ties, f"moving the model to {device}")
+
+    Raises:
+        PlanMismatchError: the ties could not be restored.
     """
     if alias_groups(model) == expected:
         return
     if get_plan(model) is not None:
         retie(model)
     if alias_groups(model) != expected:
-        raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
+        raise PlanMismatchError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -326,12 +329,8 @@ def _same_request(recorded: SharePlan, policy: str, options: SharingOptions) -> 
 
     Compared as asked, not re-planned: a plan of the shared model would count its parameters as shared already.
     """
-    if (policy, options.scope, options.templates, options.allocate) != (
-        recorded.policy,
-        recorded.scope,
-        recorded.templates,
-        recorded.allocate,
-    ):
+    asked = (policy, options.scope, options.templates, options.exclude, options.allocate)
+    if asked != (recorded.policy, recorded.scope, recorded.templates, recorded.options.exclude, recorded.allocate):
         return False
     if options.budget is not None:
         return options.budget == recorded.budget  # the recorded plan resolved this budget into its group size
@@ -453,6 +452,7 @@ def apply(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
     allocate: str = "uniform",
 ) -> nn.Module:
     """Turn ``model`` into its ShaResNet in place and return the same object.
@@ -479,7 +479,7 @@ def apply(
             BatchNorm that reads its output; ``"svd"`` (soft) sets each bank and its coefficients to the
             members' best rank-k approximation (exact when k >= members).
         input_size: ``(C, H, W)`` for planning; defaults to the model's own.
-        options, group_size, scope, templates, budget, allocate: the sharing options of
+        options, group_size, scope, templates, budget, exclude, allocate: the sharing options of
             :func:`share_transform.plan` (a :class:`~share_transform.SharingOptions`, or keywords); ignored when
             ``plan`` is given.
 
@@ -507,7 +507,13 @@ def apply(
     recorded = get_plan(net)
     if plan is None:
         options = sharing_options(
-            options, group_size=group_size, scope=scope, templates=templates, budget=budget, allocate=allocate
+            options,
+            group_size=group_size,
+            scope=scope,
+            templates=templates,
+            budget=budget,
+            exclude=exclude,
+            allocate=allocate,
         )
         if recorded is None:
             plan = make_plan(net, policy, input_size=input_size, options=options)
@@ -579,10 +585,13 @@ def retie(model: nn.Module) -> nn.Module:
 
     ``to_empty``, materialising a meta-device model, ``.to("meta")`` and weight-replacing tools (pruning)
     give each module its own new ``Parameter``; each group gets its first member's weight back.
+
+    Raises:
+        PlanMismatchError: no plan is recorded on the model (it was never shared with :func:`apply`).
     """
     plan = get_plan(check_model(model))
     if plan is None:
-        raise ShareError(
+        raise PlanMismatchError(
             f"{model_name(model)}: no share plan is recorded on this model; call share_transform.apply(model) first"
         )
     return apply(model, plan=plan, init="first")
