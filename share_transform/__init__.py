@@ -32,6 +32,7 @@ _API = (
     "build",
     "modelinfo",
     "tie",
+    "warmstart",
     "planning",
     "trace",
     "signature",
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # the same modules, for type checkers and IDEs (tests/test_pa
     from .summary import *  # noqa: F403
     from .tie import *  # noqa: F403
     from .trace import *  # noqa: F403
+    from .warmstart import *  # noqa: F403
 
 
 def _public_names() -> list[str]:

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from .build import SOURCES, build_model, list_model_names, split_name
-from .errors import ExportError, MissingFileError, ShareError, debug_requested
+from .errors import ExportError, MissingFileError, ShareError, ShareOptionError, debug_requested
 from .fs import check_writable
-from .policies import INITS, POLICIES, SharingOptions
+from .policies import ALLOCATIONS, INITS, POLICIES, SharingOptions
 from .text import format_columns
 from .version import __version__
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 # torch, timm and the pass are imported inside the commands that use them: `sharetx --help`, `--version` and
 # a usage error answer without paying seconds for them.
+
+#: The init ``convert --checkpoint`` uses for hard groups unless told otherwise (docs/design.md, Warm starts).
+WARM_START = "mean"
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -206,6 +209,27 @@ def _check_sharing(name: str, policy: str, **options: Any) -> SharingOptions:
     return sharing
 
 
+def _check_init(name: str, init: str | None, templates: int | None, checkpoint: Path | None, allocate: str) -> str:
+    """The init to use (the default depends on --checkpoint and --templates), refusing what cannot work before
+    the (slow) build; raises ShareOptionError."""
+    if allocate == "weights" and checkpoint is None:
+        raise ShareOptionError(
+            f"{name}: --allocate weights chooses the runs from trained weights, and freshly initialised ones say "
+            "nothing about where to share; give --checkpoint FILE"
+        )
+    if init == "svd" and templates is None:
+        raise ShareOptionError(
+            f"{name}: --init svd warm-starts soft groups; give --templates K (or --init mean / mean-scaled)"
+        )
+    if init in ("mean", "mean-scaled") and templates is not None:
+        raise ShareOptionError(f"{name}: --init {init} makes one hard-shared weight; with --templates use --init svd")
+    if init is not None:
+        return init
+    if checkpoint is None:
+        return "first"
+    return "svd" if templates is not None else WARM_START
+
+
 def _build(name: str, source: str | None, num_classes: int | None) -> nn.Module:
     return build_model(name, source=source, num_classes=num_classes)
 
@@ -253,14 +277,24 @@ def main(debug: bool) -> None:
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Weights to start from: .safetensors, or .pth/.pt read with torch.load(weights_only=True).",
+    help="Trained weights to start from: .safetensors, or .pth/.pt/.pth.tar (timm train.py) read with "
+    "torch.load(weights_only=True).",
 )
 @click.option(
     "--init",
     type=click.Choice(INITS),
-    default="first",
+    default=None,
+    help="How a shared weight starts: first (the first member's, to train from scratch), mean, mean-scaled "
+    "(compared up to a per-channel scale, folded into the following BatchNorm) or svd (soft groups: the best "
+    f"rank-k approximation) [default: first; with --checkpoint, {WARM_START} for hard groups, svd for soft].",
+)
+@click.option(
+    "--allocate",
+    type=click.Choice(ALLOCATIONS),
+    default="uniform",
     show_default=True,
-    help="Shared weight: the first member's, or the members' mean (a warm start from trained weights).",
+    help="How --budget is spread over a stage: runs of one length, or the runs whose trained weights lose least "
+    "(needs --checkpoint).",
 )
 @click.option(
     "--out",
@@ -282,7 +316,8 @@ def convert(
     budget: float | None,
     exclude: tuple[str, ...],
     checkpoint: Path | None,
-    init: str,
+    init: str | None,
+    allocate: str,
     out: Path | None,
     force: bool,
     as_json: bool,
@@ -290,12 +325,16 @@ def convert(
     """Build a model, share it, print the report, and write a ShaResNet file.
 
     Each shared weight is stored once, so the file shrinks with the parameter count; the file records how
-    to rebuild and re-tie the model (share_transform.load reads it back).
+    to rebuild and re-tie the model (share_transform.load reads it back). With --checkpoint (trained weights)
+    the shared weights are warm-started from them and the report gives each group's relative reconstruction
+    error ||W - W_shared|| / ||W||.
 
     \b
     Examples:
       sharetx convert --model resnet152
       sharetx convert --model torchvision:resnet50 --checkpoint resnet50.pth --init mean -o r50-share.safetensors
+      sharetx convert --model resnet50 --checkpoint model_best.pth.tar --budget 0.5 --allocate weights
+      sharetx convert --model resnet50 --checkpoint resnet50.safetensors --templates 2 --init svd
       sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
       sharetx convert --model resnet101 --budget 0.75
       sharetx convert --model wrn_28_10 --policy swrn --templates 2
@@ -310,8 +349,16 @@ def convert(
     out = out if out is not None else Path(f"{arch}-share.safetensors")
     # Refuse before the (slow) build, so an error costs nothing and writes nothing.
     options = _check_sharing(
-        name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=exclude
+        name,
+        policy,
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
+        exclude=exclude,
+        allocate=allocate,
     )
+    init = _check_init(name, init, templates, checkpoint, allocate)
     _check_output(out, force)
     model = _build(name, source, num_classes)
     if checkpoint is not None:

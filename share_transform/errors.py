@@ -33,6 +33,7 @@ __all__ = [
     "UnknownInitError",
     "UnknownModelError",
     "UnknownPolicyError",
+    "WarmStartError",
 ]
 
 
@@ -81,8 +82,13 @@ class UnknownPolicyError(PlanError, ValueError):
 
 
 class ShareOptionError(PlanError, ValueError):
-    """A sharing option (group size, scope, templates, budget) is out of range, conflicts with another, or
-    cannot be met."""
+    """A sharing option (group size, scope, templates, budget, allocate) is out of range, conflicts with another,
+    or cannot be met."""
+
+
+class WarmStartError(ShareOptionError):
+    """A warm start that cannot be made: ``init`` does not fit the groups (``"svd"`` for hard groups, ``"mean"`` for
+    soft ones), or ``"mean-scaled"`` finds no BatchNorm to fold a member's scales into."""
 
 
 class UnknownInitError(PlanError, ValueError):

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
+from .allocate import allocate_runs, gram, run_errors, run_saving
 from .blocks import BranchConv, ResidualBlock, find_blocks, lost_reductions
 from .errors import InputSizeError, NoSpatialConvError, ShareOptionError, UnknownPolicyError
 from .modelinfo import (
@@ -47,6 +50,7 @@ KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
 KEPT_UNIQUE = "no other spatial conv of this stage and signature"
 KEPT_RUN = "alone in its run of group_size"
+KEPT_ALLOCATED = "alone in its run (allocated by weights)"
 KEPT_EXCLUDED = "excluded"
 
 
@@ -146,6 +150,11 @@ class SharePlan:
     def budget(self) -> float | None:
         """The budget that chose ``group_size``, when one was given."""
         return self.options.budget
+
+    @property
+    def allocate(self) -> str:
+        """``"weights"``: the groups are the runs the trained weights chose (``group_size`` None)."""
+        return self.options.allocate
 
     def describe_options(self) -> str:
         """The options that differ from the paper's, e.g. ``group size 2, scope all, 2 templates``."""
@@ -298,6 +307,7 @@ def sharing_options(
     templates: int | None = None,
     budget: float | None = None,
     exclude: Iterable[str] | None = None,
+    allocate: str = "uniform",
 ) -> SharingOptions:
     """One :class:`SharingOptions` from ``options=`` or the loose keywords of ``plan`` and ``apply``, not both.
 
@@ -314,6 +324,7 @@ def sharing_options(
         templates=templates,
         budget=budget,
         exclude=() if exclude is None else tuple(exclude),
+        allocate=allocate,
     )
     if options is None:
         return loose
@@ -333,6 +344,7 @@ def plan(
     templates: int | None = None,
     budget: float | None = None,
     exclude: Iterable[str] | None = None,
+    allocate: str = "uniform",
 ) -> SharePlan:
     """Plan the ShaResNet transform of ``model`` without changing it.
 
@@ -353,11 +365,16 @@ def plan(
             run owns a bank of k templates and each member k coefficients.
         budget: the least sharing that brings the unique parameters to at most ``budget`` x the
             original: the smallest ``group_size`` that reaches it (recorded in the plan).
+        allocate: ``"uniform"`` (default): runs of ``group_size`` (or the budget's). ``"weights"`` (needs
+            ``budget`` and trained weights): each stage's sharable convs of one signature are cut into the
+            consecutive runs, of any lengths, whose sharing loses least (the least total reconstruction error,
+            the mean or the best rank-k approximation of each run as its shared weight) under the budget;
+            an exact search (:mod:`share_transform.allocate`). The plan's groups are the runs chosen.
         exclude: module paths or glob patterns whose spatial convs keep their own weights (Torch-Pruning's
             ``ignored_layers``): a conv is excluded when its path, or the path of a module holding it, matches
             one with ``fnmatch`` (``["layer4.*"]``, ``["layer3.2", "*.conv2"]``); recorded in the plan, where
             each such conv is kept ``"excluded"``.
-        options: the five options above as one :class:`~share_transform.SharingOptions` (instead of the
+        options: the options above as one :class:`~share_transform.SharingOptions` (instead of the
             keywords).
 
     Returns:
@@ -366,7 +383,8 @@ def plan(
     Raises:
         NotAModuleError, UnknownPolicyError, ShareOptionError (an option out of range, ``budget`` with
         ``group_size``, ``swrn`` without ``templates``, an unreachable budget, an ``exclude`` pattern that
-        matches no module of the model), TraceError, InputSizeError, NoSpatialConvError.
+        matches no module of the model, ``allocate="weights"`` without a budget or on a model without data),
+        TraceError, InputSizeError, NoSpatialConvError.
 
     Example:
         >>> import timm, share_transform
@@ -382,7 +400,13 @@ def plan(
     name = model_name(model)
     rule = check_policy(policy, name)
     options = sharing_options(
-        options, group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=exclude
+        options,
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
+        exclude=exclude,
+        allocate=allocate,
     )
     options = options.check(name, rule)
     analysis = _analyse(model, name, input_size)
@@ -428,6 +452,10 @@ def sweep(
                 options = options.check(name, rule)
                 plans.append(_make_plan(analysis, rule, options))
     return plans
+
+
+#: A candidate list: the stage, the input resolution and the signature its sharable convs have in common.
+Key = tuple[int, tuple[int, int], ConvSignature]
 
 
 @dataclass(frozen=True)
@@ -492,13 +520,14 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
     """The plan of ``options`` (checked, scope resolved) on the traced model."""
     name, stage_blocks = analysis.name, analysis.stages
     scope, group_size, templates, budget = options.scope, options.group_size, options.templates, options.budget
+    allocate = options.allocate
     params_before, convs_before = analysis.params_before, analysis.convs_before
     modules = dict(analysis.model.named_modules())
     is_excluded = _excluded_by(options.exclude, (p for p in modules if p), name)
 
     # Candidates: stride-1 spatial convs not kept by the policy, grouped by (stage, input resolution, signature),
     # each list in the order the model computes them.
-    candidates: dict[tuple[int, tuple[int, int], ConvSignature], list[str]] = {}
+    candidates: dict[Key, list[str]] = {}
     placed: list[tuple[int, int, ResidualBlock, BranchConv, str | None]] = []
     for s, stage in enumerate(stage_blocks, start=1):
         for position, b in enumerate(stage):
@@ -515,19 +544,26 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                     candidates.setdefault((s, c.conv_input, c.signature), []).append(c.path)
                 placed.append((s, position, b, c, kept))
 
-    def grouping(run: int | None) -> tuple[list[ShareGroup], int, int]:
-        """The groups for runs of ``run`` convs, and the parameters and conv weights they remove."""
+    def numel_of(sig: ConvSignature) -> int:
+        numel = 1
+        for d in sig.weight_shape:
+            numel *= d
+        return numel
+
+    def grouping(runs: dict[Key, list[int]]) -> tuple[list[ShareGroup], int, int]:
+        """The groups for ``runs`` (per candidate list, its run lengths in order), and the parameters and conv
+        weights they remove."""
         groups: list[ShareGroup] = []
         saved = removed = 0
-        for (stage_index, resolution, sig), convs in candidates.items():
-            for start in range(0, len(convs), run or len(convs)):
-                members = convs[start : start + (run or len(convs))]
+        for key, convs in candidates.items():
+            stage_index, resolution, sig = key
+            start = 0
+            for length in runs[key]:
+                members = convs[start : start + length]
+                start += length
                 if len(members) < 2:
                     continue
-                numel = 1
-                for d in sig.weight_shape:
-                    numel *= d
-                group = ShareGroup(stage_index, resolution, sig, tuple(members), numel, templates)
+                group = ShareGroup(stage_index, resolution, sig, tuple(members), numel_of(sig), templates)
                 # What the members hold now (they may be tied already): each tensor once.
                 storage: dict[int, int] = {}
                 keys: set[tuple[int, int]] = set()
@@ -539,23 +575,38 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                 groups.append(group)
         return groups, saved, removed
 
-    if budget is not None:
-        longest = max((len(c) for c in candidates.values()), default=1)
-        after = {}
-        for run in range(1, longest + 1):
-            after[run] = params_before - grouping(run)[1]
-            if after[run] <= budget * params_before:
-                group_size = run
-                break
-        else:
-            best = min(after, key=after.__getitem__)
-            raise ShareOptionError(
-                f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
-                f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
-                f"parameters (group_size={best})"
-            )
+    def uniform(run: int | None) -> dict[Key, list[int]]:
+        """Runs of ``run`` convs (None: the whole list), the last one shorter."""
+        return {key: [min(run or n, n - s) for s in range(0, n, run or n)] for key, n in sizes.items()}
 
-    groups, saved_now, removed_now = grouping(group_size)
+    sizes = {key: len(convs) for key, convs in candidates.items()}
+    if allocate == "weights":
+        assert budget is not None  # check_options
+        runs = _allocate_by_weights(analysis, rule, candidates, modules, scope, templates, budget)
+    else:
+        if budget is not None:
+            longest = max(sizes.values(), default=1)
+            after = {}
+            for run in range(1, longest + 1):
+                after[run] = params_before - grouping(uniform(run))[1]
+                if after[run] <= budget * params_before:
+                    group_size = run
+                    break
+            else:
+                best = min(after, key=after.__getitem__)
+                raise ShareOptionError(
+                    f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+                    f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
+                    f"parameters (group_size={best})"
+                )
+        runs = uniform(group_size)
+
+    groups, saved_now, removed_now = grouping(runs)
+    if allocate == "weights" and budget is not None and params_before - saved_now > budget * params_before:
+        raise ShareOptionError(
+            f"{name}: the convs to share are tied otherwise already, so allocate='weights' cannot count what its "
+            "runs save; untie the model (share_transform.untie) first"
+        )
     group_of = {m: i for i, g in enumerate(groups) for m in g.members}
     peers = {m: len(convs) for convs in candidates.values() for m in convs}
     stages = []
@@ -564,7 +615,7 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
         for _, position, b, c, kept in (p for p in placed if p[0] == s):
             group = group_of.get(c.path)
             if group is None and kept is None:
-                kept = KEPT_RUN if peers[c.path] > 1 else KEPT_UNIQUE
+                kept = KEPT_UNIQUE if peers[c.path] == 1 else KEPT_ALLOCATED if allocate == "weights" else KEPT_RUN
             spatial.append(SpatialConv(c.path, b.name, s, position, c.conv_input, c.signature, group, kept))
         stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(spatial)))
 
@@ -579,6 +630,45 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
         convs_before=convs_before,
         convs_after=convs_before - removed_now,
         options=SharingOptions(
-            group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=options.exclude
+            group_size=group_size,
+            scope=scope,
+            templates=templates,
+            budget=budget,
+            exclude=options.exclude,
+            allocate=options.allocate,
         ),
     )
+
+
+def _allocate_by_weights(
+    analysis: _Analysis,
+    rule: Policy,
+    candidates: dict[Key, list[str]],
+    modules: dict[str, nn.Module],
+    scope: str | None,
+    templates: int | None,
+    budget: float,
+) -> dict[Key, list[int]]:
+    """The run lengths of every candidate list that meet ``budget`` with the least total reconstruction error."""
+    name, before = analysis.name, analysis.params_before
+    lists = []
+    for key, convs in candidates.items():
+        weights = [cast(torch.Tensor, modules[path].weight) for path in convs]
+        if any(w.is_meta for w in weights):
+            raise ShareOptionError(
+                f"{name}: allocate='weights' reads the trained weights, and this model has none (meta device); "
+                "load its weights first"
+            )
+        numel = 1
+        for d in key[2].weight_shape:
+            numel *= d
+        lists.append((run_errors(gram(weights), templates), numel))
+    required = math.ceil(before - budget * before)  # the budget is params_after <= budget * before
+    chosen = allocate_runs(lists, templates, required)
+    if chosen is None:
+        most = sum(run_saving(len(convs), numel, templates) for convs, (_, numel) in zip(candidates.values(), lists))
+        raise ShareOptionError(
+            f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+            f"scope {scope}, templates {templates}) is {(before - most) / before:.4f} of the original parameters"
+        )
+    return {key: list(runs) for key, runs in zip(candidates, chosen.runs)}

@@ -17,6 +17,9 @@ __all__ = ["POLICIES", "Policy", "SharingOptions", "register_policy"]
 
 #: Which spatial convs of a block may share: the block's last one (the paper), or all of its residual branch.
 SCOPES = ("last", "all")
+#: How a budget is spread over a stage: runs of one length (``uniform``), or the runs whose trained weights lose
+#: least when shared (``weights``, share_transform.allocate).
+ALLOCATIONS = ("uniform", "weights")
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,16 @@ def register_policy(
     return policy
 
 
-#: How a shared weight starts: the first member's weight, or the members' mean (a warm start from trained weights).
-INITS = ("first", "mean")
+#: How a shared weight starts: the first member's weight (from scratch), or a warm start from trained weights:
+#: the members' mean, their mean compared up to a per-channel scale (folded into the following BatchNorm), or
+#: for soft groups the members' best rank-k approximation (share_transform.warmstart).
+INITS = ("first", "mean", "mean-scaled", "svd")
 
 
 def describe_sharing(options: Mapping[str, Any] | None) -> str:
-    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``, ``exclude``; absent or None = the
-    paper's) as words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
+    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``, ``exclude``, ``allocate``; absent or
+    None = the paper's) as words: ``describe_sharing({"group_size": 2, "templates": 2})`` is
+    ``"group size 2, 2 templates"``."""
     options = options or {}
     parts = []
     if options.get("group_size") is not None:
@@ -116,6 +122,8 @@ def describe_sharing(options: Mapping[str, Any] | None) -> str:
         parts.append(f"budget {options['budget']:g}")
     if options.get("exclude"):
         parts.append(f"exclude {' '.join(options['exclude'])}")
+    if options.get("allocate") not in (None, "uniform"):
+        parts.append(f"allocated by {options['allocate']}")
     return ", ".join(parts)
 
 
@@ -134,6 +142,10 @@ class SharingOptions:
             per run mixed by per-layer coefficients.
         budget: the least sharing that brings the unique parameters to at most this fraction of the original
             (resolved into ``group_size`` by the plan, which records both).
+        allocate: how ``budget`` is spread (:data:`ALLOCATIONS`): ``"uniform"`` (default), runs of one
+            ``group_size``; ``"weights"``, the consecutive runs of any lengths whose trained weights lose least
+            when shared (the least total reconstruction error: :mod:`share_transform.allocate`, exact); the plan
+            records the runs as its groups.
         exclude: module paths or glob patterns (``fnmatch`` on the module path, ``*`` crossing dots) whose spatial
             convs keep their own weights, as Torch-Pruning's ``ignored_layers``: a conv is excluded when its path,
             or the path of a module holding it, matches one (``"layer4"``, ``"layer4.*"``, ``"layer3.2"``,
@@ -151,6 +163,7 @@ class SharingOptions:
     templates: int | None = None
     budget: float | None = None
     exclude: tuple[str, ...] = ()
+    allocate: str = "uniform"
 
     def __post_init__(self) -> None:
         # One spelling per value, so that equal options compare (and hash) equal: a list (JSON, argparse's
@@ -186,6 +199,14 @@ class SharingOptions:
                 raise ShareOptionError(
                     f"{name}: give budget or group_size, not both (the budget chooses the group size)"
                 )
+        if self.allocate not in ALLOCATIONS:
+            raise ShareOptionError(
+                f"{name}: unknown allocate {self.allocate!r}; choose one of {', '.join(ALLOCATIONS)}"
+            )
+        if self.allocate == "weights" and budget is None:
+            raise ShareOptionError(
+                f"{name}: allocate='weights' chooses the runs that lose least under a budget; give budget=fraction"
+            )
         if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) and p for p in self.exclude):
             raise ShareOptionError(
                 f"{name}: exclude takes a list of module paths or glob patterns (exclude=['layer4.*']), "
@@ -198,17 +219,21 @@ class SharingOptions:
         return replace(self, scope=self.scope if self.scope is not None else rule.scope)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"group_size", "scope", "templates", "budget", "exclude"}``: what ``run.json`` and a plan's JSON
-        record (``exclude`` as a list)."""
-        return {**asdict(self), "exclude": list(self.exclude)}
+        """``{"group_size", "scope", "templates", "budget", "exclude"}`` (``exclude`` as a list), and ``"allocate"``
+        unless it is ``"uniform"``: what ``run.json`` and a plan's JSON record (a record of a uniform allocation
+        stays as it was before allocate)."""
+        d = {**asdict(self), "exclude": list(self.exclude)}
+        if d["allocate"] == "uniform":
+            del d["allocate"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SharingOptions:
         """The options a :meth:`to_dict` (or an older record lacking some keys: no ``exclude`` is none) holds;
         unknown keys are ignored."""
         d = d or {}
-        values: dict[str, Any] = {f.name: d.get(f.name) for f in fields(cls)}  # an absent exclude: None -> ()
-        return cls(**values)
+        # Absent or None: the field's default (no exclude is none; records older than allocate are "uniform").
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
 
     def describe(self) -> str:
         """The options that differ from the paper's, in words (empty for the paper's)."""

@@ -101,8 +101,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "no message"
 
 
-def trace_model(model: nn.Module, name: str) -> fx.Graph:
-    """Symbolically trace ``model`` with every ``nn.Conv2d`` kept as a leaf.
+def trace_model(model: nn.Module, name: str, *, leaves: tuple[type[nn.Module], ...] = ()) -> fx.Graph:
+    """Symbolically trace ``model`` with every ``nn.Conv2d`` (and every module of a type in ``leaves``) kept as a
+    leaf.
 
     Plain tracing is tried first; when it fails (timm's ``*_clip`` attention pools, for instance) it is
     retried with timm's registry of untraceable modules and functions as leaves.
@@ -110,14 +111,14 @@ def trace_model(model: nn.Module, name: str) -> fx.Graph:
     Raises:
         TraceError: neither attempt could trace the model.
     """
-    attempts: list[tuple[tuple[type[nn.Module], ...], list[Any]]] = [((), [])]
+    attempts: list[tuple[tuple[type[nn.Module], ...], list[Any]]] = [(leaves, [])]
     leaf_types, functions = _timm_notrace()
     if leaf_types or functions:
-        attempts.append((leaf_types, functions))
+        attempts.append((leaves + leaf_types, functions))
     errors: list[str] = []
     with eval_mode(model):
-        for leaves, autowrap in attempts:
-            tracer = _ConvLeafTracer(leaves, autowrap)
+        for leaf, autowrap in attempts:
+            tracer = _ConvLeafTracer(leaf, autowrap)
             try:
                 return tracer.trace(model)
             except Exception as exc:  # fx raises many types (TraceError, TypeError, AssertionError...)

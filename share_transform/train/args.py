@@ -261,7 +261,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 #: The sharing options both recipes take, one flag each, as :class:`share_transform.SharingOptions` names them.
-SHARING_FLAGS = tuple(f.name for f in fields(SharingOptions))
+#: ``allocate="weights"`` reads trained weights, and the recipes train from scratch: they keep "uniform".
+SHARING_FLAGS = tuple(f.name for f in fields(SharingOptions) if f.name != "allocate")
 
 
 def sharing_options(args: argparse.Namespace) -> SharingOptions | None:
