@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import ExportError, InputSizeError
 from .fs import atomic_write
-from .modelinfo import check_model, default_input_size, distinct_conv_weights, model_name
+from .modelinfo import check_input_size, check_model, default_input_size, distinct_conv_weights, model_name
 from .soft import bake, is_soft
 from .tie import get_plan
 from .trace import eval_mode
@@ -95,6 +95,21 @@ def _conv_weight_initializers(graph: Any, name: str) -> tuple[int, int]:
     return len(weights), len(set(weights))
 
 
+def _check_runs(model: nn.Module, example: torch.Tensor, name: str) -> None:
+    """Raise InputSizeError when the model itself refuses ``example``'s size, before the exporter (whose failure
+    would read as an exporter bug, after pages of its own log) sees it."""
+    with eval_mode(model), torch.no_grad():
+        try:
+            model(example)
+        except (RuntimeError, ValueError, AssertionError, TypeError) as e:  # what a layer raises on a wrong shape
+            text = str(e).strip()
+            size = "x".join(map(str, example.shape[1:]))
+            raise InputSizeError(
+                f"{name}: the model rejects input size {size} ({text.splitlines()[0] if text else type(e).__name__}); "
+                "give the input size it was built for"
+            ) from None
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -124,7 +139,8 @@ def export_onnx(
     Raises:
         ExportError: the exporter failed, a Conv weight is not an initializer, the initializers do not
             match the model's distinct conv weights, or onnxruntime's output differs by more than ``atol``.
-        InputSizeError: ``input_size`` is not three positive integers.
+        InputSizeError: ``input_size`` is not three positive integers, is past
+            :data:`share_transform.modelinfo.MAX_INPUT_PIXELS`, or the model refuses it.
 
     Example:
         >>> model = share_transform.load("resnet50-share.safetensors")
@@ -139,13 +155,12 @@ def export_onnx(
         model = bake(copy.deepcopy(model))  # the caller's model keeps its templates
     if input_size is None:
         input_size = recorded.input_size if recorded is not None else default_input_size(model)
-    size = tuple(int(s) for s in input_size)
-    if len(size) != 3 or min(size) < 1:
-        raise InputSizeError(f"{name}: input size must be three positive integers C H W, got {list(input_size)}")
+    size = check_input_size(input_size, name)  # bounded: a file's header gives the default
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(2, *size, generator=generator).to(device)
     check = torch.randn(3, *size, generator=generator).to(device)  # another batch size: the axis is dynamic
+    _check_runs(model, example, name)
     expected_convs = distinct_conv_weights(model)
     result: dict[str, Any] = {}
 
