@@ -95,19 +95,33 @@ def _conv_weight_initializers(graph: Any, name: str) -> tuple[int, int]:
     return len(weights), len(set(weights))
 
 
-def _check_runs(model: nn.Module, example: torch.Tensor, name: str) -> None:
-    """Raise InputSizeError when the model itself refuses ``example``'s size, before the exporter (whose failure
-    would read as an exporter bug, after pages of its own log) sees it."""
+_LAYER_ERRORS = (RuntimeError, ValueError, AssertionError, TypeError)  # what a layer raises on a wrong shape
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> BaseException | None:
+    """The exception ``model(x)`` raises (eval mode, no grad), or None when it runs."""
     with eval_mode(model), torch.no_grad():
         try:
-            model(example)
-        except (RuntimeError, ValueError, AssertionError, TypeError) as e:  # what a layer raises on a wrong shape
-            text = str(e).strip()
-            size = "x".join(map(str, example.shape[1:]))
-            raise InputSizeError(
-                f"{name}: the model rejects input size {size} ({text.splitlines()[0] if text else type(e).__name__}); "
-                "give the input size it was built for"
-            ) from None
+            model(x)
+        except _LAYER_ERRORS as e:
+            return e
+    return None
+
+
+def _check_size(model: nn.Module, example: torch.Tensor, default: tuple[int, int, int], name: str) -> None:
+    """Raise InputSizeError when the model refuses ``example``'s size but runs at its own, before the exporter
+    (whose failure would read as an exporter bug, after pages of its own log) sees it. A model that fails at its
+    own size too is left to the exporter, whose ExportError says so."""
+    error = _runs(model, example)
+    size = tuple(example.shape[1:])
+    if error is None or size == default or _runs(model, example.new_zeros(1, *default)) is not None:
+        return
+    text = str(error).strip()
+    raise InputSizeError(
+        f"{name}: the model rejects input size {'x'.join(map(str, size))} "
+        f"({text.splitlines()[0] if text else type(error).__name__}); it runs at "
+        f"{'x'.join(map(str, default))}, give the input size it was built for"
+    )
 
 
 def export_onnx(
@@ -153,14 +167,13 @@ def export_onnx(
     baked = sum(isinstance(m, nn.Conv2d) and is_soft(m) for m in model.modules())
     if baked:
         model = bake(copy.deepcopy(model))  # the caller's model keeps its templates
-    if input_size is None:
-        input_size = recorded.input_size if recorded is not None else default_input_size(model)
-    size = check_input_size(input_size, name)  # bounded: a file's header gives the default
+    own = recorded.input_size if recorded is not None else default_input_size(model)
+    size = check_input_size(own if input_size is None else input_size, name)  # bounded: a header gives the default
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(2, *size, generator=generator).to(device)
     check = torch.randn(3, *size, generator=generator).to(device)  # another batch size: the axis is dynamic
-    _check_runs(model, example, name)
+    _check_size(model, example, own, name)
     expected_convs = distinct_conv_weights(model)
     result: dict[str, Any] = {}
 
