@@ -6,17 +6,18 @@ stores each distinct tensor once, under its first name (the one a tied model's `
 records the other names as aliases. The file's metadata (all strings, as
 safetensors requires) says how to rebuild and re-tie the model:
 
-====================  ==========================================================================
-key                   value
-====================  ==========================================================================
-``format``            ``"pt"`` (the safetensors convention for PyTorch files)
-``sharetx.version``   the share_transform version that wrote the file
-``sharetx.build``     JSON ``{"source", "name", "kwargs"}`` from :func:`share_transform.build_spec`
-``sharetx.policy``    the sharing policy (absent for a model that was never shared)
-``sharetx.plan``      JSON of :meth:`SharePlan.to_dict` (the groups: which convs share which weight)
-``sharetx.aliases``   JSON ``{alias: stored name}`` for every state-dict entry not stored itself
-``sharetx.input_size`` JSON ``[C, H, W]``, the input the model was trained or evaluated at (``save(input_size=)``)
-====================  ==========================================================================
+========================  ======================================================================
+key                       value
+========================  ======================================================================
+``format``                ``"pt"`` (the safetensors convention for PyTorch files)
+``sharetx.file_version``  the layout version (:data:`share_transform.header.FILE_VERSION`)
+``sharetx.version``       the share_transform version that wrote the file
+``sharetx.build``         JSON ``{"source", "name", "kwargs"}`` from :func:`share_transform.build_spec`
+``sharetx.policy``        the sharing policy (absent for a model that was never shared)
+``sharetx.plan``          JSON of :meth:`SharePlan.to_dict` (the groups: which convs share which weight)
+``sharetx.aliases``       JSON ``{alias: stored name}`` for every state-dict entry not stored itself
+``sharetx.input_size``    JSON ``[C, H, W]``, the input the model was trained or runs at (``save(input_size=)``)
+========================  ======================================================================
 
 Because every alias is one of a tied model's own names, a file also loads with plain
 ``safetensors.torch.load_model`` into a model that :func:`share_transform.apply` has already tied.
