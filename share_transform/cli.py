@@ -280,17 +280,17 @@ def convert(
 
     from .checkpoints import load_checkpoint
     from .files import save
-    from .planning import plan
     from .summary import summarize
-    from .tie import apply
+    from .tie import apply, get_plan
 
     model = _build(name, source, num_classes)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         _warn_non_finite(model, checkpoint)
-    share_plan = plan(model, policy, options=options)
+    # A model shared by construction (sharesnet18) keeps its own plan; another one is refused (the re-apply rule).
+    share_plan = get_plan(apply(model, policy, options=options, init=init))
+    assert share_plan is not None
     _warn_nothing_shared(name, share_plan)
-    apply(model, plan=share_plan, init=init)
     save(model, out)
     summary = summarize(model, share_plan, file=out)
     _emit(summary.to_dict(), str(summary), as_json)
@@ -321,10 +321,17 @@ def plan_command(
     """
     from .planning import plan
     from .summary import summarize
+    from .tie import apply, get_plan
 
     options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
     model = _build(name, source, num_classes)
-    share_plan = plan(model, policy, options=options)
+    # Shared by construction (sharesnet18): its own plan, or convert's refusal (apply changes nothing here).
+    share_plan = (
+        plan(model, policy, options=options)
+        if get_plan(model) is None
+        else get_plan(apply(model, policy, options=options))
+    )
+    assert share_plan is not None
     _warn_nothing_shared(name, share_plan)
     summary = summarize(model, share_plan)
     _emit(summary.to_dict(), str(summary), as_json)

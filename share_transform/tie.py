@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError
-from .modelinfo import check_model, model_name
+from .modelinfo import BUILD_ATTR, build_spec, check_model, model_name
 from .planning import SharePlan, check_policy, check_templates, plan as make_plan, sharing_options
 from .policies import INITS, SharingOptions
 from .signature import ConvSignature
@@ -32,6 +32,9 @@ __all__ = ["apply", "count_parameters", "get_plan", "install_tie_hooks", "is_tie
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.
 PLAN_ATTR = "_share_plan"
+#: Attribute under which a model shared by construction (``sharesnet18``...) records the name of the network it
+#: shares (``resnet18``): ``untie`` gives the model that name back, and a refused re-plan names it.
+PLAIN_ATTR = "_share_plain"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -233,7 +236,11 @@ def install_tie_hooks(model: nn.Module) -> nn.Module:
     first name alone or every alias with equal values, refuses different values with ``CheckpointError``,
     and keeps the ties with ``assign=True``. The hooks work on tensor identity: a tensor held by several
     modules, whoever tied it, is listed once.
+
+    Raises:
+        NotAModuleError: ``model`` is not an ``nn.Module``.
     """
+    check_model(model)
     if not any(isinstance(h, _DropAliases) for h in model._state_dict_hooks.values()):
         fill = _FillAliases()
         model.register_state_dict_post_hook(_DropAliases())
@@ -281,6 +288,83 @@ def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Conv
         )
 
 
+def _describe(policy: str, options: SharingOptions) -> str:
+    """``policy imagenet`` or ``policy cifar, group size 2``."""
+    words = options.describe()
+    return f"policy {policy}" + (f", {words}" if words else "")
+
+
+def _same_request(recorded: SharePlan, policy: str, options: SharingOptions) -> bool:
+    """Whether planning with ``policy`` and ``options`` (checked: scope resolved) asks for the recorded sharing.
+
+    Compared as asked, not re-planned: a plan of the shared model would count its parameters as shared already.
+    """
+    if (policy, options.scope, options.templates) != (recorded.policy, recorded.scope, recorded.templates):
+        return False
+    if options.budget is not None:
+        return options.budget == recorded.budget  # the recorded plan resolved this budget into its group size
+    return options.group_size == recorded.group_size
+
+
+def _sharing(p: SharePlan) -> tuple[object, ...]:
+    """What a plan ties: its policy, scope and groups (members, templates); not how a budget chose the group
+    size, its counts or the input size it traced."""
+    return (p.policy, p.scope, p.templates, tuple((g.members, g.templates) for g in p.groups))
+
+
+def _refuse_replan(net: nn.Module, recorded: SharePlan, requested: str) -> PlanMismatchError:
+    """The one-line refusal of the re-apply rule: a shared model keeps its plan until it is untied."""
+    plain = getattr(net, PLAIN_ATTR, None)
+    untie = "call share_transform.untie(model) first"
+    way_out = f"start from {plain}, or {untie}" if plain else untie
+    return PlanMismatchError(
+        f"{model_name(net)} is shared already ({_describe(recorded.policy, recorded.options)}); "
+        f"re-planning it ({requested}) is refused: {way_out}"
+    )
+
+
+def _check_ties(net: nn.Module, plan: SharePlan, groups: list[list[nn.Conv2d]]) -> None:
+    """Raise, before anything changes, when the model is tied otherwise than ``plan`` can share it.
+
+    A group may be untied, hard-tied, or (for a soft group) mixing one bank of its templates already. Convs
+    sharing a weight must be members of one group, and a soft conv a member of a soft group: the plan is the
+    one record of the ties that ``save`` writes and ``load`` rebuilds.
+    """
+    name = model_name(net)
+    for group, convs in zip(plan.groups, groups):
+        soft = [is_soft(c) for c in convs]
+        bank = bank_of(convs[0])
+        if not any(soft) or (
+            group.templates is not None
+            and bank is not None
+            and bank.k == group.templates
+            and all(bank_of(c) is bank for c in convs)
+        ):
+            continue
+        raise PlanMismatchError(
+            f"{name}: {group.members[soft.index(True)]} is soft-shared already, otherwise than the plan says; "
+            "call share_transform.untie(model) first"
+        )
+    group_of = {path: i for i, g in enumerate(plan.groups) for path in g.members}
+    holders: dict[int, list[str]] = {}
+    for path, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            bank = bank_of(m)
+            if bank is not None and path not in group_of:
+                raise PlanMismatchError(
+                    f"{name}: {path} is soft-shared already, which the plan does not say; "
+                    "call share_transform.untie(model) first"
+                )
+            holders.setdefault(id(bank if bank is not None else m.weight), []).append(path)
+    for paths in holders.values():
+        groups_held = {group_of.get(path) for path in paths}
+        if len(paths) > 1 and (None in groups_held or len(groups_held) > 1):  # the plan is what save records
+            raise PlanMismatchError(
+                f"{name}: {paths[0]} and {paths[1]} share one weight, which the plan does not say; "
+                "call share_transform.untie(model) first"
+            )
+
+
 def apply(
     model: nn.Module,
     policy: str = "imagenet",
@@ -297,8 +381,12 @@ def apply(
     """Turn ``model`` into its ShaResNet in place and return the same object.
 
     Within each stage, the spatial convs of a share group point at one ``nn.Parameter`` (or, with
-    ``templates=k``, mix one bank of k templates); the model keeps its class and methods. Applying again to
-    a shared model changes nothing.
+    ``templates=k``, mix one bank of k templates); the model keeps its class and methods.
+
+    The re-apply rule: a shared model keeps its plan until it is untied. Applying the plan it records again
+    (the same policy and options, or an equal plan) changes nothing but re-tying what a move untied; any other
+    plan is refused with ``PlanMismatchError`` before anything changes: call :func:`untie` first. A model is
+    never left half-shared: every check runs before the first tie.
 
     Args:
         model: the residual network.
@@ -314,8 +402,9 @@ def apply(
 
     Raises:
         PlanMismatchError: the plan does not fit the model (made for another architecture: another name,
-            parameter count, member path or conv signature), or a group is shared the other way (hard
-            against soft) already; :func:`untie` the model first.
+            parameter count, member path or conv signature); the model is shared already under another plan
+            (``NAME is shared already (policy P); re-planning it (policy Q) is refused: call
+            share_transform.untie(model) first``); or it is tied otherwise than the plan can share.
 
     Example:
         >>> import timm, share_transform
@@ -327,29 +416,34 @@ def apply(
         17125630
     """
     net = check_model(model)  # a torch.compile wrapper: the module it compiles
+    name = model_name(net)
     if init not in INITS:
-        raise UnknownInitError(f"{model_name(net)}: unknown init {init!r}; choose one of {', '.join(INITS)}")
+        raise UnknownInitError(f"{name}: unknown init {init!r}; choose one of {', '.join(INITS)}")
+    recorded = get_plan(net)
     if plan is None:
         options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
-        plan = make_plan(net, policy, input_size=input_size, options=options)
+        if recorded is None:
+            plan = make_plan(net, policy, input_size=input_size, options=options)
+        else:
+            rule = check_policy(policy, name)
+            checked = options.check(name, rule)
+            if not _same_request(recorded, rule.name, checked):
+                raise _refuse_replan(net, recorded, _describe(rule.name, checked))
+            plan = recorded
         groups = _group_convs(net, plan)
     else:
-        check_policy(plan.policy, model_name(net))
+        check_policy(plan.policy, name)
         check_templates(plan)  # before a bank of that many templates is allocated
+        if recorded is not None:
+            if _sharing(plan) != _sharing(recorded):
+                raise _refuse_replan(net, recorded, _describe(plan.policy, plan.options))
+            plan = recorded  # an equal plan: the recorded one stays
         groups = _group_convs(net, plan)
         _check_made_for(net, plan, groups)
+    _check_ties(net, plan, groups)
     for group, convs in zip(plan.groups, groups):
-        soft = [is_soft(c) for c in convs]
-        if group.templates is not None:
-            banks = {id(bank_of(c)) for c in convs}
-            bank = bank_of(convs[0])
-            if all(soft) and len(banks) == 1 and bank is not None and bank.k == group.templates:
-                continue  # already mixing this group's bank
-        if any(soft):
-            raise PlanMismatchError(
-                f"{model_name(net)}: {group.members[soft.index(True)]} is soft-shared already, otherwise than "
-                "the plan says; call share_transform.untie(model) first"
-            )
+        if any(is_soft(c) for c in convs):
+            continue  # mixing this group's bank already (_check_ties)
         if group.templates is not None:
             share_softly(convs, group.templates)
             continue
@@ -387,6 +481,13 @@ def untie(model: nn.Module) -> nn.Module:
     """Give every conv its own copy of its weight again (the inverse of ``apply``), in place.
 
     A soft-shared conv becomes a plain conv holding its current effective weight (its mix of the templates).
+    A model shared by construction (``sharesnet18``, ``wrn_40_4_share``) takes the name of the network it
+    shared (``resnet18``, ``wrn_40_4``): an untied model never calls itself shared, and ``save`` records the
+    network that rebuilds it.
+
+    Example:
+        >>> model = share_transform.untie(timm.create_model("sharesnet18"))
+        >>> share_transform.apply(model, "cifar")  # re-planning: untie first (the re-apply rule)
     """
     net = check_model(model)
     seen: set[int] = set()
@@ -399,7 +500,24 @@ def untie(model: nn.Module) -> nn.Module:
                 seen.add(id(w))
     if hasattr(net, PLAN_ATTR):
         delattr(net, PLAN_ATTR)
+    plain = getattr(net, PLAIN_ATTR, None)
+    if plain is not None:
+        _rename(net, plain)
+        delattr(net, PLAIN_ATTR)
     return model
+
+
+def _rename(net: nn.Module, name: str) -> None:
+    """Give ``net`` the architecture name ``name`` where :func:`model_name` reads it (build record, timm cfg)."""
+    spec = build_spec(net)
+    if spec is not None:
+        setattr(net, BUILD_ATTR, {**spec, "name": name})
+    cfg = getattr(net, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        renamed = {**cfg, "architecture": name}
+        setattr(net, "pretrained_cfg", renamed)  # noqa: B010  # nn.Module's typed __setattr__ refuses a dict
+        if getattr(net, "default_cfg", None) is cfg:
+            setattr(net, "default_cfg", renamed)  # noqa: B010  # timm keeps the two names on one dict
 
 
 def is_tied(model: nn.Module, plan: SharePlan | None = None) -> bool:

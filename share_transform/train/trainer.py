@@ -45,7 +45,7 @@ from ..build import build_model
 from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
 from ..figure import require_matplotlib
 from ..init import init_weights
-from ..tie import alias_groups, apply, count_parameters, keep_ties
+from ..tie import PLAIN_ATTR, alias_groups, apply, count_parameters, get_plan, keep_ties
 from .args import SHARING_FLAGS, sharing_options
 from .checkpoint import (
     check_training_state,
@@ -116,10 +116,21 @@ class TrainConfig:
 def build_recipe_model(
     args: argparse.Namespace, num_classes: int, *, input_size: tuple[int, int, int] | None = None
 ) -> tuple[nn.Module, int, int]:
-    """Build ``--arch`` with the recipe's init, share it when ``--share``; also the unshared and unique counts."""
+    """Build ``--arch`` with the recipe's init, share it when ``--share``; also the unshared and unique counts.
+
+    Raises:
+        ConfigError: ``--no-share`` with a network shared by construction (``sharesnet18``).
+        PlanMismatchError: ``--share`` with options other than those a network shared by construction has.
+    """
     model = build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
+    built = get_plan(model)  # a network shared by construction: its plan counts it before sharing
+    if built is not None and not args.share:
+        raise ConfigError(
+            f"--arch {args.arch} is shared by construction (policy {built.policy}); for an unshared run use "
+            f"--arch {getattr(model, PLAIN_ATTR, 'the network it shares')}"
+        )
     init_weights(model, args.init)
-    params_unshared = count_parameters(model)
+    params_unshared = built.params_before if built is not None else count_parameters(model)
     options = sharing_options(args)
     if options is not None:
         apply(model, args.policy, input_size=input_size, options=options)
