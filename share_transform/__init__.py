@@ -33,6 +33,7 @@ _API = (
     "modelinfo",
     "tie",
     "planning",
+    "trace",
     "signature",
     "summary",
     "files",
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # the same modules, for type checkers and IDEs (tests/test_pa
     from .signature import *  # noqa: F403
     from .summary import *  # noqa: F403
     from .tie import *  # noqa: F403
+    from .trace import *  # noqa: F403
 
 
 def _public_names() -> list[str]:

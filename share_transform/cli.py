@@ -7,7 +7,7 @@ it can build). Reporting commands take ``--json``.
 
 Errors are one line on stderr: exit code 2 for bad input (a :class:`ShareError`, a bad option, a file
 that cannot be read or written), 1 for an internal failure (including an ONNX export that fails its own
-check); never a traceback, and nothing is written.
+check); no traceback, unless ``sharetx --debug`` or ``SHARETX_DEBUG=1`` asks for one, and nothing is written.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import dataclasses
 import fnmatch
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from .build import SOURCES, build_model, list_model_names, split_name
-from .errors import ExportError, MissingFileError, ShareError
+from .errors import ExportError, MissingFileError, ShareError, debug_requested
 from .fs import check_writable, existing_file
 from .policies import INITS, POLICIES, SharingOptions
 from .text import format_columns
@@ -49,8 +50,33 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _report(e: Exception, debug: bool) -> int:
+    """Say what went wrong in one line on stderr (after the traceback, with ``debug``); the exit code."""
+    if debug:
+        click.echo("".join(traceback.format_exception(e)).rstrip(), err=True)
+    if isinstance(e, ExportError):  # the exporter, not the user, got it wrong
+        return _fail(str(e), EXIT_INTERNAL)
+    if isinstance(e, ShareError):
+        return _fail(str(e), EXIT_USAGE)
+    if isinstance(e, OSError):  # a path the user gave cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}", EXIT_USAGE)
+    # A bug: one line, unless asked for the traceback.
+    hint = "" if debug else " (rerun with sharetx --debug for the traceback)"
+    return _fail(f"internal error ({type(e).__name__}: {e}); please report it{hint}", EXIT_INTERNAL)
+
+
 class SharetxGroup(click.Group):
-    """A click group whose errors are one line on stderr, with sharetx's exit codes, and no traceback."""
+    """A click group whose errors are one line on stderr, with sharetx's exit codes, and no traceback unless
+    ``--debug`` (a group option) or the environment's ``SHARETX_DEBUG=1`` asks for one."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:  # a command failed: here the group's --debug is known
+            raise click.exceptions.Exit(_report(e, bool(ctx.params.get("debug")) or debug_requested())) from e
 
     def main(  # type: ignore[override]
         self,
@@ -69,15 +95,8 @@ class SharetxGroup(click.Group):
             code = _fail(e.format_message() + hint, e.exit_code)
         except click.Abort:
             code = _fail("aborted", EXIT_INTERNAL)
-        except ExportError as e:  # the exporter, not the user, got it wrong
-            code = _fail(str(e), EXIT_INTERNAL)
-        except ShareError as e:
-            code = _fail(str(e), EXIT_USAGE)
-        except OSError as e:  # a path the user gave cannot be read or written
-            where = f"{e.filename}: " if e.filename else ""
-            code = _fail(f"{where}{e.strerror or e}", EXIT_USAGE)
-        except Exception as e:  # a bug: say so in one line rather than a traceback
-            code = _fail(f"internal error ({type(e).__name__}: {e}); please report it", EXIT_INTERNAL)
+        except Exception as e:  # before a command ran (a parameter's callback): the environment decides
+            code = _report(e, debug_requested())
         if standalone_mode:
             sys.exit(code)
         return code
@@ -96,6 +115,22 @@ def _json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of text.")(f)
 
 
+class PolicyChoice(click.Choice):  # type: ignore[type-arg]
+    """``--policy``'s choices: the policies registered when the command runs, not when this module was imported
+    (the built-in ones, plus any :func:`share_transform.policies.register_policy` added before ``main()``)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(sorted(POLICIES))
+
+    @choices.setter
+    def choices(self, value: object) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
+
+
 def _model_options(f: F) -> F:
     """--model, --source, --policy, --num-classes: what to build and how to share it."""
     options = [
@@ -110,10 +145,11 @@ def _model_options(f: F) -> F:
         click.option("--source", type=click.Choice(SOURCES), default=None, help="Model library [default: timm]."),
         click.option(
             "--policy",
-            type=click.Choice(sorted(POLICIES)),
+            type=PolicyChoice(),
             default="imagenet",
             show_default=True,
-            help="imagenet: every stride-1 spatial conv of a stage shares; cifar: the first block keeps its own.",
+            help="imagenet: every stride-1 spatial conv of a stage shares; cifar: the first block keeps its own; "
+            "swrn: soft sharing (needs --templates); and any registered with share_transform.register_policy.",
         ),
         click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier outputs."),
     ]
@@ -122,8 +158,19 @@ def _model_options(f: F) -> F:
     return f
 
 
+def _exclude_option(f: F) -> F:
+    """--exclude, repeatable: layers whose spatial convs keep their own weights."""
+    return click.option(
+        "--exclude",
+        multiple=True,
+        metavar="PATTERN",
+        help="Module path or glob (layer4.*, layer3.2) whose spatial convs keep their own weights; repeatable. "
+        "A pattern that matches no module is an error.",
+    )(f)
+
+
 def _sharing_options(f: F) -> F:
-    """--group-size, --scope, --templates, --budget: where on the dial between ResNet and ShaResNet."""
+    """--group-size, --scope, --templates, --budget, --exclude: where on the dial between ResNet and ShaResNet."""
     options = [
         click.option(
             "--group-size",
@@ -149,6 +196,7 @@ def _sharing_options(f: F) -> F:
             default=None,
             help="At most this fraction of the original parameters: the least sharing that fits.",
         ),
+        _exclude_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -206,7 +254,12 @@ def _warn_non_finite(model: nn.Module, checkpoint: Path) -> None:
 
 @click.group(cls=SharetxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sharetx")
-def main() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="On an error, print the full traceback before the one-line message (or set SHARETX_DEBUG=1).",
+)
+def main(debug: bool) -> None:
     """Turn residual networks into ShaResNets: one shared spatial conv weight per stage.
 
     Boulch, "ShaResNet: reducing residual network parameter number by sharing weights" (arXiv 1702.08782).
@@ -251,6 +304,7 @@ def convert(
     scope: str | None,
     templates: int | None,
     budget: float | None,
+    exclude: tuple[str, ...],
     checkpoint: Path | None,
     init: str,
     out: Path | None,
@@ -269,11 +323,14 @@ def convert(
       sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
       sharetx convert --model resnet101 --budget 0.75
       sharetx convert --model wrn_28_10 --policy swrn --templates 2
+      sharetx convert --model resnet50 --exclude 'layer4.*'
     """
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
     # Refuse before importing torch and building, so an error costs nothing and writes nothing.
-    options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = _check_sharing(
+        name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=exclude
+    )
     _check_output(out, force)
     if checkpoint is not None:
         existing_file(checkpoint, "checkpoint")
@@ -309,6 +366,7 @@ def plan_command(
     scope: str | None,
     templates: int | None,
     budget: float | None,
+    exclude: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Print what sharing would change (the convert report), writing nothing.
@@ -318,12 +376,15 @@ def plan_command(
       sharetx plan --model resnet50
       sharetx plan --model wrn_28_10 --policy cifar --num-classes 100 --json
       sharetx plan --model resnet34 --scope all --group-size 2
+      sharetx plan --model resnet50 --exclude 'layer4.*' --exclude layer3.5
     """
     from .planning import plan
     from .summary import summarize
     from .tie import apply, get_plan
 
-    options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = _check_sharing(
+        name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=exclude
+    )
     model = _build(name, source, num_classes)
     # Shared by construction (sharesnet18): its own plan, or convert's refusal (apply changes nothing here).
     share_plan = (
@@ -346,6 +407,7 @@ def plan_command(
     help="Also draw unique parameters against the setting to this PNG (needs matplotlib: the [train] extra).",
 )
 @click.option("--force", is_flag=True, help="Overwrite the plot if it exists (a regular file only).")
+@_exclude_option
 @_json_option
 def sweep_command(
     name: str,
@@ -354,6 +416,7 @@ def sweep_command(
     num_classes: int | None,
     plot: Path | None,
     force: bool,
+    exclude: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """The sharing dial of one model: unique parameters for each scope x group size x templates.
@@ -365,6 +428,7 @@ def sweep_command(
       sharetx sweep --model resnet50
       sharetx sweep --model wrn_28_10 --policy cifar --json
       sharetx sweep --model resnet101 --plot resnet101-sweep.png
+      sharetx sweep --model resnet50 --exclude 'layer4.*'
     """
     from .planning import sweep
 
@@ -374,7 +438,7 @@ def sweep_command(
 
         require_matplotlib()  # before the build: a missing [train] extra costs nothing
     model = _build(name, source, num_classes)
-    plans = sweep(model, policy)
+    plans = sweep(model, policy, exclude=exclude)
     rows: list[dict[str, Any]] = [
         {
             "scope": p.scope,
@@ -399,8 +463,12 @@ def sweep_command(
         for r in rows
     ]
     original = plans[0].params_before
+    excluding = f", exclude {' '.join(exclude)}" if exclude else ""
     text = "\n".join(
-        [f"sharing dial of {name}, policy {policy}: {original:,} parameters unshared", *format_columns(table, left={0})]
+        [
+            f"sharing dial of {name}, policy {policy}{excluding}: {original:,} parameters unshared",
+            *format_columns(table, left={0}),
+        ]
     )
     if plot is not None:
         _plot_sweep(rows, plot, f"{name}, policy {policy}")

@@ -196,14 +196,17 @@ def _options(plan: dict[str, Any]) -> None:
     budget = plan.get("budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1):
         _fail("plan.budget", "a fraction in (0, 1]", budget)
+    exclude = plan.get("exclude")
+    if exclude is not None and not all(isinstance(p, str) and p for p in _list(exclude, "plan.exclude")):
+        _fail("plan.exclude", "a list of module paths or glob patterns", exclude)
 
 
 def check_plan(value: object) -> SharePlan:
     """A share plan from its JSON (``SharePlan.to_dict``), after checking every field's type and range and the
     fields against each other.
 
-    Unknown keys at the plan's top level are ignored (what ``SharePlan.from_dict`` does not read); inside a
-    stage, spatial conv, group or signature they are refused.
+    Unknown keys at the plan's top level are ignored (``SharePlan.from_dict`` does not read them; a key it
+    reads must be checked here); inside a stage, spatial conv, group or signature they are refused.
 
     Raises:
         SchemaError naming the first field that breaks the schema.

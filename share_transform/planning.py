@@ -12,11 +12,14 @@ Options turn that one operating point into a dial: ``group_size`` cuts a stage's
 that each share one weight, ``scope="all"`` shares every spatial conv of the residual branch (both 3x3s of a
 basic block), ``templates=k`` makes each run a soft-shared group (a bank of k templates mixed by per-conv
 coefficients; Savarese & Maire, ICLR 2019) and ``budget`` picks the least sharing that fits a parameter budget.
+``exclude`` names layers whose convs keep their own weights whatever the rest of the options say.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,7 @@ KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
 KEPT_UNIQUE = "no other spatial conv of this stage and signature"
 KEPT_RUN = "alone in its run of group_size"
+KEPT_EXCLUDED = "excluded"
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,9 @@ class SharePlan:
             f"parameters: {self.params_before:,} -> {self.params_after:,} ({-100 * self.decrease:+.1f}%)"
         )  # soft banks can add parameters
         lines.append(f"distinct conv weights: {self.convs_before} -> {self.convs_after}")
+        excluded = [c.path for c in self.spatial_convs if c.kept_because == KEPT_EXCLUDED]
+        if excluded:
+            lines.append(f"excluded (keep their own weights): {', '.join(excluded)}")
         return "\n".join(lines)
 
 
@@ -311,13 +318,24 @@ def sharing_options(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
 ) -> SharingOptions:
     """One :class:`SharingOptions` from ``options=`` or the loose keywords of ``plan`` and ``apply``, not both.
 
     Raises:
-        ShareOptionError: both were given.
+        ShareOptionError: both were given, or ``exclude`` is one string (a list of them is meant).
     """
-    loose = SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget)
+    if isinstance(exclude, str):  # tuple() would split it into characters
+        raise ShareOptionError(
+            f"exclude takes a list of module paths or glob patterns, not one string: exclude=[{exclude!r}]"
+        )
+    loose = SharingOptions(
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
+        exclude=() if exclude is None else tuple(exclude),
+    )
     if options is None:
         return loose
     if loose != SharingOptions():
@@ -335,6 +353,7 @@ def plan(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
 ) -> SharePlan:
     """Plan the ShaResNet transform of ``model`` without changing it.
 
@@ -355,7 +374,11 @@ def plan(
             run owns a bank of k templates and each member k coefficients.
         budget: the least sharing that brings the unique parameters to at most ``budget`` x the
             original: the smallest ``group_size`` that reaches it (recorded in the plan).
-        options: the four options above as one :class:`~share_transform.SharingOptions` (instead of the
+        exclude: module paths or glob patterns whose spatial convs keep their own weights (Torch-Pruning's
+            ``ignored_layers``): a conv is excluded when its path, or the path of a module holding it, matches
+            one with ``fnmatch`` (``["layer4.*"]``, ``["layer3.2", "*.conv2"]``); recorded in the plan, where
+            each such conv is kept ``"excluded"``.
+        options: the five options above as one :class:`~share_transform.SharingOptions` (instead of the
             keywords).
 
     Returns:
@@ -363,8 +386,8 @@ def plan(
 
     Raises:
         NotAModuleError, UnknownPolicyError, ShareOptionError (an option out of range, ``budget`` with
-        ``group_size``, ``swrn`` without ``templates``, an unreachable budget), TraceError, InputSizeError,
-        NoSpatialConvError.
+        ``group_size``, ``swrn`` without ``templates``, an unreachable budget, an ``exclude`` pattern that
+        matches no module of the model), TraceError, InputSizeError, NoSpatialConvError.
 
     Example:
         >>> import timm, share_transform
@@ -373,11 +396,15 @@ def plan(
         (25557032, 20469800)
         >>> share_transform.plan(timm.create_model("resnet101"), budget=0.75).group_size  # 44.5 M -> 32.4 M
         4
+        >>> share_transform.plan(timm.create_model("resnet50"), exclude=["layer4.*"]).params_after
+        22829096
     """
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
-    options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = sharing_options(
+        options, group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=exclude
+    )
     options = options.check(name, rule)
     analysis = _analyse(model, name, input_size)
     return _make_plan(analysis, rule, options)
@@ -390,12 +417,13 @@ def sweep(
     input_size: Sequence[int] | None = None,
     scopes: Sequence[str] = SCOPES,
     templates: Sequence[int | None] = (None, 1, 2, 4),
+    exclude: Iterable[str] = (),
 ) -> list[SharePlan]:
     """Plans of ``model`` over the dial: every scope x group size x templates, tracing the model once.
 
     Group sizes are 1, 2, 4, ... below the longest run of sharable convs of the scope, then None (the whole
     stage); group size 1 (no sharing) comes once per scope. ``templates=None`` (hard sharing) is skipped for a
-    policy that needs templates (``swrn``).
+    policy that needs templates (``swrn``). ``exclude`` (as :func:`plan`'s) holds for every plan.
 
     Example:
         >>> for p in share_transform.sweep(timm.create_model("resnet50")):
@@ -404,11 +432,13 @@ def sweep(
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
+    excluded = sharing_options(None, exclude=exclude).exclude
     analysis = _analyse(model, name, input_size)
     plans = []
     for scope in scopes:
-        SharingOptions(scope=scope, templates=1).check(name, rule)  # an unknown scope fails here
-        stage = _make_plan(analysis, rule, SharingOptions(scope=scope))  # hard, whole stages: the longest runs
+        SharingOptions(scope=scope, templates=1, exclude=excluded).check(name, rule)  # an unknown scope fails here
+        # Hard, whole stages: the longest runs.
+        stage = _make_plan(analysis, rule, SharingOptions(scope=scope, exclude=excluded))
         longest = max((len(g.members) for g in stage.groups), default=1)
         sizes: list[int | None] = [2**i for i in range(longest.bit_length()) if 2**i < longest] + [None]
         for group_size in sizes:
@@ -418,7 +448,8 @@ def sweep(
             largest = longest if group_size is None else min(group_size, longest)
             choices = [k for k in choices if k is None or k <= largest]
             for k in choices[:1] if group_size == 1 else choices:
-                options = SharingOptions(group_size=group_size, scope=scope, templates=k).check(name, rule)
+                options = SharingOptions(group_size=group_size, scope=scope, templates=k, exclude=excluded)
+                options = options.check(name, rule)
                 plans.append(_make_plan(analysis, rule, options))
     return plans
 
@@ -456,11 +487,38 @@ def _analyse(model: nn.Module, name: str, input_size: Sequence[int] | None) -> _
     )
 
 
+def _excluded_by(patterns: Sequence[str], paths: Iterable[str], name: str) -> Callable[[str], bool]:
+    """A test ``is_excluded(conv_path)`` for ``patterns``, after checking that each matches a module in ``paths``.
+
+    Raises:
+        ShareOptionError: a pattern matches no module path (a typo, or a layer of another model).
+    """
+    paths = list(paths)
+    for pattern in patterns:
+        if not fnmatch.filter(paths, pattern):
+            close = difflib.get_close_matches(pattern, paths, n=3)
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else f"its top-level modules are {', '.join(p for p in paths if '.' not in p)}"
+            )
+            raise ShareOptionError(f"{name}: exclude pattern {pattern!r} matches no module of the model; {hint}")
+
+    def is_excluded(path: str) -> bool:
+        parts = path.split(".")
+        holders = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # layer4, layer4.0, layer4.0.conv2
+        return any(fnmatch.fnmatchcase(h, p) for h in holders for p in patterns)
+
+    return is_excluded
+
+
 def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> SharePlan:
     """The plan of ``options`` (checked, scope resolved) on the traced model."""
     name, stage_blocks = analysis.name, analysis.stages
     scope, group_size, templates, budget = options.scope, options.group_size, options.templates, options.budget
     params_before, convs_before = analysis.params_before, analysis.convs_before
+    modules = dict(analysis.model.named_modules())
+    is_excluded = _excluded_by(options.exclude, (p for p in modules if p), name)
 
     # Candidates: stride-1 spatial convs not kept by the policy, grouped by (stage, input resolution, signature),
     # each list in the order the model computes them.
@@ -471,15 +529,15 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
             convs = b.branch_convs if scope == "all" else (BranchConv(b.spatial_conv, b.signature, b.conv_input),)
             for c in convs:
                 kept = None
-                if not c.signature.is_stride_one:
+                if is_excluded(c.path):  # the caller's word first: it holds whatever else is true of the conv
+                    kept = KEPT_EXCLUDED
+                elif not c.signature.is_stride_one:
                     kept = KEPT_STRIDE
                 elif rule.keep_first_block and position == 0:
                     kept = KEPT_FIRST_BLOCK
                 else:
                     candidates.setdefault((s, c.conv_input, c.signature), []).append(c.path)
                 placed.append((s, position, b, c, kept))
-
-    modules = dict(analysis.model.named_modules())
 
     def grouping(run: int | None) -> tuple[list[ShareGroup], int, int]:
         """The groups for runs of ``run`` convs, and the parameters and conv weights they remove."""
@@ -544,7 +602,9 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
         params_after=params_before - saved_now,
         convs_before=convs_before,
         convs_after=convs_before - removed_now,
-        options=SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget),
+        options=SharingOptions(
+            group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=options.exclude
+        ),
     )
     check_templates(share_plan)
     return share_plan

@@ -2,6 +2,7 @@
 shared weight.
 
 The CLI offers these as choices in ``--help``, which must answer without importing torch or timm.
+:func:`register_policy` adds a policy to the built-in ones.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .errors import ShareOptionError
+from .errors import RegistrationError, ShareOptionError
 
-__all__ = ["POLICIES", "Policy", "SharingOptions"]
+__all__ = ["POLICIES", "Policy", "SharingOptions", "register_policy"]
 
 #: Which spatial convs of a block may share: the block's last one (the paper), or all of its residual branch.
 SCOPES = ("last", "all")
@@ -45,13 +46,64 @@ POLICIES: dict[str, Policy] = {
     )
 }
 
+
+def register_policy(
+    name: str,
+    *,
+    keep_first_block: bool,
+    description: str,
+    scope: str = "last",
+    needs_templates: bool = False,
+    replace: bool = False,
+) -> Policy:
+    """Add a sharing policy to :data:`POLICIES`, for :func:`share_transform.plan`, ``apply`` and ``sweep``.
+
+    A policy says which spatial convs of a stage may share: with ``keep_first_block`` the first block of every
+    stage keeps its own (the authors' CIFAR code), ``scope`` is the scope when the caller gives none, and
+    ``needs_templates`` makes ``templates=k`` required (a soft-sharing preset). The ``sharetx`` CLI offers the
+    policies registered when it runs: the built-in ones, plus any registered before ``main()`` is called from
+    Python. A plan records its policy by name, so a file planned with a registered policy loads where the same
+    policy is registered.
+
+    Args:
+        name: the policy's name, a single word (``[A-Za-z0-9_-]``): what ``policy=`` and ``--policy`` take.
+        keep_first_block: the first block of every stage keeps its own spatial convs.
+        description: one line, for ``--help`` and the docs.
+        scope: ``"last"`` (the block's last spatial conv) or ``"all"`` (every spatial conv of the branch).
+        needs_templates: soft sharing only: ``templates=k`` is required.
+        replace: replace a policy of that name (a built-in one included).
+
+    Returns:
+        The registered :class:`Policy`.
+
+    Raises:
+        RegistrationError: ``name`` is taken (and ``replace`` is False), or is not a single word; ``scope`` is
+            not one of :data:`SCOPES`.
+
+    Example:
+        >>> every = register_policy("every-block", keep_first_block=False, scope="all",
+        ...                         description="every stride-1 spatial conv of the residual branch shares")
+        >>> share_transform.plan(timm.create_model("resnet34"), "every-block").scope
+        'all'
+    """
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise RegistrationError(f"register_policy: a policy name is one word of letters, digits, _ and -, got {name!r}")
+    if name in POLICIES and not replace:
+        raise RegistrationError(f"register_policy: policy {name!r} exists; pass replace=True to replace it")
+    if scope not in SCOPES:
+        raise RegistrationError(f"register_policy: unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    policy = Policy(name, bool(keep_first_block), str(description), scope=scope, needs_templates=bool(needs_templates))
+    POLICIES[name] = policy
+    return policy
+
+
 #: How a shared weight starts: the first member's weight, or the members' mean (a warm start from trained weights).
 INITS = ("first", "mean")
 
 
 def describe_sharing(options: Mapping[str, Any] | None) -> str:
-    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``; absent or None = the paper's) as
-    words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
+    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``, ``exclude``; absent or None = the
+    paper's) as words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
     options = options or {}
     parts = []
     if options.get("group_size") is not None:
@@ -62,6 +114,8 @@ def describe_sharing(options: Mapping[str, Any] | None) -> str:
         parts.append(f"{options['templates']} templates")
     if options.get("budget") is not None:
         parts.append(f"budget {options['budget']:g}")
+    if options.get("exclude"):
+        parts.append(f"exclude {' '.join(options['exclude'])}")
     return ", ".join(parts)
 
 
@@ -80,16 +134,29 @@ class SharingOptions:
             per run mixed by per-layer coefficients.
         budget: the least sharing that brings the unique parameters to at most this fraction of the original
             (resolved into ``group_size`` by the plan, which records both).
+        exclude: module paths or glob patterns (``fnmatch`` on the module path, ``*`` crossing dots) whose spatial
+            convs keep their own weights, as Torch-Pruning's ``ignored_layers``: a conv is excluded when its path,
+            or the path of a module holding it, matches one (``"layer4"``, ``"layer4.*"``, ``"layer3.2"``,
+            ``"*.conv2"``). A pattern that matches no module of the model is an error. A list is kept as a tuple.
 
     Example:
         >>> SharingOptions(group_size=2, templates=2).describe()
         'group size 2, 2 templates'
+        >>> SharingOptions(exclude=["layer4.*"]).exclude
+        ('layer4.*',)
     """
 
     group_size: int | None = None
     scope: str | None = None
     templates: int | None = None
     budget: float | None = None
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # One spelling per value, so that equal options compare (and hash) equal: a list (JSON, argparse's
+        # append) becomes a tuple, None (an unset flag) the empty tuple. Anything else is left for check().
+        if self.exclude is None or isinstance(self.exclude, list):
+            object.__setattr__(self, "exclude", tuple(self.exclude or ()))
 
     def check(self, name: str, rule: Policy) -> SharingOptions:
         """These options with the scope resolved (the policy's when None), after checking them against each other
@@ -119,6 +186,11 @@ class SharingOptions:
                 raise ShareOptionError(
                     f"{name}: give budget or group_size, not both (the budget chooses the group size)"
                 )
+        if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) and p for p in self.exclude):
+            raise ShareOptionError(
+                f"{name}: exclude takes a list of module paths or glob patterns (exclude=['layer4.*']), "
+                f"got {self.exclude!r}"
+            )
         if rule.needs_templates and self.templates is None:
             raise ShareOptionError(
                 f"{name}: policy {rule.name!r} is soft sharing; give templates=k (k >= 1 templates per stage)"
@@ -126,14 +198,17 @@ class SharingOptions:
         return replace(self, scope=self.scope if self.scope is not None else rule.scope)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"group_size", "scope", "templates", "budget"}``: what ``run.json`` and a plan's JSON record."""
-        return asdict(self)
+        """``{"group_size", "scope", "templates", "budget", "exclude"}``: what ``run.json`` and a plan's JSON
+        record (``exclude`` as a list)."""
+        return {**asdict(self), "exclude": list(self.exclude)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SharingOptions:
-        """The options a :meth:`to_dict` (or an older record lacking some keys) holds; unknown keys are ignored."""
+        """The options a :meth:`to_dict` (or an older record lacking some keys: no ``exclude`` is none) holds;
+        unknown keys are ignored."""
         d = d or {}
-        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+        values: dict[str, Any] = {f.name: d.get(f.name) for f in fields(cls)}  # an absent exclude: None -> ()
+        return cls(**values)
 
     def describe(self) -> str:
         """The options that differ from the paper's, in words (empty for the paper's)."""

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .modelinfo import build_spec
-from .planning import ShareGroup, SharePlan
+from .planning import KEPT_EXCLUDED, ShareGroup, SharePlan
 from .soft import bank_of
 from .text import format_columns
 
@@ -69,10 +69,11 @@ class ShareSummary:
     rest: StageSummary
     total: StageSummary
     groups: tuple[ShareGroup, ...]
-    options: dict[str, Any]  # the plan's sharing options (group_size, scope, templates, budget)
+    options: dict[str, Any]  # the plan's sharing options (group_size, scope, templates, budget, exclude)
     describe_options: str  # the options that differ from the paper's, as the header prints them
     file: Path | None = None  # the file written or inspected
     file_bytes: int | None = None  # its size, header included
+    excluded: tuple[str, ...] = ()  # spatial convs that keep their own weights because ``exclude`` names them
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +96,7 @@ class ShareSummary:
                 for g in self.groups
             ],
             "file": None if self.file is None else {"path": str(self.file), "bytes": self.file_bytes},
+            "excluded": list(self.excluded),
         }
 
     def __str__(self) -> str:
@@ -134,6 +136,8 @@ class ShareSummary:
         for g in self.groups:
             members = g.members if len(g.members) <= 3 else (g.members[0], "...", g.members[-1])
             lines.append(f"stage {g.stage}: {g.describe()} for {len(g.members)} convs ({', '.join(members)})")
+        if self.excluded:
+            lines.append(f"excluded (keep their own weights): {', '.join(self.excluded)}")
         if self.file is not None:
             lines.append(
                 f"file: {self.file} ({self.file_bytes:,} bytes; unshared tensors take {self.total.bytes_before:,})"
@@ -238,4 +242,5 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         describe_options=share_plan.describe_options(),
         file=path,
         file_bytes=path.stat().st_size if path is not None else None,
+        excluded=tuple(c.path for c in share_plan.spatial_convs if c.kept_because == KEPT_EXCLUDED),
     )

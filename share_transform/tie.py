@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError
+from .errors import CheckpointError, PlanMismatchError, UnknownInitError
 from .modelinfo import BUILD_ATTR, build_spec, check_model, model_name
 from .planning import SharePlan, check_policy, check_templates, plan as make_plan, sharing_options
 from .policies import INITS, SharingOptions
@@ -89,13 +89,16 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
         >>> ties = alias_groups(model)
         >>> model.to(device)
         >>> keep_ties(model, ties, f"moving the model to {device}")
+
+    Raises:
+        PlanMismatchError: the ties could not be restored.
     """
     if alias_groups(model) == expected:
         return
     if get_plan(model) is not None:
         retie(model)
     if alias_groups(model) != expected:
-        raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
+        raise PlanMismatchError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -299,7 +302,8 @@ def _same_request(recorded: SharePlan, policy: str, options: SharingOptions) -> 
 
     Compared as asked, not re-planned: a plan of the shared model would count its parameters as shared already.
     """
-    if (policy, options.scope, options.templates) != (recorded.policy, recorded.scope, recorded.templates):
+    asked = (policy, options.scope, options.templates, options.exclude)
+    if asked != (recorded.policy, recorded.scope, recorded.templates, recorded.options.exclude):
         return False
     if options.budget is not None:
         return options.budget == recorded.budget  # the recorded plan resolved this budget into its group size
@@ -377,6 +381,7 @@ def apply(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
 ) -> nn.Module:
     """Turn ``model`` into its ShaResNet in place and return the same object.
 
@@ -397,8 +402,9 @@ def apply(
             valid); ``"mean"`` averages the members' kernels (warm start from a trained model). Soft groups
             are initialised as the reference code: He-normal templates, orthogonal coefficients.
         input_size: ``(C, H, W)`` for planning; defaults to the model's own.
-        options, group_size, scope, templates, budget: the sharing options of :func:`share_transform.plan`
-            (a :class:`~share_transform.SharingOptions`, or keywords); ignored when ``plan`` is given.
+        options, group_size, scope, templates, budget, exclude: the sharing options of
+            :func:`share_transform.plan` (a :class:`~share_transform.SharingOptions`, or keywords); ignored when
+            ``plan`` is given.
 
     Raises:
         PlanMismatchError: the plan does not fit the model (made for another architecture: another name,
@@ -421,7 +427,9 @@ def apply(
         raise UnknownInitError(f"{name}: unknown init {init!r}; choose one of {', '.join(INITS)}")
     recorded = get_plan(net)
     if plan is None:
-        options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
+        options = sharing_options(
+            options, group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=exclude
+        )
         if recorded is None:
             plan = make_plan(net, policy, input_size=input_size, options=options)
         else:
@@ -468,10 +476,13 @@ def retie(model: nn.Module) -> nn.Module:
 
     ``to_empty``, materialising a meta-device model, ``.to("meta")`` and weight-replacing tools (pruning)
     give each module its own new ``Parameter``; each group gets its first member's weight back.
+
+    Raises:
+        PlanMismatchError: no plan is recorded on the model (it was never shared with :func:`apply`).
     """
     plan = get_plan(check_model(model))
     if plan is None:
-        raise ShareError(
+        raise PlanMismatchError(
             f"{model_name(model)}: no share plan is recorded on this model; call share_transform.apply(model) first"
         )
     return apply(model, plan=plan, init="first")

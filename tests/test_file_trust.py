@@ -270,6 +270,8 @@ def _plan_with(path: Path, edit: str) -> str:
         ("plan", 'groups.0.numel="x"', r"plan.groups\[0\].numel must be an integer"),
         ("plan", "groups.0.numel=577", r"plan.groups\[0\].numel must be 576"),
         ("plan", 'budget="abc"', r"plan.budget must be a fraction in \(0, 1\]"),
+        ("plan", 'exclude="layer4.*"', r"plan.exclude must be a list"),
+        ("plan", "exclude=[[1]]", r"plan.exclude must be a list of module paths"),
         ("plan", "budget=NaN", r"plan.budget must be a fraction in \(0, 1\]"),
         ("plan", "groups.0.signature.kernel_size=[1000000000000000000, 1000000000000000000]", r"kernel_size\[0\]"),
         ("plan", "stages.0.resolution=[0, 8]", r"plan.stages\[0\].resolution\[0\] must be an integer in \[1, "),
@@ -429,7 +431,7 @@ def _timm_sharesnet() -> nn.Module:
 
 
 def _applied_timm() -> nn.Module:
-    return st.apply(timm.create_model("resnet18", num_classes=3, in_chans=1))
+    return st.apply(timm.create_model("resnet18", num_classes=3, in_chans=1), input_size=(1, 224, 224))
 
 
 def _built() -> nn.Module:

@@ -30,6 +30,7 @@ import json
 import os
 import random
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..build import build_model
-from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
+from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError, debug_requested
 from ..figure import require_matplotlib
 from ..init import init_weights
 from ..tie import PLAIN_ATTR, alias_groups, apply, count_parameters, get_plan, keep_ties
@@ -560,11 +561,16 @@ def _save_epoch(run: _Run, record: dict[str, Any], *, is_best: bool, title: str)
 def run_recipe(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Run a recipe's ``main``; a :class:`ShareError` or OS error becomes one ``error:`` line and exit 2.
 
+    With ``SHARETX_DEBUG=1`` in the environment the line follows the error's full traceback. Any other
+    exception is a bug and propagates with its traceback, as Python prints it.
+
     Use as ``sys.exit(run_recipe(main, get_args_parser().parse_args()))``.
     """
     try:
         main(args)
     except (ShareError, OSError) as e:
+        if debug_requested():
+            traceback.print_exception(e, file=sys.stderr)
         print_error(str(e))
         return 2
     except KeyboardInterrupt:
