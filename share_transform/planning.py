@@ -12,16 +12,22 @@ Options turn that one operating point into a dial: ``group_size`` cuts a stage's
 that each share one weight, ``scope="all"`` shares every spatial conv of the residual branch (both 3x3s of a
 basic block), ``templates=k`` makes each run a soft-shared group (a bank of k templates mixed by per-conv
 coefficients; Savarese & Maire, ICLR 2019) and ``budget`` picks the least sharing that fits a parameter budget.
+``exclude`` names layers whose convs keep their own weights whatever the rest of the options say.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
+from .allocate import allocate_runs, gram, run_errors, run_saving
 from .blocks import BranchConv, ResidualBlock, find_blocks, lost_reductions
 from .errors import InputSizeError, NoSpatialConvError, ShareOptionError, UnknownPolicyError
 from .modelinfo import (
@@ -44,6 +50,8 @@ KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
 KEPT_UNIQUE = "no other spatial conv of this stage and signature"
 KEPT_RUN = "alone in its run of group_size"
+KEPT_ALLOCATED = "alone in its run (allocated by weights)"
+KEPT_EXCLUDED = "excluded"
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,11 @@ class SharePlan:
     def budget(self) -> float | None:
         """The budget that chose ``group_size``, when one was given."""
         return self.options.budget
+
+    @property
+    def allocate(self) -> str:
+        """``"weights"``: the groups are the runs the trained weights chose (``group_size`` None)."""
+        return self.options.allocate
 
     def describe_options(self) -> str:
         """The options that differ from the paper's, e.g. ``group size 2, scope all, 2 templates``."""
@@ -256,6 +269,9 @@ class SharePlan:
             f"parameters: {self.params_before:,} -> {self.params_after:,} ({-100 * self.decrease:+.1f}%)"
         )  # soft banks can add parameters
         lines.append(f"distinct conv weights: {self.convs_before} -> {self.convs_after}")
+        excluded = [c.path for c in self.spatial_convs if c.kept_because == KEPT_EXCLUDED]
+        if excluded:
+            lines.append(f"excluded (keep their own weights): {', '.join(excluded)}")
         return "\n".join(lines)
 
 
@@ -266,6 +282,27 @@ def check_policy(policy: str, name: str) -> Policy:
         raise UnknownPolicyError(
             f"{name}: unknown policy {policy!r}; choose one of {', '.join(sorted(POLICIES))}"
         ) from None
+
+
+def check_templates(share_plan: SharePlan) -> None:
+    """Raise unless every soft group holds at most as many templates as the plan's largest group has members.
+
+    A bank of k = members templates already reproduces every member's weight exactly (each member's
+    coefficients can pick its own template), so more templates than any group has members add parameters and
+    nothing else. The bound also keeps a typo (``templates=100000``) or a file's header from allocating a bank
+    of that many weights: :func:`plan`, ``apply(plan=...)`` and the file reader all check it before allocating.
+
+    Raises:
+        ShareOptionError naming the largest group's member count.
+    """
+    largest = max((len(g.members) for g in share_plan.groups), default=0)
+    for g in share_plan.groups:
+        if g.templates is not None and g.templates > largest:
+            raise ShareOptionError(
+                f"{share_plan.model_name}: templates={g.templates} is more than the {largest} members of the plan's "
+                f"largest group; a bank of as many templates as members already reproduces each member exactly, "
+                f"so give templates <= {largest}"
+            )
 
 
 def _stages(blocks: Sequence[ResidualBlock]) -> list[list[ResidualBlock]]:
@@ -290,13 +327,26 @@ def sharing_options(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
+    allocate: str = "uniform",
 ) -> SharingOptions:
     """One :class:`SharingOptions` from ``options=`` or the loose keywords of ``plan`` and ``apply``, not both.
 
     Raises:
-        ShareOptionError: both were given.
+        ShareOptionError: both were given, or ``exclude`` is one string (a list of them is meant).
     """
-    loose = SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget)
+    if isinstance(exclude, str):  # tuple() would split it into characters
+        raise ShareOptionError(
+            f"exclude takes a list of module paths or glob patterns, not one string: exclude=[{exclude!r}]"
+        )
+    loose = SharingOptions(
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
+        exclude=() if exclude is None else tuple(exclude),
+        allocate=allocate,
+    )
     if options is None:
         return loose
     if loose != SharingOptions():
@@ -314,6 +364,8 @@ def plan(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
+    allocate: str = "uniform",
 ) -> SharePlan:
     """Plan the ShaResNet transform of ``model`` without changing it.
 
@@ -334,7 +386,16 @@ def plan(
             run owns a bank of k templates and each member k coefficients.
         budget: the least sharing that brings the unique parameters to at most ``budget`` x the
             original: the smallest ``group_size`` that reaches it (recorded in the plan).
-        options: the four options above as one :class:`~share_transform.SharingOptions` (instead of the
+        allocate: ``"uniform"`` (default): runs of ``group_size`` (or the budget's). ``"weights"`` (needs
+            ``budget`` and trained weights): each stage's sharable convs of one signature are cut into the
+            consecutive runs, of any lengths, whose sharing loses least (the least total reconstruction error,
+            the mean or the best rank-k approximation of each run as its shared weight) under the budget;
+            an exact search (:mod:`share_transform.allocate`). The plan's groups are the runs chosen.
+        exclude: module paths or glob patterns whose spatial convs keep their own weights (Torch-Pruning's
+            ``ignored_layers``): a conv is excluded when its path, or the path of a module holding it, matches
+            one with ``fnmatch`` (``["layer4.*"]``, ``["layer3.2", "*.conv2"]``); recorded in the plan, where
+            each such conv is kept ``"excluded"``.
+        options: the options above as one :class:`~share_transform.SharingOptions` (instead of the
             keywords).
 
     Returns:
@@ -342,8 +403,9 @@ def plan(
 
     Raises:
         NotAModuleError, UnknownPolicyError, ShareOptionError (an option out of range, ``budget`` with
-        ``group_size``, ``swrn`` without ``templates``, an unreachable budget), TraceError, InputSizeError,
-        NoSpatialConvError.
+        ``group_size``, ``swrn`` without ``templates``, an unreachable budget, an ``exclude`` pattern that
+        matches no module of the model, ``allocate="weights"`` without a budget or on a model without data),
+        TraceError, InputSizeError, NoSpatialConvError.
 
     Example:
         >>> import timm, share_transform
@@ -352,11 +414,21 @@ def plan(
         (25557032, 20469800)
         >>> share_transform.plan(timm.create_model("resnet101"), budget=0.75).group_size  # 44.5 M -> 32.4 M
         4
+        >>> share_transform.plan(timm.create_model("resnet50"), exclude=["layer4.*"]).params_after
+        22829096
     """
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
-    options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = sharing_options(
+        options,
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
+        exclude=exclude,
+        allocate=allocate,
+    )
     options = options.check(name, rule)
     analysis = _analyse(model, name, input_size)
     return _make_plan(analysis, rule, options)
@@ -369,12 +441,13 @@ def sweep(
     input_size: Sequence[int] | None = None,
     scopes: Sequence[str] = SCOPES,
     templates: Sequence[int | None] = (None, 1, 2, 4),
+    exclude: Iterable[str] = (),
 ) -> list[SharePlan]:
     """Plans of ``model`` over the dial: every scope x group size x templates, tracing the model once.
 
     Group sizes are 1, 2, 4, ... below the longest run of sharable convs of the scope, then None (the whole
     stage); group size 1 (no sharing) comes once per scope. ``templates=None`` (hard sharing) is skipped for a
-    policy that needs templates (``swrn``).
+    policy that needs templates (``swrn``). ``exclude`` (as :func:`plan`'s) holds for every plan.
 
     Example:
         >>> for p in share_transform.sweep(timm.create_model("resnet50")):
@@ -383,20 +456,30 @@ def sweep(
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
+    excluded = sharing_options(None, exclude=exclude).exclude
     analysis = _analyse(model, name, input_size)
     plans = []
     for scope in scopes:
-        SharingOptions(scope=scope, templates=1).check(name, rule)  # an unknown scope fails here
-        stage = _make_plan(analysis, rule, SharingOptions(scope=scope))  # hard, whole stages: the longest runs
+        SharingOptions(scope=scope, templates=1, exclude=excluded).check(name, rule)  # an unknown scope fails here
+        # Hard, whole stages: the longest runs.
+        stage = _make_plan(analysis, rule, SharingOptions(scope=scope, exclude=excluded))
         longest = max((len(g.members) for g in stage.groups), default=1)
         sizes: list[int | None] = [2**i for i in range(longest.bit_length()) if 2**i < longest] + [None]
         for group_size in sizes:
             choices = [k for k in templates if k is not None or not rule.needs_templates]
-            # Runs of one convert nothing: one row stands for every templates value.
+            # Runs of one convert nothing: one row stands for every templates value. More templates than the
+            # largest group's members is refused (check_templates): those settings are not on the dial.
+            largest = longest if group_size is None else min(group_size, longest)
+            choices = [k for k in choices if k is None or k <= largest]
             for k in choices[:1] if group_size == 1 else choices:
-                options = SharingOptions(group_size=group_size, scope=scope, templates=k).check(name, rule)
+                options = SharingOptions(group_size=group_size, scope=scope, templates=k, exclude=excluded)
+                options = options.check(name, rule)
                 plans.append(_make_plan(analysis, rule, options))
     return plans
+
+
+#: A candidate list: the stage, the input resolution and the signature its sharable convs have in common.
+Key = tuple[int, tuple[int, int], ConvSignature]
 
 
 @dataclass(frozen=True)
@@ -432,22 +515,52 @@ def _analyse(model: nn.Module, name: str, input_size: Sequence[int] | None) -> _
     )
 
 
+def _excluded_by(patterns: Sequence[str], paths: Iterable[str], name: str) -> Callable[[str], bool]:
+    """A test ``is_excluded(conv_path)`` for ``patterns``, after checking that each matches a module in ``paths``.
+
+    Raises:
+        ShareOptionError: a pattern matches no module path (a typo, or a layer of another model).
+    """
+    paths = list(paths)
+    for pattern in patterns:
+        if not fnmatch.filter(paths, pattern):
+            close = difflib.get_close_matches(pattern, paths, n=3)
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else f"its top-level modules are {', '.join(p for p in paths if '.' not in p)}"
+            )
+            raise ShareOptionError(f"{name}: exclude pattern {pattern!r} matches no module of the model; {hint}")
+
+    def is_excluded(path: str) -> bool:
+        parts = path.split(".")
+        holders = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # layer4, layer4.0, layer4.0.conv2
+        return any(fnmatch.fnmatchcase(h, p) for h in holders for p in patterns)
+
+    return is_excluded
+
+
 def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> SharePlan:
     """The plan of ``options`` (checked, scope resolved) on the traced model."""
     name, stage_blocks = analysis.name, analysis.stages
     scope, group_size, templates, budget = options.scope, options.group_size, options.templates, options.budget
+    allocate = options.allocate
     params_before, convs_before = analysis.params_before, analysis.convs_before
+    modules = dict(analysis.model.named_modules())
+    is_excluded = _excluded_by(options.exclude, (p for p in modules if p), name)
 
     # Candidates: stride-1 spatial convs not kept by the policy, grouped by (stage, input resolution, signature),
     # each list in the order the model computes them.
-    candidates: dict[tuple[int, tuple[int, int], ConvSignature], list[str]] = {}
+    candidates: dict[Key, list[str]] = {}
     placed: list[tuple[int, int, ResidualBlock, BranchConv, str | None]] = []
     for s, stage in enumerate(stage_blocks, start=1):
         for position, b in enumerate(stage):
             convs = b.branch_convs if scope == "all" else (BranchConv(b.spatial_conv, b.signature, b.conv_input),)
             for c in convs:
                 kept = None
-                if not c.signature.is_stride_one:
+                if is_excluded(c.path):  # the caller's word first: it holds whatever else is true of the conv
+                    kept = KEPT_EXCLUDED
+                elif not c.signature.is_stride_one:
                     kept = KEPT_STRIDE
                 elif rule.keep_first_block and position == 0:
                     kept = KEPT_FIRST_BLOCK
@@ -455,21 +568,26 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                     candidates.setdefault((s, c.conv_input, c.signature), []).append(c.path)
                 placed.append((s, position, b, c, kept))
 
-    modules = dict(analysis.model.named_modules())
+    def numel_of(sig: ConvSignature) -> int:
+        numel = 1
+        for d in sig.weight_shape:
+            numel *= d
+        return numel
 
-    def grouping(run: int | None) -> tuple[list[ShareGroup], int, int]:
-        """The groups for runs of ``run`` convs, and the parameters and conv weights they remove."""
+    def grouping(runs: dict[Key, list[int]]) -> tuple[list[ShareGroup], int, int]:
+        """The groups for ``runs`` (per candidate list, its run lengths in order), and the parameters and conv
+        weights they remove."""
         groups: list[ShareGroup] = []
         saved = removed = 0
-        for (stage_index, resolution, sig), convs in candidates.items():
-            for start in range(0, len(convs), run or len(convs)):
-                members = convs[start : start + (run or len(convs))]
+        for key, convs in candidates.items():
+            stage_index, resolution, sig = key
+            start = 0
+            for length in runs[key]:
+                members = convs[start : start + length]
+                start += length
                 if len(members) < 2:
                     continue
-                numel = 1
-                for d in sig.weight_shape:
-                    numel *= d
-                group = ShareGroup(stage_index, resolution, sig, tuple(members), numel, templates)
+                group = ShareGroup(stage_index, resolution, sig, tuple(members), numel_of(sig), templates)
                 # What the members hold now (they may be tied already): each tensor once.
                 storage: dict[int, int] = {}
                 keys: set[tuple[int, int]] = set()
@@ -481,23 +599,38 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                 groups.append(group)
         return groups, saved, removed
 
-    if budget is not None:
-        longest = max((len(c) for c in candidates.values()), default=1)
-        after = {}
-        for run in range(1, longest + 1):
-            after[run] = params_before - grouping(run)[1]
-            if after[run] <= budget * params_before:
-                group_size = run
-                break
-        else:
-            best = min(after, key=after.__getitem__)
-            raise ShareOptionError(
-                f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
-                f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
-                f"parameters (group_size={best})"
-            )
+    def uniform(run: int | None) -> dict[Key, list[int]]:
+        """Runs of ``run`` convs (None: the whole list), the last one shorter."""
+        return {key: [min(run or n, n - s) for s in range(0, n, run or n)] for key, n in sizes.items()}
 
-    groups, saved_now, removed_now = grouping(group_size)
+    sizes = {key: len(convs) for key, convs in candidates.items()}
+    if allocate == "weights":
+        assert budget is not None  # check_options
+        runs = _allocate_by_weights(analysis, rule, candidates, modules, scope, templates, budget)
+    else:
+        if budget is not None:
+            longest = max(sizes.values(), default=1)
+            after = {}
+            for run in range(1, longest + 1):
+                after[run] = params_before - grouping(uniform(run))[1]
+                if after[run] <= budget * params_before:
+                    group_size = run
+                    break
+            else:
+                best = min(after, key=after.__getitem__)
+                raise ShareOptionError(
+                    f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+                    f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
+                    f"parameters (group_size={best})"
+                )
+        runs = uniform(group_size)
+
+    groups, saved_now, removed_now = grouping(runs)
+    if allocate == "weights" and budget is not None and params_before - saved_now > budget * params_before:
+        raise ShareOptionError(
+            f"{name}: the convs to share are tied otherwise already, so allocate='weights' cannot count what its "
+            "runs save; untie the model (share_transform.untie) first"
+        )
     group_of = {m: i for i, g in enumerate(groups) for m in g.members}
     peers = {m: len(convs) for convs in candidates.values() for m in convs}
     stages = []
@@ -506,11 +639,11 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
         for _, position, b, c, kept in (p for p in placed if p[0] == s):
             group = group_of.get(c.path)
             if group is None and kept is None:
-                kept = KEPT_RUN if peers[c.path] > 1 else KEPT_UNIQUE
+                kept = KEPT_UNIQUE if peers[c.path] == 1 else KEPT_ALLOCATED if allocate == "weights" else KEPT_RUN
             spatial.append(SpatialConv(c.path, b.name, s, position, c.conv_input, c.signature, group, kept))
         stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(spatial)))
 
-    return SharePlan(
+    share_plan = SharePlan(
         model_name=name,
         policy=rule.name,
         input_size=analysis.input_size,
@@ -520,5 +653,48 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
         params_after=params_before - saved_now,
         convs_before=convs_before,
         convs_after=convs_before - removed_now,
-        options=SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget),
+        options=SharingOptions(
+            group_size=group_size,
+            scope=scope,
+            templates=templates,
+            budget=budget,
+            exclude=options.exclude,
+            allocate=options.allocate,
+        ),
     )
+    check_templates(share_plan)
+    return share_plan
+
+
+def _allocate_by_weights(
+    analysis: _Analysis,
+    rule: Policy,
+    candidates: dict[Key, list[str]],
+    modules: dict[str, nn.Module],
+    scope: str | None,
+    templates: int | None,
+    budget: float,
+) -> dict[Key, list[int]]:
+    """The run lengths of every candidate list that meet ``budget`` with the least total reconstruction error."""
+    name, before = analysis.name, analysis.params_before
+    lists = []
+    for key, convs in candidates.items():
+        weights = [cast(torch.Tensor, modules[path].weight) for path in convs]
+        if any(w.is_meta for w in weights):
+            raise ShareOptionError(
+                f"{name}: allocate='weights' reads the trained weights, and this model has none (meta device); "
+                "load its weights first"
+            )
+        numel = 1
+        for d in key[2].weight_shape:
+            numel *= d
+        lists.append((run_errors(gram(weights), templates), numel))
+    required = math.ceil(before - budget * before)  # the budget is params_after <= budget * before
+    chosen = allocate_runs(lists, templates, required)
+    if chosen is None:
+        most = sum(run_saving(len(convs), numel, templates) for convs, (_, numel) in zip(candidates.values(), lists))
+        raise ShareOptionError(
+            f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+            f"scope {scope}, templates {templates}) is {(before - most) / before:.4f} of the original parameters"
+        )
+    return {key: list(runs) for key, runs in zip(candidates, chosen.runs)}

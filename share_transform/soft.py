@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import PlanMismatchError
+
 __all__ = [
     "TemplateBank",
     "TemplateMix",
@@ -130,7 +132,7 @@ def bank_of(conv: nn.Module) -> TemplateBank | None:
 def coefficients_of(conv: nn.Module) -> nn.Parameter:
     """The ``k`` coefficients of a soft member conv (its parametrization's stored tensor)."""
     if _mix(conv) is None:
-        raise ValueError(f"{type(conv).__name__} is not a soft-shared conv")
+        raise PlanMismatchError(f"{type(conv).__name__} is not a soft-shared conv")
     return cast(nn.Parameter, _parametrizations(conv)["weight"].original)
 
 
@@ -180,18 +182,18 @@ def share_softly(convs: Sequence[nn.Conv2d], templates: int) -> TemplateBank:
     of their own.
 
     Raises:
-        ValueError: no convs, a conv soft-shared already, or convs whose weights differ in shape, dtype or device
-            (nothing is changed then).
+        PlanMismatchError: (a ``ValueError``) no convs, a conv soft-shared already, or convs whose weights differ
+            in shape, dtype or device: they cannot be one group (nothing is changed then).
     """
     if not convs:
-        raise ValueError("share_softly needs at least one conv")
+        raise PlanMismatchError("share_softly needs at least one conv")
     weight = convs[0].weight
     for conv in convs:
         if is_soft(conv):
-            raise ValueError(f"{type(conv).__name__} is soft-shared already")
+            raise PlanMismatchError(f"{type(conv).__name__} is soft-shared already")
         w = conv.weight
         if (w.shape, w.dtype, w.device) != (weight.shape, weight.dtype, weight.device):
-            raise ValueError(
+            raise PlanMismatchError(
                 f"soft-shared convs need one weight shape, dtype and device: {tuple(weight.shape)} {weight.dtype} "
                 f"on {weight.device} against {tuple(w.shape)} {w.dtype} on {w.device}"
             )

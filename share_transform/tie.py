@@ -21,14 +21,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError
+from .errors import CheckpointError, PlanMismatchError, UnknownInitError, WarmStartError
 from .modelinfo import BUILD_ATTR, build_spec, check_model, model_name
-from .planning import SharePlan, check_policy, plan as make_plan, sharing_options
+from .planning import ShareGroup, SharePlan, check_policy, check_templates, plan as make_plan, sharing_options
 from .policies import INITS, SharingOptions
 from .signature import ConvSignature
-from .soft import bake, bank_of, is_soft, share_softly
+from .soft import TemplateBank, bake, bank_of, coefficients_of, is_soft, share_softly
+from .warmstart import (
+    RECONSTRUCTION_ATTR,
+    Reconstruction,
+    check_foldable,
+    fold_scales,
+    following_norms,
+    mean_scaled_weights,
+    mean_weight,
+    measure,
+    stack,
+    svd_weights,
+)
 
-__all__ = ["apply", "count_parameters", "get_plan", "install_tie_hooks", "is_tied", "retie", "untie"]
+__all__ = [
+    "apply",
+    "count_parameters",
+    "get_plan",
+    "get_reconstruction",
+    "install_tie_hooks",
+    "is_tied",
+    "retie",
+    "untie",
+]
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.
 PLAN_ATTR = "_share_plan"
@@ -45,6 +66,20 @@ def count_parameters(model: nn.Module) -> int:
 def get_plan(model: nn.Module) -> SharePlan | None:
     """The plan ``apply`` recorded on ``model``, or None for a model that was never shared."""
     return getattr(check_model(model), PLAN_ATTR, None)
+
+
+def get_reconstruction(model: nn.Module) -> Reconstruction | None:
+    """What the warm start of ``apply`` lost: the relative reconstruction error per group and in total.
+
+    Recorded by ``apply`` when it computed shared weights from the members' (``init="mean"``,
+    ``"mean-scaled"``, ``"svd"``); None for a model shared with ``init="first"`` or never shared.
+
+    Example:
+        >>> model = share_transform.apply(trained, templates=2, init="svd")
+        >>> round(share_transform.get_reconstruction(model).total, 3)
+        0.412
+    """
+    return getattr(check_model(model), RECONSTRUCTION_ATTR, None)
 
 
 def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -89,13 +124,16 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
         >>> ties = alias_groups(model)
         >>> model.to(device)
         >>> keep_ties(model, ties, f"moving the model to {device}")
+
+    Raises:
+        PlanMismatchError: the ties could not be restored.
     """
     if alias_groups(model) == expected:
         return
     if get_plan(model) is not None:
         retie(model)
     if alias_groups(model) != expected:
-        raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
+        raise PlanMismatchError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -120,7 +158,15 @@ def check_aliases_agree(
     """
     for names in aliases:
         for name in names[1:]:
-            if not same_bytes(state[names[0]], state[name]):
+            first, other = state[names[0]], state[name]
+            if first.dtype != other.dtype:
+                # One tensor has one dtype: whether the values agree or not, this is not an unshared checkpoint.
+                raise CheckpointError(
+                    f"{source} holds {names[0]} as {first.dtype} and {name} as {other.dtype}, but "
+                    f"{model_name(model)} shares them as one tensor, which has one dtype; store every name of a "
+                    "shared weight in one dtype (e.g. convert the state dict with .to(dtype) before saving)"
+                )
+            if not same_bytes(first, other):
                 raise CheckpointError(
                     f"{source} holds different weights under {names[0]} and {name}, which {model_name(model)} "
                     "shares. It is an unshared checkpoint: load it before share_transform.apply (init='mean' "
@@ -291,7 +337,8 @@ def _same_request(recorded: SharePlan, policy: str, options: SharingOptions) -> 
 
     Compared as asked, not re-planned: a plan of the shared model would count its parameters as shared already.
     """
-    if (policy, options.scope, options.templates) != (recorded.policy, recorded.scope, recorded.templates):
+    asked = (policy, options.scope, options.templates, options.exclude, options.allocate)
+    if asked != (recorded.policy, recorded.scope, recorded.templates, recorded.options.exclude, recorded.allocate):
         return False
     if options.budget is not None:
         return options.budget == recorded.budget  # the recorded plan resolved this budget into its group size
@@ -357,6 +404,50 @@ def _check_ties(net: nn.Module, plan: SharePlan, groups: list[list[nn.Conv2d]]) 
             )
 
 
+def _check_init(net: nn.Module, init: str, todo: list[tuple[int, ShareGroup, list[nn.Conv2d]]]) -> dict[int, nn.Module]:
+    """Refuse an init that does not fit the groups, before anything changes; for ``"mean-scaled"``, the
+    BatchNorm reading each member's output (by ``id`` of the member)."""
+    name = model_name(net)
+    for _, group, _ in todo:
+        if init == "svd" and group.templates is None:
+            raise WarmStartError(
+                f"{name}: init='svd' warm-starts soft groups (templates=k); the plan's groups are hard-shared, "
+                "so use init='mean' or 'mean-scaled', or give templates"
+            )
+        if init in ("mean", "mean-scaled") and group.templates is not None:
+            raise WarmStartError(
+                f"{name}: init={init!r} makes one hard-shared weight; soft groups ({group.templates} templates) "
+                "warm-start with init='svd'"
+            )
+    norms: dict[int, nn.Module] = {}
+    members = [(path, conv) for _, group, convs in todo for path, conv in zip(group.members, convs)]
+    if init != "mean-scaled" or not members:
+        return norms
+    found = following_norms(net, [path for path, _ in members], name)
+    for path, conv in members:
+        norm = found[path]
+        if isinstance(norm, str):
+            raise WarmStartError(
+                f"{name}: init='mean-scaled' folds each member's scales into the BatchNorm that reads its output, "
+                f"but {norm}; use init='mean'"
+            )
+        check_foldable(norm, conv.weight.shape[0], f"{name}: {path}")
+        norms[id(conv)] = norm
+    return norms
+
+
+@torch.no_grad()
+def _set_bank(convs: list[nn.Conv2d], bank: TemplateBank, templates: torch.Tensor, coefficients: torch.Tensor) -> None:
+    """Overwrite a new bank and its members' coefficients with the members' best rank-k approximation; templates
+    beyond the members' count keep their He-normal draw, with coefficients 0."""
+    r = templates.shape[0]
+    bank.templates[:r].copy_(templates.reshape(r, *bank.templates.shape[1:]))
+    for conv, row in zip(convs, coefficients):
+        stored = coefficients_of(conv)
+        stored.zero_()
+        stored[:r].copy_(row)
+
+
 def apply(
     model: nn.Module,
     policy: str = "imagenet",
@@ -369,6 +460,8 @@ def apply(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
+    allocate: str = "uniform",
 ) -> nn.Module:
     """Turn ``model`` into its ShaResNet in place and return the same object.
 
@@ -384,19 +477,27 @@ def apply(
         model: the residual network.
         policy: ``"imagenet"`` (default), ``"cifar"`` or ``"swrn"``; ignored when ``plan`` is given.
         plan: a plan from :func:`share_transform.plan` (it carries its options); made here when omitted.
-        init: hard sharing only: ``"first"`` keeps the first member's weight (training from scratch: the
-            distribution stays as initialised; the Parameter object is kept, so an optimizer holding it stays
-            valid); ``"mean"`` averages the members' kernels (warm start from a trained model). Soft groups
-            are initialised as the reference code: He-normal templates, orthogonal coefficients.
+        init: how a new shared weight starts. ``"first"`` (default; training from scratch): a hard group keeps
+            its first member's weight (the distribution stays as initialised; the Parameter object is kept, so
+            an optimizer holding it stays valid), a soft group is initialised as the reference code (He-normal
+            templates, orthogonal coefficients). Warm starts from trained weights
+            (:mod:`share_transform.warmstart`), which record their reconstruction error
+            (:func:`get_reconstruction`): ``"mean"`` (hard) averages the members' weights; ``"mean-scaled"``
+            (hard) shares a kernel compared up to a per-channel scale and folds each member's scales into the
+            BatchNorm that reads its output; ``"svd"`` (soft) sets each bank and its coefficients to the
+            members' best rank-k approximation (exact when k >= members).
         input_size: ``(C, H, W)`` for planning; defaults to the model's own.
-        options, group_size, scope, templates, budget: the sharing options of :func:`share_transform.plan`
-            (a :class:`~share_transform.SharingOptions`, or keywords); ignored when ``plan`` is given.
+        options, group_size, scope, templates, budget, exclude, allocate: the sharing options of
+            :func:`share_transform.plan` (a :class:`~share_transform.SharingOptions`, or keywords); ignored when
+            ``plan`` is given.
 
     Raises:
         PlanMismatchError: the plan does not fit the model (made for another architecture: another name,
             parameter count, member path or conv signature); the model is shared already under another plan
             (``NAME is shared already (policy P); re-planning it (policy Q) is refused: call
             share_transform.untie(model) first``); or it is tied otherwise than the plan can share.
+        UnknownInitError; WarmStartError: ``init`` does not fit the groups (``"svd"`` for hard sharing,
+            ``"mean"`` for soft), or ``"mean-scaled"`` finds no BatchNorm reading a member's output.
 
     Example:
         >>> import timm, share_transform
@@ -413,7 +514,15 @@ def apply(
         raise UnknownInitError(f"{name}: unknown init {init!r}; choose one of {', '.join(INITS)}")
     recorded = get_plan(net)
     if plan is None:
-        options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
+        options = sharing_options(
+            options,
+            group_size=group_size,
+            scope=scope,
+            templates=templates,
+            budget=budget,
+            exclude=exclude,
+            allocate=allocate,
+        )
         if recorded is None:
             plan = make_plan(net, policy, input_size=input_size, options=options)
         else:
@@ -425,6 +534,7 @@ def apply(
         groups = _group_convs(net, plan)
     else:
         check_policy(plan.policy, name)
+        check_templates(plan)  # before a bank of that many templates is allocated
         if recorded is not None:
             if _sharing(plan) != _sharing(recorded):
                 raise _refuse_replan(net, recorded, _describe(plan.policy, plan.options))
@@ -432,23 +542,48 @@ def apply(
         groups = _group_convs(net, plan)
         _check_made_for(net, plan, groups)
     _check_ties(net, plan, groups)
-    for group, convs in zip(plan.groups, groups):
+    todo: list[tuple[int, ShareGroup, list[nn.Conv2d]]] = []  # the groups not shared yet
+    for index, (group, convs) in enumerate(zip(plan.groups, groups)):
         if any(is_soft(c) for c in convs):
             continue  # mixing this group's bank already (_check_ties)
-        if group.templates is not None:
-            share_softly(convs, group.templates)
-            continue
-        weights = [c.weight for c in convs]
-        if all(w is weights[0] for w in weights):
+        if group.templates is None and all(c.weight is convs[0].weight for c in convs):
             continue  # already shared: keep the Parameter so optimizers holding it stay valid
+        todo.append((index, group, convs))
+    norms = _check_init(net, init, todo)
+    measured = []
+    for index, group, convs in todo:
+        real = not convs[0].weight.is_meta
+        weights = [c.weight for c in convs]
+        if group.templates is not None:
+            # The members' weights before the bank replaces them.
+            start = svd_weights(index, group.members, weights, group.templates) if init == "svd" and real else None
+            bank = share_softly(convs, group.templates)
+            if start is not None:
+                _set_bank(convs, bank, start[0], start[1])
+                measured.append(start[2])
+            continue
         if init == "first":
             shared = weights[0]
         else:
             with torch.no_grad():
-                mean = torch.stack([w.detach() for w in weights]).mean(dim=0)
-            shared = nn.Parameter(mean, requires_grad=weights[0].requires_grad)
+                if not real:
+                    value = torch.empty_like(weights[0])
+                elif init == "mean":
+                    value, error = mean_weight(index, group.members, weights)
+                    measured.append(error)
+                else:
+                    rows = stack(weights)
+                    value, scales = mean_scaled_weights(rows)
+                    measured.append(measure(index, group.members, rows, scales[..., None] * value))
+                    for conv, s in zip(convs, scales):
+                        fold_scales(conv, norms[id(conv)], s)
+            shared = nn.Parameter(
+                value.reshape(weights[0].shape).to(weights[0].dtype), requires_grad=weights[0].requires_grad
+            )
         for c in convs:
             c.weight = shared
+    if measured:
+        setattr(net, RECONSTRUCTION_ATTR, Reconstruction(init, tuple(measured)))
     setattr(net, PLAN_ATTR, plan)
     install_tie_hooks(net)
     return model
@@ -459,10 +594,13 @@ def retie(model: nn.Module) -> nn.Module:
 
     ``to_empty``, materialising a meta-device model, ``.to("meta")`` and weight-replacing tools (pruning)
     give each module its own new ``Parameter``; each group gets its first member's weight back.
+
+    Raises:
+        PlanMismatchError: no plan is recorded on the model (it was never shared with :func:`apply`).
     """
     plan = get_plan(check_model(model))
     if plan is None:
-        raise ShareError(
+        raise PlanMismatchError(
             f"{model_name(model)}: no share plan is recorded on this model; call share_transform.apply(model) first"
         )
     return apply(model, plan=plan, init="first")
@@ -489,8 +627,9 @@ def untie(model: nn.Module) -> nn.Module:
                 m.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             else:
                 seen.add(id(w))
-    if hasattr(net, PLAN_ATTR):
-        delattr(net, PLAN_ATTR)
+    for attr in (PLAN_ATTR, RECONSTRUCTION_ATTR):
+        if hasattr(net, attr):
+            delattr(net, attr)
     plain = getattr(net, PLAIN_ATTR, None)
     if plain is not None:
         _rename(net, plain)

@@ -4,9 +4,9 @@ A recipe's ``get_args_parser()`` adds its data flags, then calls :func:`add_trai
 protocol defaults (docs/design.md, Training protocols), and :func:`resolve_args` after parsing.
 
 Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, the sharing options
-``--group-size``, ``--scope``, ``--templates``, ``--budget`` (see :func:`share_transform.plan`), ``--init``,
-``--classifier-init``, ``--epochs``, ``--batch-size`` (global), ``--lr`` (per ``--lr-reference-batch`` images),
-``--momentum``,
+``--group-size``, ``--scope``, ``--templates``, ``--budget``, ``--exclude`` (see :func:`share_transform.plan`),
+``--init``, ``--classifier-init``, ``--epochs``, ``--batch-size`` (global), ``--lr`` (per
+``--lr-reference-batch`` images), ``--momentum``,
 ``--weight-decay``, ``--lr-milestones``, ``--lr-gamma``, ``--workers``, ``--output``, ``--resume``,
 ``--device``, ``--amp/--no-amp``, ``--channels-last/--no-channels-last``, ``--compile``,
 ``--synthetic``, ``--deterministic``, ``--seed``, ``--print-freq``.
@@ -108,6 +108,13 @@ def add_training_args(
         type=float,
         default=None,
         help="unique parameters at most this fraction of the original: picks the least sharing that fits",
+    )
+    g.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="module path or glob (stages.2.*) whose spatial convs keep their own weights; repeatable",
     )
     g.add_argument("--init", default=init, choices=MODES, help="conv init, He et al.")
     g.add_argument(
@@ -258,7 +265,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 #: The sharing options both recipes take, one flag each, as :class:`share_transform.SharingOptions` names them.
-SHARING_FLAGS = tuple(f.name for f in fields(SharingOptions))
+#: ``allocate="weights"`` reads trained weights, and the recipes train from scratch: they keep "uniform".
+SHARING_FLAGS = tuple(f.name for f in fields(SharingOptions) if f.name != "allocate")
 
 
 def sharing_options(args: argparse.Namespace) -> SharingOptions | None:

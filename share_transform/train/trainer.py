@@ -48,6 +48,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..build import build_model
-from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
+from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError, debug_requested
 from ..files import read_info
 from ..init import init_weights
 from ..planning import SharePlan, plan as make_plan
@@ -409,7 +410,7 @@ def effective_flag(args: dict[str, Any], key: str) -> Any:
     if key in SHARING_FLAGS:
         if not shared:
             return None
-        options = SharingOptions(**{f: args.get(f) for f in SHARING_FLAGS})
+        options = SharingOptions.from_dict({f: args.get(f) for f in SHARING_FLAGS})
         rule = POLICIES.get(str(args.get("policy")))
         if rule is not None:
             with contextlib.suppress(ShareError):  # a value the plan refuses: compared as given
@@ -873,11 +874,16 @@ def _save_epoch(run: _Run, record: dict[str, Any], *, is_best: bool, title: str)
 def run_recipe(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Run a recipe's ``main``; a :class:`ShareError` or OS error becomes one ``error:`` line and exit 2.
 
+    With ``SHARETX_DEBUG=1`` in the environment the line follows the error's full traceback. Any other
+    exception is a bug and propagates with its traceback, as Python prints it.
+
     Use as ``sys.exit(run_recipe(main, get_args_parser().parse_args()))``.
     """
     try:
         main(args)
     except (ShareError, OSError) as e:
+        if debug_requested():
+            traceback.print_exception(e, file=sys.stderr)
         print_error(str(e))
         return 2
     except RuntimeError as e:
