@@ -318,6 +318,7 @@ def main(args: argparse.Namespace) -> nn.Module:
             eval_preprocess=to_input,
             title=curves_title(info),
             test_loader=test_loader,
+            input_size=(3, 32, 32),
         )
     return model
 

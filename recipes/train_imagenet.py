@@ -183,6 +183,7 @@ def main(args: argparse.Namespace) -> nn.Module:
             train_preprocess=train_preprocess,
             eval_preprocess=normalize,
             title=curves_title(info),
+            input_size=(3, args.img_size, args.img_size),  # the checkpoints say what the model trained at
         )
     return model
 

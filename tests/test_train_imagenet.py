@@ -247,6 +247,10 @@ def test_two_epochs_end_to_end(reference: tuple[Path, subprocess.CompletedProces
     assert share_transform.count_parameters(model) == run["unique_params"]
     groups = share_transform.get_plan(model).groups
     assert groups and all(len(g.members) >= 2 for g in groups)
+    # Trained at --img-size 32: both checkpoints say so (sharetx inspect shows it, export uses it), not the plan's 224.
+    assert share_transform.get_plan(model).input_size == (3, 224, 224)
+    for tag in ("last", "best"):
+        assert share_transform.read_info(output / f"checkpoint-{tag}.safetensors").input_size == (3, 32, 32)
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(

@@ -76,14 +76,23 @@ def has_checkpoint(output: Path, tag: str = "last") -> bool:
     return weights_path(output, tag).exists() or state_path(output, tag).exists()
 
 
-def save_checkpoint(output: Path, tag: str, model: nn.Module, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    output: Path,
+    tag: str,
+    model: nn.Module,
+    state: dict[str, Any],
+    *,
+    input_size: tuple[int, int, int] | None = None,
+) -> None:
     """Write checkpoint ``tag``: ``model`` (unwrapped: no DDP, no compile) and ``state`` (needs ``"epoch"``).
 
-    A kill at any point leaves a pair :func:`load_run_checkpoint` resumes from: this epoch's or the previous one's.
+    ``input_size``: the ``(C, H, W)`` the model trains at (the ImageNet recipe's ``--img-size``), recorded in the
+    weights file for ``sharetx inspect`` and ``export``. A kill at any point leaves a pair
+    :func:`load_run_checkpoint` resumes from: this epoch's or the previous one's.
     """
     epoch = int(state["epoch"])
     _write_state(output, tag, state)
-    _write_weights(output, tag, model, epoch)
+    _write_weights(output, tag, model, epoch, input_size)
     _commit_state(output, tag, epoch)
 
 
@@ -99,8 +108,11 @@ def _write_state(output: Path, tag: str, state: dict[str, Any]) -> None:
     atomic_write(epoch_state_path(output, tag, int(state["epoch"])), write)
 
 
-def _write_weights(output: Path, tag: str, model: nn.Module, epoch: int) -> None:
-    save(model, weights_path(output, tag), metadata={"epoch": str(epoch), "checkpoint": tag})
+def _write_weights(
+    output: Path, tag: str, model: nn.Module, epoch: int, input_size: tuple[int, int, int] | None
+) -> None:
+    metadata = {"epoch": str(epoch), "checkpoint": tag}
+    save(model, weights_path(output, tag), metadata=metadata, input_size=input_size)
 
 
 def _commit_state(output: Path, tag: str, epoch: int) -> None:
@@ -124,7 +136,9 @@ def best_epoch(history: list[dict[str, Any]]) -> int | None:
     return None if best is None else best[1]
 
 
-def repair_checkpoints(output: Path, model: nn.Module, state: dict[str, Any]) -> None:
+def repair_checkpoints(
+    output: Path, model: nn.Module, state: dict[str, Any], *, input_size: tuple[int, int, int] | None = None
+) -> None:
     """After :func:`load_run_checkpoint` of ``last`` into ``model``: finish the saves a kill interrupted (rank 0).
 
     ``last``'s pair is committed under its own names; when the history's best epoch is ``last``'s epoch, ``best``
@@ -136,7 +150,7 @@ def repair_checkpoints(output: Path, model: nn.Module, state: dict[str, Any]) ->
         _commit_state(output, "last", epoch)
     _remove_strays(output, "last")
     if best_epoch(state["history"]) == epoch:
-        save_checkpoint(output, "best", model, state)
+        save_checkpoint(output, "best", model, state, input_size=input_size)
     else:
         _remove_strays(output, "best")  # a save of best killed before its weights: its old pair stands
 

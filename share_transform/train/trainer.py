@@ -460,6 +460,7 @@ class _Run:
     record: dict[str, Any]  # run.json's content, stored with every checkpoint
     held_out: str  # what val_loader holds: "val" (a split of the training set) or "test"
     draw_curves: bool
+    input_size: tuple[int, int, int] | None = None  # recorded in the checkpoints' weights files
     history: list[dict[str, Any]] = field(default_factory=list)
     best_err: float = float("inf")
     start_epoch: int = 0
@@ -479,6 +480,7 @@ def fit(
     eval_preprocess: Preprocess | None = None,
     title: str = "",
     test_loader: DataLoader | None = None,
+    input_size: tuple[int, int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for ``config.epochs`` epochs (from the last checkpoint with ``resume``).
 
@@ -496,6 +498,8 @@ def fit(
         run_info: the ``run.json`` record (checked against the old one on resume, then rewritten).
         train_preprocess, eval_preprocess: device-side input transforms.
         title: heading of ``curves.png``.
+        input_size: ``(C, H, W)`` the model trains at, recorded in every checkpoint's weights file (``sharetx
+            inspect`` shows it, ``sharetx export`` uses it); default: the share plan's.
 
     Returns:
         The metrics history, one record per epoch (also in ``metrics.jsonl``).
@@ -512,6 +516,7 @@ def fit(
         run = _start_run(
             model, config, dist_info, output, run_info=run_info, steps=len(train_loader), split=test_loader is not None
         )
+        run.input_size = input_size
         if resume:
             _resume(run, run_info)
         if dist_info.is_main:
@@ -773,7 +778,7 @@ def _resume(run: _Run, run_info: dict[str, Any]) -> None:
     run.history, run.best_err = list(state["history"]), float(state["best_top1_err"])
     run.start_epoch = int(state["epoch"])
     if run.dist_info.is_main:
-        repair_checkpoints(run.output, run.model, state)
+        repair_checkpoints(run.output, run.model, state, input_size=run.input_size)
         # Rewritten from the checkpoint: drops the line of an epoch that was not checkpointed.
         write_metrics(run.output / METRICS_FILE, run.history)
     print0(f"resumed from {weights_path(run.output, 'last')} after epoch {run.start_epoch}")
@@ -864,7 +869,7 @@ def _save_epoch(run: _Run, record: dict[str, Any], *, is_best: bool, title: str)
     # Checkpoint before the metrics line: a kill in between is repaired from the history on resume. Last before
     # best: a kill between them leaves the best epoch in last, which the resume copies to best.
     for tag in ("last", "best") if is_best else ("last",):
-        save_checkpoint(run.output, tag, run.model, state)
+        save_checkpoint(run.output, tag, run.model, state, input_size=run.input_size)
         print0(f"saved {weights_path(run.output, tag).name} (epoch {epoch})")
     append_metrics(run.output / METRICS_FILE, record)
     if run.draw_curves:
