@@ -295,7 +295,8 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(data, teacher, tm
         f"--arch wrn_16_1 --from-checkpoint {other_arch}": f"error: --from-checkpoint "
         f"{other_arch / 'checkpoint-best.safetensors'} holds a wrn_10_1 (its build record), but this run trains "
         "--arch wrn_16_1; give --arch wrn_10_1 or a checkpoint of wrn_16_1",
-        f"--arch wrn_16_1 --from-checkpoint {pth}": f"error: --from-checkpoint {pth} does not fit wrn_16_1: 36 missing key(s): ",
+        f"--arch wrn_16_1 --from-checkpoint {pth}": f"error: --from-checkpoint {pth} does not fit wrn_16_1: 36 "
+        "missing key(s): ",
         "--arch wrn_16_1 --init mean": "error: --init mean is a warm start from trained weights: give "
         "--from-checkpoint FILE|RUN or --pretrained (or --init fan_in to train from scratch)",
         f"--arch wrn_16_1 --from-checkpoint {teacher} --init fan_in": "error: the trained original would go unused",
@@ -400,9 +401,15 @@ LAUNCHER = textwrap.dedent(
 
 
 def test_two_ranks_distil_from_their_own_teacher_and_agree(images, tmp_path):
+    import argparse
+
     torch.manual_seed(6)
-    teacher = tmp_path / "teacher.pth"
-    torch.save(timm.create_model("resnet18", num_classes=2, **TINY).state_dict(), teacher)
+    # The teacher as timm's train.py saves it: model_best.pth.tar, its arguments an argparse.Namespace.
+    teacher = tmp_path / "model_best.pth.tar"
+    state = timm.create_model("resnet18", num_classes=2, **TINY).state_dict()
+    torch.save(
+        {"epoch": 3, "arch": "resnet18", "state_dict": state, "args": argparse.Namespace(model="resnet18")}, teacher
+    )
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
     out = tmp_path / "run"
@@ -419,3 +426,97 @@ def test_two_ranks_distil_from_their_own_teacher_and_agree(images, tmp_path):
     saved = share_transform.load(out / "checkpoint-last.safetensors")
     assert all(torch.equal(t, rank0[k]) for k, t in saved.state_dict().items())
     assert [m["epoch"] for m in metrics(out)] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------- the experiment script
+
+
+def load_experiment(monkeypatch: pytest.MonkeyPatch):
+    """recipes/compress_experiment.py as its script imports it: beside its siblings, by name."""
+    import importlib.util
+
+    import test_train_cifar
+
+    monkeypatch.setitem(sys.modules, "train_cifar", test_train_cifar.train_cifar)
+    for name in ("digits_experiment", "compress_experiment"):  # the second imports the first by name
+        spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_compress_experiment_runs_each_setting_reports_every_epoch_and_continues(tmp_path, monkeypatch, capsys):
+    import test_train_cifar
+
+    from share_transform.train import resolve_args
+
+    experiment = load_experiment(monkeypatch)
+    trained = []
+
+    def fake_train(args):
+        """Checks the flags as the recipe resolves them, then writes the run directory it would: an epoch-0 line and
+        one per epoch, the accuracy a made-up function of the setting and the seed."""
+        args = resolve_args(test_train_cifar.train_cifar.resolve_protocol(args), recipe="cifar")
+        name = args.output.name
+        trained.append(name)
+        key = "t" if name == "teacher" else name.split("-")[1]
+        start = {"t": 10.0, "a": 40.0, "b": 50.0, "c": 60.0, "d": 10.0, "e": 10.0}[key]
+        lines = [{"epoch": 0, "val_top1_err": 100.0 - start}] if args.evaluate_first else []
+        lines += [{"epoch": e, "val_top1_err": 100.0 - start - 10 * e - args.seed} for e in range(1, args.epochs + 1)]
+        info = {"arch": args.arch, "dataset": "digits", "share": args.share, "epochs": args.epochs,
+                "unique_params": 1000 if key == "t" else int(1000 * args.budget) - ord(key),
+                "args": {"init": args.init, "distill": args.distill, "templates": args.templates,
+                         "allocate": args.allocate, "from_checkpoint": str(args.from_checkpoint)}}  # fmt: skip
+        args.output.mkdir(parents=True)
+        (args.output / "run.json").write_text(json.dumps(info))
+        (args.output / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+    monkeypatch.setattr(experiment.train_cifar, "main", fake_train)
+    docs = tmp_path / "docs"
+    argv = ["--out", str(tmp_path / "out"), "--seeds", "0", "1", "--epochs", "2", "--teacher-epochs", "3",
+            "--budgets", "0.75", "0.3", "--docs", str(docs)]  # fmt: skip
+    experiment.main(experiment.get_args_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    progress = [line for line in out.splitlines() if line.startswith("run ")]
+    assert progress[0] == "run 1 of 21: wrn_28_1 teacher; ETA for all runs after the first run"
+    assert progress[1] == "run 2 of 21: budget 0.75, a (hard mean + KD), seed 0; ETA for all runs " + progress[1][-7:]
+    assert all(line.startswith(f"run {k} of 21: ") and line.endswith(" min") for k, line in enumerate(progress[1:], 2))
+    keys = "abcde"
+    assert trained == ["teacher"] + [f"b{b}-{k}-seed{s}" for b in ("0.75", "0.3") for s in (0, 1) for k in keys]
+    runs = tmp_path / "out" / "runs"
+    recorded = {k: json.loads((runs / f"b0.3-{k}-seed0" / "run.json").read_text())["args"] for k in keys}
+    teacher_file = str(runs / "teacher" / "checkpoint-last.safetensors")
+    assert [recorded[k]["init"] for k in keys] == ["mean", "svd", "mean", "fan_in", "fan_in"]
+    assert [recorded[k]["distill"] for k in keys] == [True, True, True, False, True]
+    assert [recorded[k]["from_checkpoint"] for k in keys] == [teacher_file] * 3 + ["None", teacher_file]
+    assert recorded["c"]["allocate"] == "weights" and recorded["a"]["allocate"] is None
+    # Two templates fit 0.75 of WRN-28-1 (policy imagenet, scope all); at 0.3 only one does.
+    assert json.loads((runs / "b0.75-b-seed0" / "run.json").read_text())["args"]["templates"] == 2
+    assert recorded["b"]["templates"] == 1
+
+    report = (docs / "compress.md").read_text().splitlines()
+    rows = [line for line in report if line.startswith("| 0.")]
+    # Setting a at 0.75: accuracy 40 before the first step for both seeds, then 50 + seed and 60 + seed (seeds 0, 1):
+    # means 50.5 and 60.5; final errors 40 and 39.
+    assert rows[0] == (
+        "| 0.75 | a: hard mean + KD | 653 (0.653) | 40.00 ± 0.00 | 50.50 ± 0.71 | 60.50 ± 0.71 | 40.00 / 39.00 | "
+        "39.50 ± 0.71 |"
+    )
+    assert len(rows) == 10 and rows[3].startswith("| 0.75 | d: scratch | 650 (0.650) | 10.00 ± 0.00 | 20.50 ± 0.71 |")
+    assert "* budget 0.3: c (allocate weights + KD), 19.50% against the teacher's 60.00%" in report
+    assert (docs / "error_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second call trains nothing: every run is finished.
+    experiment.main(experiment.get_args_parser().parse_args(argv))
+    assert len(trained) == 21 and "trained 0 runs" in capsys.readouterr().out
+
+
+def test_compress_experiment_help_states_each_default_once(monkeypatch):
+    import re
+
+    module = load_experiment(monkeypatch)
+    text = " ".join(module.get_args_parser().format_help().split()).split("options:", 1)[1]
+    shown = {o.split()[0]: o for o in re.split(r" (?=--?\w[\w-]* )", text)}
+    for flag, default in (("--epochs", "4"), ("--teacher-epochs", "15"), ("--budgets", "[0.75, 0.5, 0.3]"),
+                          ("--seeds", "[0, 1, 2]"), ("--templates", "2"), ("--device", "cpu")):  # fmt: skip
+        assert shown[flag].endswith(f"(default: {default})") and shown[flag].count("default") == 1, shown[flag]
