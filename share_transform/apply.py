@@ -1,4 +1,5 @@
-"""The one mutation step: tie the spatial convs of each share group to one ``nn.Parameter``.
+"""The one mutation step: tie the layers of each share group to one ``nn.Parameter`` (and, at scope
+``"block"``, one bias).
 
 Autograd then sums the members' gradients into the shared weight (paper eq. 5), and an optimizer sees
 the weight once, so weight decay and momentum act once per shared weight. A soft-shared group
@@ -25,7 +26,7 @@ from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitE
 from .modelinfo import check_model, model_name
 from .plan import SharePlan, check_policy, plan as make_plan
 from .policies import INITS
-from .signature import ConvSignature
+from .signature import ConvSignature, signature_of
 from .soft import bake, bank_of, is_soft, share_softly
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.
@@ -167,7 +168,8 @@ def install_tie_hooks(model: nn.Module) -> nn.Module:
     return model
 
 
-def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Conv2d]]:
+def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Module]]:
+    """Each group's member layers (convs, or linear layers at scope "block"), checked against the plan."""
     modules = dict(model.named_modules())
     name = model_name(model)
     out = []
@@ -175,9 +177,10 @@ def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Conv2d]]:
         convs = []
         for path in g.members:
             conv = modules.get(path)
-            if not isinstance(conv, nn.Conv2d) or ConvSignature.of(conv) != g.signature:
+            if conv is None or signature_of(conv) != g.signature:
+                kind = "conv" if isinstance(g.signature, ConvSignature) else "linear layer"
                 raise PlanMismatchError(
-                    f"{name}: the plan (made for {plan.model_name}) expects a conv "
+                    f"{name}: the plan (made for {plan.model_name}) expects a {kind} "
                     f"{g.signature.describe()} at {path!r}; plan this model with share_transform.plan(model)"
                 )
             convs.append(conv)
@@ -185,7 +188,12 @@ def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Conv2d]]:
     return out
 
 
-def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Conv2d]]) -> None:
+def _distinct(layers: Sequence[nn.Module], attr: str) -> int:
+    """How many distinct tensors ``layers`` hold under ``attr``."""
+    return len({id(getattr(m, attr)) for m in layers})
+
+
+def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Module]]) -> None:
     """Raise unless ``plan`` was made for ``model``'s architecture: same name and same parameter count before
     sharing (a ResNet-18 plan's member paths and signatures all exist in a ResNet-34, so they are not enough)."""
     name = model_name(model)
@@ -197,7 +205,8 @@ def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Conv
         return  # a soft-shared model's count is its banks': the members' paths and signatures matched above
     # The count before sharing, whether the groups are tied yet or not (retie, apply twice).
     before = count_parameters(model) + sum(
-        g.numel * (len(convs) - len({id(c.weight) for c in convs})) for g, convs in zip(plan.groups, groups)
+        g.numel * (len(convs) - _distinct(convs, "weight")) + g.bias_numel * (len(convs) - _distinct(convs, "bias"))
+        for g, convs in zip(plan.groups, groups)
     )
     if before != plan.params_before:
         raise PlanMismatchError(
@@ -220,17 +229,18 @@ def apply(
 ) -> nn.Module:
     """Turn ``model`` into its ShaResNet in place and return the same object.
 
-    Within each stage, the spatial convs of a share group point at one ``nn.Parameter`` (or, with
-    ``templates=k``, mix one bank of k templates); the model keeps its class and methods. Applying again to
-    a shared model changes nothing.
+    Within each stage, the layers of a share group point at one ``nn.Parameter`` (at scope ``"block"``, one
+    weight and one bias; with ``templates=k``, their weights mix one bank of k templates and each keeps its
+    bias); the model keeps its class and methods. Applying again to a shared model changes nothing.
 
     Args:
         model: the residual network.
         policy: ``"imagenet"`` (default), ``"cifar"`` or ``"swrn"``; ignored when ``plan`` is given.
         plan: a plan from :func:`share_transform.plan` (it carries its options); made here when omitted.
-        init: hard sharing only: ``"first"`` keeps the first member's weight (training from scratch: the
-            distribution stays as initialised; the Parameter object is kept, so an optimizer holding it stays
-            valid); ``"mean"`` averages the members' kernels (warm start from a trained model). Soft groups
+        init: hard sharing only: ``"first"`` keeps the first member's weight (and bias) (training from
+            scratch: the distribution stays as initialised; the Parameter object is kept, so an optimizer
+            holding it stays valid); ``"mean"`` averages the members' kernels (and biases) (warm start from a
+            trained model). Soft groups
             are initialised as the reference code: He-normal templates, orthogonal coefficients.
         input_size: ``(C, H, W)`` for planning; defaults to the model's own.
         group_size, scope, templates, budget: the sharing options of :func:`share_transform.plan`;
@@ -283,20 +293,26 @@ def apply(
         if group.templates is not None:
             share_softly(convs, group.templates)
             continue
-        weights = [c.weight for c in convs]
-        if all(w is weights[0] for w in weights):
-            continue  # already shared: keep the Parameter so optimizers holding it stay valid
-        if init == "first":
-            shared = weights[0]
-        else:
-            with torch.no_grad():
-                mean = torch.stack([w.detach() for w in weights]).mean(dim=0)
-            shared = nn.Parameter(mean, requires_grad=weights[0].requires_grad)
-        for c in convs:
-            c.weight = shared
+        for attr in ("weight", "bias") if group.shares_bias else ("weight",):
+            _tie(convs, attr, init)
     setattr(net, PLAN_ATTR, plan)
     install_tie_hooks(net)
     return model
+
+
+def _tie(layers: Sequence[nn.Module], attr: str, init: str) -> None:
+    """Make ``layers`` hold one Parameter under ``attr``: the first one's, or a new one holding their mean."""
+    tensors = [getattr(m, attr) for m in layers]
+    if all(t is tensors[0] for t in tensors):
+        return  # already shared: keep the Parameter so optimizers holding it stay valid
+    if init == "first":
+        shared = tensors[0]
+    else:
+        with torch.no_grad():
+            mean = torch.stack([t.detach() for t in tensors]).mean(dim=0)
+        shared = nn.Parameter(mean, requires_grad=tensors[0].requires_grad)
+    for m in layers:
+        setattr(m, attr, shared)
 
 
 def retie(model: nn.Module) -> nn.Module:
@@ -314,26 +330,31 @@ def retie(model: nn.Module) -> nn.Module:
 
 
 def untie(model: nn.Module) -> nn.Module:
-    """Give every conv its own copy of its weight again (the inverse of ``apply``), in place.
+    """Give every conv and linear layer its own copy of its weight and bias again (the inverse of ``apply``),
+    in place.
 
-    A soft-shared conv becomes a plain conv holding its current effective weight (its mix of the templates).
+    A soft-shared layer becomes a plain one holding its current effective weight (its mix of the templates).
     """
     net = check_model(model)
     seen: set[int] = set()
     for m in bake(net).modules():
-        if isinstance(m, nn.Conv2d):
-            w = m.weight
-            if id(w) in seen:
-                m.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-            else:
-                seen.add(id(w))
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            for attr in ("weight", "bias"):
+                t = getattr(m, attr)
+                if t is None:
+                    continue
+                if id(t) in seen:
+                    setattr(m, attr, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+                else:
+                    seen.add(id(t))
     if hasattr(net, PLAN_ATTR):
         delattr(net, PLAN_ATTR)
     return model
 
 
 def is_tied(model: nn.Module, plan: SharePlan | None = None) -> bool:
-    """True when every group of ``plan`` (default: the recorded one) holds one Parameter (or mixes one bank)."""
+    """True when every group of ``plan`` (default: the recorded one) holds one Parameter (one weight, and one
+    bias where the group shares it) or mixes one bank."""
     net = check_model(model)
     plan = plan or get_plan(net)
     if plan is None:
@@ -341,6 +362,7 @@ def is_tied(model: nn.Module, plan: SharePlan | None = None) -> bool:
     for group, convs in zip(plan.groups, _group_convs(net, plan)):
         if group.templates is None:
             tied = all(not is_soft(c) and c.weight is convs[0].weight for c in convs)
+            tied = tied and (not group.shares_bias or all(c.bias is convs[0].bias for c in convs))
         else:
             bank = bank_of(convs[0])
             tied = bank is not None and bank.k == group.templates and all(bank_of(c) is bank for c in convs)

@@ -25,7 +25,7 @@ from . import __version__
 from .build import SOURCES, build_model, list_model_names, split_name
 from .errors import ExportError, MissingFileError, ShareError
 from .fs import check_writable
-from .policies import INITS, POLICIES, check_options
+from .policies import INITS, POLICIES, SCOPES, check_options
 from .text import format_columns
 
 if TYPE_CHECKING:
@@ -131,7 +131,8 @@ def _sharing_options(f: F) -> F:
             "--scope",
             default=None,
             help="last: each block's last spatial conv (the paper); all: every spatial conv of the residual "
-            "branch [default: the policy's].",
+            "branch; block: every conv and linear layer of it (1x1, depthwise, SE, MLP), weight and bias "
+            "[default: the policy's].",
         ),
         click.option(
             "--templates",
@@ -244,6 +245,7 @@ def convert(
       sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
       sharetx convert --model resnet101 --budget 0.75
       sharetx convert --model wrn_28_10 --policy swrn --templates 2
+      sharetx convert --model resnet50 --scope block
     """
     from .apply import apply
     from .io import load_checkpoint, save
@@ -288,6 +290,7 @@ def plan_command(
       sharetx plan --model resnet50
       sharetx plan --model wrn_28_10 --policy cifar --num-classes 100 --json
       sharetx plan --model resnet34 --scope all --group-size 2
+      sharetx plan --model convnext_tiny --scope block
     """
     from .plan import plan
     from .summary import summarize
@@ -301,6 +304,13 @@ def plan_command(
 @main.command("sweep")
 @_model_options
 @click.option(
+    "--scope",
+    "scopes",
+    type=click.Choice(SCOPES),
+    multiple=True,
+    help="Only this scope (repeatable) [default: last, all and block].",
+)
+@click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -308,7 +318,13 @@ def plan_command(
 )
 @_json_option
 def sweep_command(
-    name: str, source: str | None, policy: str, num_classes: int | None, plot: Path | None, as_json: bool
+    name: str,
+    source: str | None,
+    policy: str,
+    num_classes: int | None,
+    scopes: tuple[str, ...],
+    plot: Path | None,
+    as_json: bool,
 ) -> None:
     """The sharing dial of one model: unique parameters for each scope x group size x templates.
 
@@ -317,6 +333,7 @@ def sweep_command(
     \b
     Examples:
       sharetx sweep --model resnet50
+      sharetx sweep --model convnext_tiny --scope block
       sharetx sweep --model wrn_28_10 --policy cifar --json
       sharetx sweep --model resnet101 --plot resnet101-sweep.png
     """
@@ -328,7 +345,7 @@ def sweep_command(
 
         require_matplotlib()  # before the build: a missing [train] extra costs nothing
     model = _build(name, source, num_classes)
-    plans = sweep(model, policy)
+    plans = sweep(model, policy, scopes=scopes or SCOPES)
     rows: list[dict[str, Any]] = [
         {
             "scope": p.scope,

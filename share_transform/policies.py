@@ -13,8 +13,10 @@ from .errors import ShareOptionError
 
 __all__ = ["INITS", "POLICIES", "SCOPES", "Policy", "check_options", "describe_sharing"]
 
-#: Which spatial convs of a block may share: the block's last one (the paper), or all of its residual branch.
-SCOPES = ("last", "all")
+#: Which layers of a block may share, narrowest first: the block's last spatial conv (the paper), every spatial
+#: conv of its residual branch, or every conv and linear layer of its residual branch. Each shares a superset
+#: of the one before (docs/design.md, Scopes).
+SCOPES = ("last", "all", "block")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .build import build_spec
 from .plan import ShareGroup, SharePlan
+from .signature import ConvSignature
 from .soft import bank_of
 from .text import format_columns
 
@@ -36,7 +37,7 @@ class StageSummary:
     label: str  # "1", "2", ... for stages; "rest"; "total"
     resolution: tuple[int, int] | None  # the stage's output size; None for rest and total
     blocks: int
-    spatial_convs: int  # spatial convs of its residual blocks
+    spatial_convs: int  # layers the scope lets share in its residual blocks (spatial convs at "last", "all")
     spatial_shared: int  # of which point at a shared weight
     params_before: int
     params_after: int
@@ -90,6 +91,7 @@ class ShareSummary:
                     "shape": g.signature.describe(),
                     "numel": g.numel,
                     "templates": g.templates,
+                    "shares_bias": g.shares_bias,
                     "members": list(g.members),
                 }
                 for g in self.groups
@@ -133,7 +135,8 @@ class ShareSummary:
         lines += format_columns(rows, left={1, 7})  # text columns; numbers align right
         for g in self.groups:
             members = g.members if len(g.members) <= 3 else (g.members[0], "...", g.members[-1])
-            lines.append(f"stage {g.stage}: {g.describe()} for {len(g.members)} convs ({', '.join(members)})")
+            kind = "convs" if isinstance(g.signature, ConvSignature) else "linear layers"
+            lines.append(f"stage {g.stage}: {g.describe()} for {len(g.members)} {kind} ({', '.join(members)})")
         if self.file is not None:
             lines.append(
                 f"file: {self.file} ({self.file_bytes:,} bytes; unshared tensors take {self.total.bytes_before:,})"
@@ -169,10 +172,10 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             convs[_owner(name, owners)] += 1
-            bank = bank_of(m)
-            if bank is not None:
-                params[_owner(name, owners)] += bank.templates[0].numel()
-                nbytes[_owner(name, owners)] += bank.templates[0].numel() * bank.templates.element_size()
+        bank = bank_of(m) if isinstance(m, nn.Conv2d | nn.Linear) else None
+        if bank is not None:
+            params[_owner(name, owners)] += bank.templates[0].numel()
+            nbytes[_owner(name, owners)] += bank.templates[0].numel() * bank.templates.element_size()
 
     modules = dict(model.named_modules())
     saved = dict.fromkeys(labels, 0)
@@ -182,7 +185,8 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         label = str(g.stage)
         saved[label] += g.saved
         saved_bytes[label] += g.saved * modules[g.members[0]].weight.element_size()
-        removed[label] += len(g.members) - g.weights
+        if isinstance(g.signature, ConvSignature):  # the conv weights column counts convs
+            removed[label] += len(g.members) - g.weights
 
     def row(label: str, resolution: tuple[int, int] | None, blocks: int, spatial: tuple[int, int]) -> StageSummary:
         return StageSummary(
