@@ -42,11 +42,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import share_transform as st
+from share_transform.tie import alias_groups, keep_ties
 from share_transform.train import DistInfo, make_loader, set_epoch, train_step
 from share_transform.train.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD, imagenet_datasets
 from share_transform.train.loop import ColourAugment, Normalize
 from share_transform.train.optim import build_optimizer
-from share_transform.train.trainer import alias_groups, keep_ties
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_throughput import make_jpeg_folder  # noqa: E402

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 import share_transform as st
-from share_transform.io import load_checkpoint, read_info
+from share_transform.checkpoints import load_checkpoint
+from share_transform.files import read_info
 
 
 def load_old(path: Path) -> nn.Module:

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 import share_transform
+from share_transform.tie import alias_groups, keep_ties
 from share_transform.train import Normalize, build_optimizer, init_weights, setup_runtime, train_step
 from share_transform.train.data.imagenet import MEAN, STD
-from share_transform.train.trainer import alias_groups, keep_ties
 
 
 @dataclass(frozen=True)

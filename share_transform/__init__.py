@@ -18,177 +18,71 @@ as timm is imported, before or after this package, so ``timm.create_model("share
 from __future__ import annotations
 
 import importlib
-import sys
-import types
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from ._timm_hook import after_import
+from .version import __version__ as __version__
 
-__version__ = "0.1.0"
+#: The modules whose ``__all__`` together are the package's public API: each public name is listed once, in
+#: its own module. Cheap (torch-free) modules first, so that looking up their names imports nothing heavy.
+_API = (
+    "errors",
+    "policies",
+    "build",
+    "modelinfo",
+    "tie",
+    "planning",
+    "signature",
+    "summary",
+    "files",
+    "checkpoints",
+    "export",
+    "models",
+)
 
-#: Public name -> the submodule that defines it ("" for a submodule itself).
-_EXPORTS: dict[str, str] = {
-    "models": "",
-    "paper": "",
-    "apply": "apply",
-    "count_parameters": "apply",
-    "get_plan": "apply",
-    "is_tied": "apply",
-    "retie": "apply",
-    "untie": "apply",
-    "build_model": "build",
-    "build_spec": "build",
-    "CheckpointError": "errors",
-    "ConfigError": "errors",
-    "DataError": "errors",
-    "ExportError": "errors",
-    "FileFormatError": "errors",
-    "InputSizeError": "errors",
-    "MetaTensorError": "errors",
-    "MissingFileError": "errors",
-    "ModelArgumentError": "errors",
-    "NoSpatialConvError": "errors",
-    "NonFiniteLossError": "errors",
-    "NotAModuleError": "errors",
-    "OutputExistsError": "errors",
-    "OutputLockedError": "errors",
-    "PlanMismatchError": "errors",
-    "ReportError": "errors",
-    "ShareError": "errors",
-    "ShareOptionError": "errors",
-    "TraceError": "errors",
-    "UnknownInitError": "errors",
-    "UnknownModelError": "errors",
-    "UnknownPolicyError": "errors",
-    "OnnxExport": "export",
-    "export_onnx": "export",
-    "FileInfo": "io",
-    "load": "io",
-    "load_checkpoint": "io",
-    "read_checkpoint": "io",
-    "read_info": "io",
-    "save": "io",
-    "preact_resnet": "models",
-    "wide_resnet": "models",
-    "POLICIES": "policies",
-    "ShareGroup": "plan",
-    "SharePlan": "plan",
-    "SpatialConv": "plan",
-    "StagePlan": "plan",
-    "plan": "plan",
-    "sweep": "plan",
-    "ConvSignature": "signature",
-    "ShareSummary": "summary",
-    "summarize": "summary",
-}
+if TYPE_CHECKING:  # the same modules, for type checkers and IDEs (tests/test_package.py checks they agree)
+    from .build import *  # noqa: F403
+    from .checkpoints import *  # noqa: F403
+    from .errors import *  # noqa: F403
+    from .export import *  # noqa: F403
+    from .files import *  # noqa: F403
+    from .modelinfo import *  # noqa: F403
+    from .models import *  # noqa: F403
+    from .planning import *  # noqa: F403
+    from .policies import *  # noqa: F403
+    from .signature import *  # noqa: F403
+    from .summary import *  # noqa: F403
+    from .tie import *  # noqa: F403
 
-__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:  # the names as type checkers and IDEs see them; `X as X` marks a re-export
-    from . import (
-        models as models,
-        paper as paper,
-    )
-    from .apply import (
-        apply as apply,
-        count_parameters as count_parameters,
-        get_plan as get_plan,
-        is_tied as is_tied,
-        retie as retie,
-        untie as untie,
-    )
-    from .build import (
-        build_model as build_model,
-        build_spec as build_spec,
-    )
-    from .errors import (
-        CheckpointError as CheckpointError,
-        ConfigError as ConfigError,
-        DataError as DataError,
-        ExportError as ExportError,
-        FileFormatError as FileFormatError,
-        InputSizeError as InputSizeError,
-        MetaTensorError as MetaTensorError,
-        MissingFileError as MissingFileError,
-        ModelArgumentError as ModelArgumentError,
-        NonFiniteLossError as NonFiniteLossError,
-        NoSpatialConvError as NoSpatialConvError,
-        NotAModuleError as NotAModuleError,
-        OutputExistsError as OutputExistsError,
-        OutputLockedError as OutputLockedError,
-        PlanMismatchError as PlanMismatchError,
-        ReportError as ReportError,
-        ShareError as ShareError,
-        ShareOptionError as ShareOptionError,
-        TraceError as TraceError,
-        UnknownInitError as UnknownInitError,
-        UnknownModelError as UnknownModelError,
-        UnknownPolicyError as UnknownPolicyError,
-    )
-    from .export import (
-        OnnxExport as OnnxExport,
-        export_onnx as export_onnx,
-    )
-    from .io import (
-        FileInfo as FileInfo,
-        load as load,
-        load_checkpoint as load_checkpoint,
-        read_checkpoint as read_checkpoint,
-        read_info as read_info,
-        save as save,
-    )
-    from .models import (
-        preact_resnet as preact_resnet,
-        wide_resnet as wide_resnet,
-    )
-    from .plan import (
-        ShareGroup as ShareGroup,
-        SharePlan as SharePlan,
-        SpatialConv as SpatialConv,
-        StagePlan as StagePlan,
-        plan as plan,
-        sweep as sweep,
-    )
-    from .policies import POLICIES as POLICIES
-    from .signature import (
-        ConvSignature as ConvSignature,
-    )
-    from .summary import (
-        ShareSummary as ShareSummary,
-        summarize as summarize,
-    )
+def _public_names() -> list[str]:
+    return sorted(name for module in _API for name in importlib.import_module(f".{module}", __name__).__all__)
 
 
 def __getattr__(name: str) -> Any:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = importlib.import_module(f".{module or name}", __name__)
-    if module:
-        value = getattr(value, name)
+    if name == "__all__":
+        value: Any = _public_names()
+    elif not name.startswith("_") and importlib.util.find_spec(f".{name}", __name__) is not None:
+        value = importlib.import_module(f".{name}", __name__)  # a submodule: share_transform.paper
+    else:
+        for module in _API:
+            found = importlib.import_module(f".{module}", __name__)
+            if name in found.__all__:
+                value = getattr(found, name)
+                break
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value  # later look-ups skip __getattr__
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Importing a submodule binds it as an attribute of the package. ``apply`` and ``plan`` name both a
-        # submodule and the function users call: the function must win, as it did with eager imports.
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    return sorted(set(globals()) | set(_public_names()))
 
 
 def _register_timm_models() -> None:
-    importlib.import_module(".models", __name__)  # registers the CIFAR networks and the ShaResNets
+    importlib.import_module(".models.registry", __name__).register_models()
 
 
 after_import("timm", _register_timm_models)

@@ -14,6 +14,8 @@ from .errors import ModelArgumentError, ShareError, UnknownModelError
 if TYPE_CHECKING:  # torch and timm load only when a model is built, so the CLI's --help stays instant
     from torch import nn
 
+__all__ = ["build_model"]
+
 SOURCES = ("timm", "torchvision")
 
 #: timm's ResNet-family name patterns: what the sweep (``benchmarks/sweep.py``, ``pytest --runslow``) covers.
@@ -31,9 +33,6 @@ TIMM_RESNET_FAMILIES = (
     "resnetblur*",
     "resnetaa*",
 )
-
-#: Attribute under which ``build_model`` records how the model was built.
-BUILD_ATTR = "_share_build"
 
 
 def split_name(name: str, source: str | None = None) -> tuple[str, str]:
@@ -64,8 +63,9 @@ def list_model_names(source: str) -> list[str]:
     if source == "timm":
         import timm
 
-        from . import models  # noqa: F401  (registers the CIFAR networks with timm)
+        from .models import register_models
 
+        register_models()  # the CIFAR networks and the ShaResNets
         return list(timm.list_models())
     import torchvision
 
@@ -89,6 +89,8 @@ def build_model(name: str, *, source: str | None = None, num_classes: int | None
     Example:
         >>> model = build_model("torchvision:resnet34", num_classes=10)
     """
+    from .modelinfo import BUILD_ATTR  # torch: after --help has answered
+
     source, arch = split_name(name, source)
     if source == "timm":
         from .models import register_cifar_size
@@ -115,12 +117,6 @@ def build_model(name: str, *, source: str | None = None, num_classes: int | None
         raise ModelArgumentError(f"{source} model {arch!r} rejected its arguments {ctor_kwargs}: {exc}") from None
     setattr(model, BUILD_ATTR, {"source": source, "name": arch, "kwargs": ctor_kwargs})
     return model
-
-
-def build_spec(model: nn.Module) -> dict[str, Any] | None:
-    """How ``build_model`` built ``model`` (source, name, kwargs), or None for a model built elsewhere."""
-    spec = getattr(model, BUILD_ATTR, None)
-    return dict(spec) if spec is not None else None
 
 
 #: The constructor arguments a file or a recipe may give: shape, classes, input channels and dropout rates.

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__
 from .build import SOURCES, build_model, list_model_names, split_name
 from .errors import ExportError, MissingFileError, ShareError
 from .fs import check_writable
-from .policies import INITS, POLICIES, SCOPES, check_options
+from .policies import INITS, POLICIES, SCOPES, SharingOptions
 from .text import format_columns
+from .version import __version__
 
 if TYPE_CHECKING:
     from torch import nn
@@ -152,10 +152,11 @@ def _sharing_options(f: F) -> F:
     return f
 
 
-def _check_sharing(name: str, policy: str, **options: Any) -> dict[str, Any]:
+def _check_sharing(name: str, policy: str, **options: Any) -> SharingOptions:
     """The sharing options, checked before the (slow) build; raises ShareOptionError."""
-    check_options(name, POLICIES[policy], **options)
-    return options
+    sharing = SharingOptions(**options)
+    sharing.check(name, POLICIES[policy])
+    return sharing
 
 
 def _build(name: str, source: str | None, num_classes: int | None) -> nn.Module:
@@ -247,10 +248,11 @@ def convert(
       sharetx convert --model wrn_28_10 --policy swrn --templates 2
       sharetx convert --model resnet50 --scope block
     """
-    from .apply import apply
-    from .io import load_checkpoint, save
-    from .plan import plan
+    from .checkpoints import load_checkpoint
+    from .files import save
+    from .planning import plan
     from .summary import summarize
+    from .tie import apply
 
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
@@ -261,7 +263,7 @@ def convert(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         _warn_non_finite(model, checkpoint)
-    share_plan = plan(model, policy, **options)
+    share_plan = plan(model, policy, options=options)
     apply(model, plan=share_plan, init=init)
     save(model, out)
     summary = summarize(model, share_plan, file=out)
@@ -292,12 +294,12 @@ def plan_command(
       sharetx plan --model resnet34 --scope all --group-size 2
       sharetx plan --model convnext_tiny --scope block
     """
-    from .plan import plan
+    from .planning import plan
     from .summary import summarize
 
     options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
     model = _build(name, source, num_classes)
-    summary = summarize(model, plan(model, policy, **options))
+    summary = summarize(model, plan(model, policy, options=options))
     _emit(summary.to_dict(), str(summary), as_json)
 
 
@@ -337,7 +339,7 @@ def sweep_command(
       sharetx sweep --model wrn_28_10 --policy cifar --json
       sharetx sweep --model resnet101 --plot resnet101-sweep.png
     """
-    from .plan import sweep
+    from .planning import sweep
 
     if plot is not None:
         _check_output(plot, force=True)
@@ -415,9 +417,9 @@ def inspect(file: Path, as_json: bool) -> None:
     Example:
       sharetx inspect resnet152-share.safetensors
     """
-    from .apply import count_parameters
-    from .io import load, read_info
+    from .files import load, read_info
     from .summary import summarize
+    from .tie import count_parameters
 
     info = read_info(file)
     data: dict[str, Any] = {
@@ -426,7 +428,7 @@ def inspect(file: Path, as_json: bool) -> None:
         "share_transform_version": info.version,
         "build": info.build,
         "policy": info.policy,
-        "sharing": info.plan.options if info.plan is not None else None,
+        "sharing": info.plan.options.to_dict() if info.plan is not None else None,
         "stored_tensors": len(info.tensors),
         "stored_elements": info.stored_numel,
         "aliases": len(info.aliases),
@@ -468,9 +470,9 @@ def table(as_json: bool) -> None:
     Example:
       sharetx table > table1.md
     """
-    from . import paper
+    from .paper import format_table1, measure_table1
 
-    measured = paper.measure_table1()
+    measured = measure_table1()
     data = [
         {
             "model": m.row.model,
@@ -490,7 +492,7 @@ def table(as_json: bool) -> None:
         }
         for m in measured
     ]
-    _emit(data, paper.format_table1(measured), as_json)
+    _emit(data, format_table1(measured), as_json)
 
 
 @main.command()
@@ -519,7 +521,7 @@ def export(file: Path, onnx_out: Path, input_size: tuple[int, int, int] | None, 
       sharetx export resnet50-share.safetensors --onnx resnet50-share.onnx --input-size 3 224 224
     """
     from .export import export_onnx
-    from .io import load
+    from .files import load
 
     _check_output(onnx_out, force)
     result = export_onnx(load(file), onnx_out, input_size=input_size or None)

@@ -1,105 +1,124 @@
-"""Exceptions raised by share_transform.
+"""Exceptions raised by share_transform's core (the training stack's own are in :mod:`share_transform.train.errors`).
 
-Every error the package raises on bad input derives from :class:`ShareError`, so callers (and the
-``sharetx`` CLI) can catch one class. Each subclass also derives from the built-in exception a
-Python user would expect (``TypeError`` for a wrong argument type, ``ValueError`` for a bad value).
+Every error the package raises on bad input derives from :class:`ShareError`, so callers (and the ``sharetx``
+CLI) can catch one class, and from the built-in exception a Python user would expect (``TypeError`` for a wrong
+argument type, ``ValueError`` for a bad value). They come in groups: :class:`PlanError` for what stops a model
+from being planned or tied, :class:`FileError` for files read and written, and the training stack's
+``TrainingError``; a few (a model that cannot be built, a missing extra) stand alone. One rule, one class.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ExportError",
+    "FileError",
+    "FileFormatError",
+    "InputSizeError",
+    "MetaTensorError",
+    "MissingExtraError",
+    "MissingFileError",
+    "ModelArgumentError",
+    "NoSpatialConvError",
+    "NotAModuleError",
+    "OutputExistsError",
+    "PlanError",
+    "PlanMismatchError",
+    "ShareError",
+    "ShareOptionError",
+    "TraceError",
+    "UnknownInitError",
+    "UnknownModelError",
+    "UnknownPolicyError",
+]
 
 
 class ShareError(Exception):
     """Base class of every error share_transform raises on bad input."""
 
 
+# -- building a model -------------------------------------------------------------------------------------------
+
+
 class NotAModuleError(ShareError, TypeError):
     """The argument is not a ``torch.nn.Module``."""
 
 
-class UnknownPolicyError(ShareError, ValueError):
-    """The sharing policy is not one of the known policies."""
-
-
-class TraceError(ShareError):
-    """torch.fx could not trace the model, not even with timm's notrace modules."""
-
-
-class InputSizeError(ShareError, ValueError):
-    """The model rejected the input size used for shape propagation."""
-
-
-class NoSpatialConvError(ShareError):
-    """The model has no residual block with a spatial conv: there is nothing to share."""
-
-
-class PlanMismatchError(ShareError, ValueError):
-    """A plan does not fit the model it is applied to."""
-
-
-class ShareOptionError(ShareError, ValueError):
-    """A sharing option (group size, scope, templates, budget) is out of range, conflicts with another, or
-    cannot be met."""
-
-
 class UnknownModelError(ShareError, ValueError):
-    """No timm or torchvision model has this name."""
-
-
-class DataError(ShareError, ValueError):
-    """Training data is missing, empty, malformed or not laid out as the recipe expects."""
+    """No timm or torchvision model has this name, or a CIFAR network's name has a depth its formula refuses."""
 
 
 class ModelArgumentError(ShareError, TypeError, ValueError):
     """The model's constructor does not take the arguments given, or not their values (a WRN depth off 6n+4)."""
 
 
-class UnknownInitError(ShareError, ValueError):
+class MissingExtraError(ShareError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+# -- planning and tying -----------------------------------------------------------------------------------------
+
+
+class PlanError(ShareError):
+    """Base of the errors that stop a model from being planned or tied."""
+
+
+class UnknownPolicyError(PlanError, ValueError):
+    """The sharing policy is not one of the registered policies."""
+
+
+class ShareOptionError(PlanError, ValueError):
+    """A sharing option (group size, scope, templates, budget) is out of range, conflicts with another, or
+    cannot be met."""
+
+
+class UnknownInitError(PlanError, ValueError):
     """The init mode of a shared weight is not one of the known modes."""
 
 
-class MissingFileError(ShareError, FileNotFoundError):
+class TraceError(PlanError):
+    """torch.fx could not trace the model, or shape propagation failed inside the pass (the message names the
+    graph node)."""
+
+
+class InputSizeError(PlanError, ValueError):
+    """The input size is malformed, or the model itself rejected it during shape propagation."""
+
+
+class NoSpatialConvError(PlanError):
+    """The model has no residual block with a layer the scope shares: there is nothing to share."""
+
+
+class PlanMismatchError(PlanError, ValueError):
+    """A plan does not fit the model it is applied to, or the model is tied otherwise than the plan says."""
+
+
+# -- files ------------------------------------------------------------------------------------------------------
+
+
+class FileError(ShareError):
+    """Base of the errors about files read or written."""
+
+
+class MissingFileError(FileError, FileNotFoundError):
     """An input file (a ShaResNet file, a checkpoint) does not exist."""
 
 
-class FileFormatError(ShareError, ValueError):
+class FileFormatError(FileError, ValueError):
     """A file is not what it must be: not safetensors, corrupt, truncated, or without share_transform metadata."""
 
 
-class CheckpointError(ShareError, ValueError):
+class CheckpointError(FileError, ValueError):
     """A checkpoint does not fit the model (keys, shapes) or holds pickled objects other than tensors."""
 
 
-class MetaTensorError(ShareError, ValueError):
+class MetaTensorError(FileError, ValueError):
     """A tensor of the model has no data (it lives on the meta device), so it cannot be written."""
 
 
-class OutputExistsError(ShareError, FileExistsError):
-    """The output file exists and overwriting was not asked for."""
+class OutputExistsError(FileError, FileExistsError):
+    """The output file exists and overwriting was not asked for, or it is not a regular file."""
 
 
-class OutputLockedError(ShareError, RuntimeError):
-    """Another process is writing the output directory (a run on the same ``--output``); the message names its PID."""
-
-
-class ExportError(ShareError, RuntimeError):
+class ExportError(FileError, RuntimeError):
     """The ONNX export failed, or the exported graph does not match the model (sharing or outputs)."""
-
-
-class ConfigError(ShareError, ValueError):
-    """A flag combination that cannot run (batch not divisible by the world size, no CUDA, ...)."""
-
-
-class NonFiniteLossError(ShareError, FloatingPointError):
-    """The training loss became NaN or infinite; training stopped before writing anything from that step.
-
-    ``epoch`` and ``step`` are 0-based (``step`` counts from the start of the run); the message is 1-based.
-    """
-
-    def __init__(self, message: str, *, epoch: int, step: int) -> None:
-        super().__init__(message)
-        self.epoch = epoch
-        self.step = step
-
-
-class ReportError(ShareError, ValueError):
-    """A run directory is missing its files or holds malformed ones."""

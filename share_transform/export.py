@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import get_plan
 from .errors import ExportError, InputSizeError
 from .fs import atomic_write
 from .modelinfo import check_model, default_input_size, distinct_conv_weights, model_name
 from .soft import bake, is_soft
+from .tie import get_plan
 from .trace import eval_mode
 
 __all__ = ["OnnxExport", "export_onnx"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from .errors import MissingExtraError
 
 __all__ = ["new_figure", "require_matplotlib"]
 
@@ -17,12 +17,12 @@ def require_matplotlib() -> None:
     """Check that matplotlib, which draws every figure of the package, is installed.
 
     Raises:
-        ConfigError: it is not; the message names the extra that installs it.
+        MissingExtraError: it is not; the message names the extra that installs it.
     """
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
-        raise ConfigError(
+        raise MissingExtraError(
             f"matplotlib draws the plots and figures ({e}): pip install 'share-transform[train]'"
         ) from None
 
@@ -31,7 +31,7 @@ def new_figure(figsize: tuple[float, float], **kwargs: Any) -> Any:
     """A matplotlib ``Figure`` on its own Agg canvas: no display needed, matplotlib's global backend untouched.
 
     Raises:
-        ConfigError: matplotlib is not installed (see :func:`require_matplotlib`).
+        MissingExtraError: matplotlib is not installed (see :func:`require_matplotlib`).
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -1,27 +1,34 @@
-"""What the package needs to know of any model: its name, its input size, its distinct conv weights."""
+"""What the package needs to know of any model: how it was built, its name, its input size, its distinct conv
+weights."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from .build import build_spec
 from .errors import InputSizeError, NotAModuleError
 from .soft import bank_of, coefficients_of
 
-__all__ = [
-    "check_input_size",
-    "check_model",
-    "conv_weight_keys",
-    "default_input_size",
-    "distinct_conv_weights",
-    "model_name",
-    "weight_storage",
-]
+__all__ = ["build_spec"]
+
+#: Attribute under which :func:`share_transform.build_model` records how it built a model.
+BUILD_ATTR = "_share_build"
+
+
+def build_spec(model: nn.Module) -> dict[str, Any] | None:
+    """How :func:`share_transform.build_model` built ``model`` (``{"source", "name", "kwargs"}``), or None for a
+    model built elsewhere.
+
+    Example:
+        >>> share_transform.build_spec(share_transform.build_model("resnet18", num_classes=10))
+        {'source': 'timm', 'name': 'resnet18', 'kwargs': {'num_classes': 10}}
+    """
+    spec = getattr(model, BUILD_ATTR, None)
+    return dict(spec) if spec is not None else None
 
 
 def model_name(model: nn.Module) -> str:

@@ -13,6 +13,8 @@ from typing import Any, TypeAlias
 from torch import nn
 from torch.nn.utils import parametrize
 
+__all__ = ["ConvSignature", "LinearSignature"]
+
 
 @dataclass(frozen=True)
 class ConvSignature:

@@ -1,6 +1,6 @@
 """The ``sharetx`` report: what sharing changes, per stage and in total.
 
-For every stage of a :class:`~share_transform.plan.SharePlan` (and for the rest of the network: stem,
+For every stage of a :class:`~share_transform.planning.SharePlan` (and for the rest of the network: stem,
 head, anything outside a residual block) the report gives the parameters before and after sharing, the
 decrease, the distinct conv weights before and after, and the bytes the stage's tensors take on disk.
 "Before" is the network with every conv owning its weight; "after" stores each shared weight once. The
@@ -16,13 +16,13 @@ from typing import Any
 
 from torch import nn
 
-from .build import build_spec
-from .plan import ShareGroup, SharePlan
+from .modelinfo import build_spec
+from .planning import ShareGroup, SharePlan
 from .signature import ConvSignature
 from .soft import bank_of
 from .text import format_columns
 
-__all__ = ["ShareSummary", "StageSummary", "summarize"]
+__all__ = ["ShareSummary", "summarize"]
 
 REST = "rest"
 TOTAL = "total"
@@ -238,7 +238,7 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         rest=rest,
         total=total,
         groups=share_plan.groups,
-        options=share_plan.options,
+        options=share_plan.options.to_dict(),
         describe_options=share_plan.describe_options(),
         file=path,
         file_bytes=path.stat().st_size if path is not None else None,

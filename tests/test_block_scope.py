@@ -18,12 +18,12 @@ from click.testing import CliRunner
 from torch import nn
 
 import share_transform as st
-from share_transform.apply import tensor_aliases
 from share_transform.cli import main as cli
 from share_transform.export import export_onnx
 from share_transform.modelinfo import distinct_conv_weights
 from share_transform.signature import LinearSignature
 from share_transform.soft import bank_of, coefficients_of, is_soft
+from share_transform.tie import tensor_aliases
 
 K3 = 3 * 3
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 import share_transform as st
 from share_transform.cli import SharetxGroup, main
 from share_transform.errors import ExportError
-from share_transform.io import load, read_info, save
+from share_transform.files import load, read_info, save
 
 SMALL = ["--model", "resnet18", "--num-classes", "10"]
 # timm resnet18 with 10 classes: 11,181,642 parameters, 20 convs. Each stage's two blocks share their second

@@ -88,7 +88,7 @@ def test_timm_family_sample(name: str) -> None:
 
 @pytest.mark.slow
 def test_full_timm_family_sweep() -> None:
-    """Every timm ResNet-family model plans (built on the meta device); the README lists the outcome."""
+    """Every timm ResNet-family model plans (built on the meta device); docs/api.md lists the outcome."""
     names = resnet_family("timm")
     nothing = []
     for name in names:

@@ -83,7 +83,7 @@ LOCK_WORKER = textwrap.dedent(
     import json, os, sys, time
     from pathlib import Path
     import torch, torch.distributed as dist
-    from share_transform.fs import lock_holder
+    from share_transform.train.lock import lock_holder
     from share_transform.train.distributed import DistInfo
     from share_transform.train.trainer import locked_output
 

@@ -21,7 +21,7 @@ from share_transform.train import (
     build_scheduler,
     evaluate,
     init_weights,
-    load_checkpoint,
+    load_run_checkpoint,
     make_loader,
     plot_curves,
     read_metrics,
@@ -266,7 +266,7 @@ def test_checkpoint_round_trip_keeps_ties(tmp_path, shared_model: nn.Module) -> 
     state = {"epoch": 4, "optimizer": opt.state_dict(), "history": [{"epoch": 4}]}
     save_checkpoint(tmp_path, "last", shared_model, state)
     other = share_transform.apply(share_transform.build_model("resnet18", num_classes=3, **TINY))
-    got = load_checkpoint(tmp_path, "last", other)
+    got = load_run_checkpoint(tmp_path, "last", other)
     assert got["epoch"] == 4 and got["history"] == [{"epoch": 4}]
     assert share_transform.is_tied(other)
     for (name, a), b in zip(shared_model.state_dict().items(), other.state_dict().values(), strict=True):
@@ -277,7 +277,7 @@ def test_checkpoint_round_trip_keeps_ties(tmp_path, shared_model: nn.Module) -> 
     save_checkpoint(tmp_path, "mixed", shared_model, {"epoch": 5})
     (tmp_path / "checkpoint-mixed.state.pt").write_bytes((tmp_path / "checkpoint-last.state.pt").read_bytes())
     with pytest.raises(share_transform.errors.CheckpointError, match="epoch 5 .* epoch 4"):
-        load_checkpoint(tmp_path, "mixed", other)
+        load_run_checkpoint(tmp_path, "mixed", other)
 
 
 class Killed(BaseException):
@@ -311,13 +311,13 @@ def test_a_kill_while_checkpointing_leaves_a_pair_to_resume_from(
             save_checkpoint(tmp_path, "last", model, {"epoch": 2, "history": [1, 2]})
 
     resumed = nn.Linear(3, 2)
-    state = load_checkpoint(tmp_path, "last", resumed)
+    state = load_run_checkpoint(tmp_path, "last", resumed)
     assert state["epoch"] == resumed_epoch and state["history"] == [1, 2][:resumed_epoch]
     assert torch.equal(resumed.weight, weights[resumed_epoch])
     # The next save completes the pair under the usual names and leaves no epoch-stamped state behind.
     save_checkpoint(tmp_path, "last", model, {"epoch": 3, "history": []})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last.safetensors", "checkpoint-last.state.pt"]
-    assert load_checkpoint(tmp_path, "last", resumed)["epoch"] == 3
+    assert load_run_checkpoint(tmp_path, "last", resumed)["epoch"] == 3
 
 
 def test_read_metrics_is_one_record_per_epoch_and_names_a_bad_line(tmp_path) -> None:

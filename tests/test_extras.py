@@ -72,11 +72,11 @@ def test_the_core_runs_without_any_extra_and_never_loads_the_training_stack(tmp_
 
 def test_figures_without_matplotlib_name_the_train_extra(tmp_path: Path) -> None:
     code = (
-        "from share_transform.errors import ConfigError\n"
+        "from share_transform.errors import MissingExtraError\n"
         "from share_transform.train.metrics import plot_curves\n"
         "try:\n"
         f"    plot_curves(__import__('pathlib').Path({str(tmp_path / 'curves.png')!r}), [])\n"
-        "except ConfigError as e:\n"
+        "except MissingExtraError as e:\n"
         "    print(e)\n"
     )
     proc = run_without("matplotlib", code)

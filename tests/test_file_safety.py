@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import share_transform as st
-from share_transform.apply import tensor_aliases
 from share_transform.build import MODEL_KWARGS, check_model_kwargs
 from share_transform.cli import main
 from share_transform.errors import (
@@ -34,8 +33,9 @@ from share_transform.errors import (
     OutputExistsError,
     PlanMismatchError,
 )
+from share_transform.files import load, read_info, save
 from share_transform.fs import TMP_SUFFIX, atomic_write, temp_path
-from share_transform.io import load, read_info, save
+from share_transform.tie import tensor_aliases
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"layers": [2, 2, 2, 2], "channels": [8, 16, 32, 64], "num_classes": 5}
@@ -172,7 +172,7 @@ import json, sys, time
 from pathlib import Path
 import timm  # imports first: the time measured is load's own
 import share_transform as st
-import share_transform.io
+import share_transform.files
 
 def peak_rss():
     # getrusage's ru_maxrss would also count the pytest process this child was forked from (Linux carries the
@@ -343,12 +343,12 @@ def test_convert_force_never_replaces_a_fifo_or_a_symlink(tmp_path: Path) -> Non
 
 KILLED_CONVERT = """
 import os, signal, sys
-import share_transform.io as io
-write = io._write_safetensors
+import share_transform.files as files
+write = files._write_safetensors
 def write_then_die(*args):
     write(*args)  # the temporary file is complete: the kill lands just before the rename
     os.kill(os.getpid(), signal.SIGKILL)
-io._write_safetensors = write_then_die
+files._write_safetensors = write_then_die
 from share_transform.cli import main
 main(sys.argv[1:])
 """

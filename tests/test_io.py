@@ -16,9 +16,10 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 import share_transform as st
+from share_transform.checkpoints import load_checkpoint, read_checkpoint
 from share_transform.errors import CheckpointError, FileFormatError, MetaTensorError, MissingFileError, ShareError
+from share_transform.files import load, read_info, save
 from share_transform.fs import atomic_write
-from share_transform.io import load, load_checkpoint, read_checkpoint, read_info, save
 
 SMALL = {"layers": [2, 2, 2, 2], "channels": [8, 16, 32, 64], "num_classes": 5}
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -268,7 +269,7 @@ def test_checkpoint_of_another_architecture_names_keys_and_shapes(tmp_path: Path
     state = dict(model.state_dict())
     del state["bn1.running_mean"]
     with pytest.raises(CheckpointError, match=r"1 missing key\(s\): bn1.running_mean"):
-        st.io.load_weights(model, state)
+        st.checkpoints.load_weights(model, state)
 
 
 def test_load_onto_a_device_and_metadata_json_is_checked(tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from share_transform.errors import ConfigError
 from share_transform.train import DistInfo, make_loader, set_epoch
 from share_transform.train.data.cifar import CifarDataset
 from share_transform.train.data.dali import DaliLoader
@@ -40,6 +39,7 @@ from share_transform.train.data.imagenet import (
     read_image,
 )
 from share_transform.train.data.sampling import SeededDataset, _splitmix64, sample_seed, sample_seeds
+from share_transform.train.errors import ConfigError
 from share_transform.train.loop import ColourAugment, Normalize
 
 TINY_MODEL = json.dumps({"channels": [8, 16, 32, 64], "stem_width": 8, "layers": [1, 1, 1, 1]})

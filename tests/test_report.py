@@ -15,7 +15,8 @@ import matplotlib
 import matplotlib.image
 import pytest
 
-from share_transform.errors import ReportError, ShareError
+from share_transform.errors import ShareError
+from share_transform.train.errors import ReportError
 from share_transform.train.metrics import METRICS_FILE, RUN_FILE
 from share_transform.train.report import (
     FIGURE4_FILE,

@@ -30,8 +30,9 @@ from test_train_imagenet import (
     tensors,
 )
 
-from share_transform.fs import LOCK_FILE, TMP_SUFFIX
-from share_transform.io import read_info
+from share_transform.files import read_info
+from share_transform.fs import TMP_SUFFIX
+from share_transform.train.lock import LOCK_FILE
 
 
 @pytest.fixture(scope="module")

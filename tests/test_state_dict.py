@@ -21,9 +21,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import share_transform as st
-from share_transform.apply import install_tie_hooks, tensor_aliases
 from share_transform.errors import CheckpointError
 from share_transform.models import register_cifar_size
+from share_transform.tie import install_tie_hooks, tensor_aliases
 
 
 def small_shared(seed: int = 0) -> nn.Module:

@@ -19,7 +19,7 @@ from test_train_imagenet import RUN_KEYS, kill_on_line
 
 import share_transform
 from share_transform.errors import OutputExistsError, UnknownModelError
-from share_transform.io import read_info
+from share_transform.files import read_info
 from share_transform.train import METRIC_KEYS
 from share_transform.train.data import ZCA, load_preprocessing, read_cifar, write_cifar
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import nn
 
 from ..errors import ModelArgumentError
@@ -136,13 +136,15 @@ def preact_resnet(depth: int, num_classes: int = 10, pretrained: bool = False, *
 default_cfgs = generate_default_cfgs({"preact_resnet164": cifar_cfg(), "preact_resnet92": cifar_cfg()})
 
 
-@register_model
 def preact_resnet164(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-act ResNet-164 (18 bottlenecks per stage), the paper's Table 1 CIFAR-10 ResNet."""
     return preact_resnet(164, pretrained=pretrained, **kwargs)
 
 
-@register_model
 def preact_resnet92(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-act ResNet-92 (10 bottlenecks per stage), Table 3's equal-size baseline for ShaResNet-164."""
     return preact_resnet(92, pretrained=pretrained, **kwargs)
+
+
+#: timm entry points, registered by :func:`share_transform.models.register_models`.
+ENTRYPOINTS = (preact_resnet164, preact_resnet92)

@@ -6,7 +6,8 @@ the ShaResNet's name and ``pretrained_cfg`` (no weights exist: no url, no hub id
 Table 1's ImageNet rows), policy ``cifar`` for the CIFAR networks (the authors' CIFAR code). Every keyword
 of the plain entry point works (``num_classes``, ``layers``, ``features_only``, ``output_stride``...), so
 ``timm.create_model("sharesnet50", num_classes=10)``, ``timm.list_models("sharesnet*")`` and timm's own
-``train.py --model sharesnet50`` work. Importing :mod:`share_transform.models` registers them.
+``train.py --model sharesnet50`` work once :func:`share_transform.models.register_models` registered them
+(``import share_transform`` arranges that for timm's import).
 
 Example:
     >>> import timm, share_transform
@@ -19,14 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, get_pretrained_cfg, model_entrypoint, register_model
+from timm.models import generate_default_cfgs, get_pretrained_cfg, model_entrypoint
 from torch import nn
 
-from ..apply import apply
 from ..modelinfo import default_input_size
+from ..tie import apply
 from ._cifar import cifar_cfg
 
-__all__ = ["CIFAR_SHARED", "SHARESNETS", "imagenet_cfg"]
+__all__ = ["CIFAR_SHARED", "ENTRYPOINTS", "SHARESNETS", "imagenet_cfg"]
 
 #: ShaResNet name -> the timm ResNet it shares.
 SHARESNETS = {f"sharesnet{d}": f"resnet{d}" for d in (18, 34, 50, 101, 152)}
@@ -78,7 +79,8 @@ def _entrypoint(name: str, plain: str, policy: str) -> Callable[..., nn.Module]:
     return entrypoint
 
 
-for _name, _plain in SHARESNETS.items():
-    register_model(_entrypoint(_name, _plain, "imagenet"))
-for _name, _plain in CIFAR_SHARED.items():
-    register_model(_entrypoint(_name, _plain, "cifar"))
+#: timm entry points, registered by :func:`share_transform.models.register_models`.
+ENTRYPOINTS = tuple(
+    [_entrypoint(name, plain, "imagenet") for name, plain in SHARESNETS.items()]
+    + [_entrypoint(name, plain, "cifar") for name, plain in CIFAR_SHARED.items()]
+)

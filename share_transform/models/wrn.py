@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import nn
 
 from ..errors import ModelArgumentError
@@ -133,25 +133,25 @@ def wide_resnet(
 default_cfgs = generate_default_cfgs({name: cifar_cfg() for name in ("wrn_40_4", "wrn_28_4", "wrn_28_10", "wrn_22_10")})
 
 
-@register_model
 def wrn_40_4(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-40-4, the paper's Table 1 CIFAR-10 Wide ResNet."""
     return wide_resnet(40, 4, pretrained=pretrained, **kwargs)
 
 
-@register_model
 def wrn_28_4(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-28-4, Table 3's equal-size baseline for ShaResNet WRN-40-4."""
     return wide_resnet(28, 4, pretrained=pretrained, **kwargs)
 
 
-@register_model
 def wrn_28_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-28-10, the paper's Table 1 CIFAR-100 Wide ResNet (trained with ``dropout=0.3``)."""
     return wide_resnet(28, 10, pretrained=pretrained, **kwargs)
 
 
-@register_model
 def wrn_22_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-22-10, Table 3's equal-size baseline for ShaResNet WRN-28-10."""
     return wide_resnet(22, 10, pretrained=pretrained, **kwargs)
+
+
+#: timm entry points, registered by :func:`share_transform.models.register_models`.
+ENTRYPOINTS = (wrn_40_4, wrn_28_4, wrn_28_10, wrn_22_10)

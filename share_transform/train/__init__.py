@@ -24,12 +24,12 @@ Entry points, in the order a recipe's ``main`` uses them:
 :mod:`.imagenet` holds the ImageNet datasets and fb.resnet.torch augmentation.
 """
 
-from ..errors import ConfigError, DataError, NonFiniteLossError
 from ..init import init_weights
 from .args import add_training_args, resolve_args
-from .checkpoint import load_checkpoint, save_checkpoint, state_path, weights_path
+from .checkpoint import load_run_checkpoint, save_checkpoint, state_path, weights_path
 from .data.sampling import SyntheticDataset, make_loader, set_epoch
 from .distributed import DistInfo, init_distributed, print0, world_from_env
+from .errors import ConfigError, DataError, NonFiniteLossError
 from .loop import EpochStats, Normalize, evaluate, train_one_epoch, train_step
 from .metrics import METRIC_KEYS, curves_title, plot_curves, read_metrics
 from .optim import build_optimizer, build_scheduler, scaled_lr, unique_parameters
@@ -66,7 +66,7 @@ __all__ = [
     "fit",
     "init_distributed",
     "init_weights",
-    "load_checkpoint",
+    "load_run_checkpoint",
     "make_loader",
     "per_rank_batch",
     "plot_curves",

@@ -26,14 +26,15 @@ import argparse
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..build import check_model_kwargs
-from ..errors import ConfigError
 from ..init import MODES
+from ..policies import SharingOptions
+from .errors import ConfigError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -254,10 +255,10 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lr-milestones must be epochs (0 or more), got {' '.join(map(str, args.lr_milestones))}")
 
 
-#: The sharing options both recipes take, as ``share_transform.plan`` names them.
-SHARING_FLAGS = ("group_size", "scope", "templates", "budget")
+#: The sharing options both recipes take, one flag each, as :class:`share_transform.SharingOptions` names them.
+SHARING_FLAGS = tuple(f.name for f in fields(SharingOptions))
 
 
-def sharing_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The sharing options of a run as given (None for an unshared run), for ``run.json`` and the report."""
-    return {flag: getattr(args, flag) for flag in SHARING_FLAGS} if args.share else None
+def sharing_options(args: argparse.Namespace) -> SharingOptions | None:
+    """The sharing options of a run as given (None for an unshared run)."""
+    return SharingOptions(**{flag: getattr(args, flag) for flag in SHARING_FLAGS}) if args.share else None

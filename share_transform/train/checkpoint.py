@@ -18,7 +18,7 @@ this order:
 2. the weights, ``checkpoint-TAG.safetensors``, whose metadata says epoch N;
 3. the rename of the epoch-N state to ``checkpoint-TAG.state.pt``, over the previous epoch's.
 
-:func:`load_checkpoint` reads the epoch in the weights and takes the state of that epoch: the epoch-stamped
+:func:`load_run_checkpoint` reads the epoch in the weights and takes the state of that epoch: the epoch-stamped
 file when a kill came between 2 and 3, else ``checkpoint-TAG.state.pt``. A kill before 2 leaves the previous
 pair (and a stray epoch-stamped state). Files that still disagree were not written by this module, and
 resuming from them refuses.
@@ -36,7 +36,7 @@ rank, bit-identical to an uninterrupted one in ``--deterministic`` mode.
 
 Example:
     >>> save_checkpoint(out, "last", model, {"epoch": 3, "optimizer": opt.state_dict(), ...})
-    >>> state = load_checkpoint(out, "last", model)  # weights copied into ``model`` in place
+    >>> state = load_run_checkpoint(out, "last", model)  # weights copied into ``model`` in place
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints import load_checkpoint as load_weights_file
 from ..errors import CheckpointError, MissingFileError
+from ..files import read_info, save
 from ..fs import atomic_write
-from ..io import load_checkpoint as load_weights_file, read_info, save
 
 
 def weights_path(output: Path, tag: str) -> Path:
@@ -76,7 +77,7 @@ def has_checkpoint(output: Path, tag: str = "last") -> bool:
 def save_checkpoint(output: Path, tag: str, model: nn.Module, state: dict[str, Any]) -> None:
     """Write checkpoint ``tag``: ``model`` (unwrapped: no DDP, no compile) and ``state`` (needs ``"epoch"``).
 
-    A kill at any point leaves a pair :func:`load_checkpoint` resumes from: this epoch's or the previous one's.
+    A kill at any point leaves a pair :func:`load_run_checkpoint` resumes from: this epoch's or the previous one's.
     """
     epoch = int(state["epoch"])
     _write_state(output, tag, state)
@@ -122,7 +123,7 @@ def best_epoch(history: list[dict[str, Any]]) -> int | None:
 
 
 def repair_checkpoints(output: Path, model: nn.Module, state: dict[str, Any]) -> None:
-    """After :func:`load_checkpoint` of ``last`` into ``model``: finish the saves a kill interrupted (rank 0).
+    """After :func:`load_run_checkpoint` of ``last`` into ``model``: finish the saves a kill interrupted (rank 0).
 
     ``last``'s pair is committed under its own names; when the history's best epoch is ``last``'s epoch, ``best``
     is written again from it (the kill may have come before or during its save); stray epoch-stamped states of
@@ -138,7 +139,9 @@ def repair_checkpoints(output: Path, model: nn.Module, state: dict[str, Any]) ->
         _remove_strays(output, "best")  # a save of best killed before its weights: its old pair stands
 
 
-def load_checkpoint(output: Path, tag: str, model: nn.Module, *, device: str | torch.device = "cpu") -> dict[str, Any]:
+def load_run_checkpoint(
+    output: Path, tag: str, model: nn.Module, *, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Copy checkpoint ``tag``'s weights into ``model`` in place and return the state of the same epoch.
 
     Copying keeps the model's own ``Parameter`` objects, so its ties, its device placement and an

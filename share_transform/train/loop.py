@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NonFiniteLossError
 from .distributed import all_reduce_sum
+from .errors import NonFiniteLossError
 from .metrics import ProgressBar
 
 Preprocess = Callable[..., torch.Tensor]

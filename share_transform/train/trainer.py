@@ -41,17 +41,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..apply import apply, count_parameters, get_plan, retie, tensor_aliases
 from ..build import build_model
-from ..errors import CheckpointError, ConfigError, MissingFileError, NonFiniteLossError, OutputExistsError, ShareError
+from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
 from ..figure import require_matplotlib
-from ..fs import check_unlocked, run_lock
 from ..init import init_weights
+from ..tie import alias_groups, apply, count_parameters, keep_ties
 from .args import SHARING_FLAGS, sharing_options
 from .checkpoint import (
     check_training_state,
     has_checkpoint,
-    load_checkpoint,
+    load_run_checkpoint,
     repair_checkpoints,
     save_checkpoint,
     state_path,
@@ -59,6 +58,8 @@ from .checkpoint import (
 )
 from .data.sampling import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error, share_verdict
+from .errors import ConfigError, NonFiniteLossError
+from .lock import check_unlocked, run_lock
 from .loop import EpochStats, Preprocess, evaluate, train_one_epoch
 from .metrics import (
     CURVES_FILE,
@@ -119,16 +120,9 @@ def build_recipe_model(
     model = build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
     init_weights(model, args.init)
     params_unshared = count_parameters(model)
-    if args.share:
-        apply(
-            model,
-            args.policy,
-            input_size=input_size,
-            group_size=args.group_size,
-            scope=args.scope,
-            templates=args.templates,
-            budget=args.budget,
-        )
+    options = sharing_options(args)
+    if options is not None:
+        apply(model, args.policy, input_size=input_size, options=options)
     return model, params_unshared, count_parameters(model)
 
 
@@ -149,7 +143,7 @@ def run_info(
         "dataset": dataset,
         "share": args.share,
         "policy": args.policy if args.share else None,
-        "sharing": sharing_options(args),
+        "sharing": options.to_dict() if (options := sharing_options(args)) is not None else None,
         "seed": args.seed,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -194,22 +188,6 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
             f"use a multiple of {world_size}"
         )
     return global_batch // world_size
-
-
-def alias_groups(model: nn.Module) -> frozenset[tuple[str, ...]]:
-    """Names of the tensors that are one object, grouped (a shared weight lists all its members)."""
-    return frozenset(tuple(names) for names in tensor_aliases(model))
-
-
-def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str) -> None:
-    """Re-tie ``model`` if ``what`` (a move, a wrapper) untied it (docs/design.md, Tie traps); raise if that fails."""
-    if alias_groups(model) == expected:
-        return
-
-    if get_plan(model) is not None:
-        retie(model)
-    if alias_groups(model) != expected:
-        raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
 
 #: The optimisation flags a resume must repeat: the checkpoint's optimizer and schedule carry the run's values,
@@ -457,7 +435,7 @@ def _start_run(
 def _resume(run: _Run, run_info: dict[str, Any]) -> None:
     """Load ``checkpoint-last`` into the model, optimizer and schedule; continue after its epoch."""
     _check_same_run(run.output, run_info)
-    state = load_checkpoint(run.output, "last", run.model, device=run.dist_info.device)
+    state = load_run_checkpoint(run.output, "last", run.model, device=run.dist_info.device)
     check_training_state(state, state_path(run.output, "last"))
     if run.config.epochs < state["epoch"]:
         raise CheckpointError(

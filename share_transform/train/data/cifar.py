@@ -45,8 +45,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from share_transform.errors import DataError
 from share_transform.fs import atomic_write
+from share_transform.train.errors import DataError
 
 __all__ = [
     "CIFAR_DIRS",

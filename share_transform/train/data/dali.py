@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...errors import ConfigError, DataError
 from ..distributed import DistInfo
+from ..errors import ConfigError, DataError
 from .imagenet import EvalImages, TrainImages, colour_draws, crop_box, eval_size, image_size, read_image
 from .sampling import EpochSampler, index_sampler, sample_seed
 

@@ -41,7 +41,7 @@ from torchvision import datasets, transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from share_transform.errors import DataError
+from share_transform.train.errors import DataError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ...errors import ConfigError, DataError
 from ..distributed import DistInfo
+from ..errors import ConfigError, DataError
 
 _M64 = (1 << 64) - 1
 

@@ -1,19 +1,17 @@
-"""Figures 4 and 5 of the paper from a :class:`~share_transform.train.report.Report`, drawn with matplotlib."""
+"""Figures 4 and 5 of the paper from a report's results and Table 2 pairs, drawn with matplotlib."""
 
 from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ... import paper
 from ...figure import new_figure
 from ...fs import atomic_write
-from .results import Result, _paper_table2_row, dataset_name, paper_model_name
-
-if TYPE_CHECKING:
-    from .render import Report
+from ...paper import TABLE1, TABLE3
+from .results import Result, Table2Entry, _paper_table2_row, dataset_name, paper_model_name
 
 __all__ = ["FIGURE4_FILE", "FIGURE5_FILE", "plot_figure4", "plot_figure5"]
 
@@ -31,14 +29,14 @@ def _save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
 def _paper_points(dataset: str) -> tuple[list[tuple[float, float, str]], list[tuple[float, float, str]]]:
     """The paper's (params M, top-1 error, name) for ``dataset``: originals and shared nets."""
     originals, shared = [], []
-    for row1 in paper.TABLE1:
+    for row1 in TABLE1:
         if row1.dataset != dataset_name(dataset):
             continue
         row2 = _paper_table2_row(dataset, row1.arch)
         if row2 is not None:
             originals.append((row1.params_original, row2.top1_original, row1.model))
             shared.append((row1.params_shared, row2.top1_shared, row1.model))
-    for row3 in paper.TABLE3:
+    for row3 in TABLE3:
         if row3.dataset == dataset_name(dataset) and row3.policy is None:
             originals.append((row3.params, 100.0 - row3.accuracy, row3.model))
     return sorted(originals), sorted(shared)
@@ -51,21 +49,21 @@ def _setting(result: Result) -> str:
     return result.label.removeprefix(paper_model_name(result.config.arch) + " Share").strip(" ()") or "shared"
 
 
-def plot_figure5(report: Report, path: str | os.PathLike[str]) -> Path:
+def plot_figure5(results: Sequence[Result], path: str | os.PathLike[str]) -> Path:
     """Top-1 error against millions of parameters, one panel per dataset.
 
     Each architecture is one curve over its settings (original, shared, and any other sharing options),
     ordered by parameters; hollow markers on dashed lines are the paper's figures.
     """
-    datasets = sorted({r.config.dataset for r in report.results})
+    datasets = sorted({r.config.dataset for r in results})
     fig = new_figure((6 * len(datasets), 4.5))
     axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        archs = sorted({r.config.arch for r in report.results if r.config.dataset == dataset})
+        archs = sorted({r.config.arch for r in results if r.config.dataset == dataset})
         for i, arch in enumerate(archs):
             points = sorted(
                 (r.params / 1e6, r.top1.mean, r.top1.std, _setting(r))
-                for r in report.results
+                for r in results
                 if r.config.dataset == dataset and r.config.arch == arch
             )
             x, y, err, labels = zip(*points)
@@ -100,14 +98,14 @@ def _curve(result: Result, key: str) -> tuple[list[int], list[float], list[float
     return epochs, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def plot_figure4(report: Report, path: str | os.PathLike[str]) -> Path:
+def plot_figure4(table2: Sequence[Table2Entry], path: str | os.PathLike[str]) -> Path:
     """For each original/shared pair: training loss (left) and test accuracy (right) per epoch."""
     from matplotlib.ticker import MaxNLocator
 
-    rows = len(report.table2)
+    rows = len(table2)
     fig = new_figure((11, 3.6 * rows))
     axes = fig.subplots(rows, 2, squeeze=False)
-    for (ax_loss, ax_acc), entry in zip(axes, report.table2):
+    for (ax_loss, ax_acc), entry in zip(axes, table2):
         title = f"{paper_model_name(entry.original.config.arch)}, {dataset_name(entry.original.config.dataset)}"
         for result, colour in ((entry.original, _ORIGINAL_COLOUR), (entry.shared, _SHARED_COLOUR)):
             label = f"{result.label} (n={len(result.runs)})"

@@ -160,10 +160,10 @@ def write_report(run_paths: Iterable[str | os.PathLike[str]], out_dir: str | os.
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(find_runs(run_paths))
     if report.results:
-        plot_figure5(report, out / FIGURE5_FILE)
+        plot_figure5(report.results, out / FIGURE5_FILE)
         report.figures["Figure 5 (top-1 error against parameters)"] = FIGURE5_FILE
     if report.table2:
-        plot_figure4(report, out / FIGURE4_FILE)
+        plot_figure4(report.table2, out / FIGURE4_FILE)
         report.figures["Figure 4 (training loss and test accuracy of each pair)"] = FIGURE4_FILE
     write_text(out / REPORT_MD, report.markdown())
     write_text(out / REPORT_JSON, json.dumps(report.to_json(), indent=2) + "\n")

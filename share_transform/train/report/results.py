@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ... import paper
-from ...errors import ReportError
+from ...paper import TABLE1, TABLE2, TABLE3, Table2Row, Table3Row
+from ..errors import ReportError
 from ..metrics import dataset_name
 from .runs import Run
 
@@ -148,20 +148,20 @@ def paper_model_name(arch: str) -> str:
     return arch
 
 
-def _paper_table2_row(dataset: str, arch: str) -> paper.Table2Row | None:
+def _paper_table2_row(dataset: str, arch: str) -> Table2Row | None:
     arch = arch.split(":")[-1]
-    for row1 in paper.TABLE1:
+    for row1 in TABLE1:
         if row1.arch == arch and row1.dataset == dataset_name(dataset):
-            return next((r for r in paper.TABLE2 if (r.dataset, r.model) == (row1.dataset, row1.model)), None)
+            return next((r for r in TABLE2 if (r.dataset, r.model) == (row1.dataset, row1.model)), None)
     return None
 
 
-def _paper_table3_row(dataset: str, arch: str, shared: bool) -> paper.Table3Row | None:
+def _paper_table3_row(dataset: str, arch: str, shared: bool) -> Table3Row | None:
     arch = arch.split(":")[-1]
     return next(
         (
             r
-            for r in paper.TABLE3
+            for r in TABLE3
             if r.arch == arch and r.dataset == dataset_name(dataset) and (r.policy is not None) == shared
         ),
         None,
@@ -174,7 +174,7 @@ class Table2Entry:
 
     original: Result
     shared: Result
-    paper: paper.Table2Row | None
+    paper: Table2Row | None
 
     @property
     def decrease_pct(self) -> float:
@@ -218,15 +218,15 @@ class Table3Entry:
 
     shared: Result
     baseline: Result
-    paper_shared: paper.Table3Row | None
-    paper_baseline: paper.Table3Row | None
+    paper_shared: Table3Row | None
+    paper_baseline: Table3Row | None
 
     @property
     def size_ratio(self) -> float:
         return self.baseline.params / self.shared.params
 
     def to_json(self) -> dict[str, Any]:
-        def paper_json(r: paper.Table3Row | None) -> dict[str, Any] | None:
+        def paper_json(r: Table3Row | None) -> dict[str, Any] | None:
             return (
                 None
                 if r is None

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import FileFormatError, ReportError
-from ...plan import describe_sharing
+from ...errors import FileFormatError
+from ...policies import SharingOptions
+from ..errors import ReportError
 from ..metrics import METRICS_FILE, RUN_FILE, read_metrics
 
 __all__ = ["Run", "find_runs", "load_run"]
@@ -67,7 +68,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         dataset=str(info["dataset"]),
         share=bool(info["share"]),
         policy=info.get("policy") if info["share"] else None,
-        sharing=describe_sharing(info.get("sharing")) if info["share"] else "",
+        sharing=SharingOptions.from_dict(info.get("sharing")).describe() if info["share"] else "",
         seed=info.get("seed"),
         epochs=int(info["epochs"]),
         unique_params=int(info["unique_params"]),

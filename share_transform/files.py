@@ -1,4 +1,4 @@
-"""ShaResNet files: safetensors in which each shared weight is stored once, and checkpoint reading.
+"""The ShaResNet file format: safetensors in which each shared weight is stored once.
 
 A ShaResNet's point is to be small in memory *and on disk* (Boulch, arXiv 1702.08782: low-memory systems).
 ``safetensors.torch.save_file`` refuses tensors that share memory (docs/design.md, Tie traps), so :func:`save`
@@ -20,8 +20,7 @@ key                   value
 Because every alias is one of a tied model's own names, a file also loads with plain
 ``safetensors.torch.load_model`` into a model that :func:`share_transform.apply` has already tied.
 
-Checkpoints to convert (:func:`read_checkpoint`) may be safetensors or ``torch.save`` files; the latter are
-read with ``torch.load(weights_only=True)`` only, never unpickling arbitrary objects (docs/design.md, File format).
+Reading other checkpoints (``torch.save`` files, foreign safetensors) is :mod:`share_transform.checkpoints`'.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from io import BufferedReader
@@ -39,8 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import apply, check_aliases_agree, get_plan, is_tied, retie, state_tensors, tensor_aliases
-from .build import SOURCES, build_model, build_spec, check_model_kwargs
+from .build import SOURCES, build_model, check_model_kwargs
 from .errors import (
     CheckpointError,
     FileFormatError,
@@ -50,18 +47,12 @@ from .errors import (
     ShareError,
 )
 from .fs import atomic_write
-from .modelinfo import check_model, model_name
-from .plan import SharePlan
+from .modelinfo import build_spec, check_model, model_name
+from .planning import SharePlan
+from .tie import apply, check_state_fits, get_plan, is_tied, retie, state_tensors, tensor_aliases
+from .version import __version__
 
-__all__ = [
-    "FileInfo",
-    "load",
-    "load_checkpoint",
-    "load_weights",
-    "read_checkpoint",
-    "read_info",
-    "save",
-]
+__all__ = ["FileInfo", "load", "read_info", "save"]
 
 #: Version of the metadata layout below; bumped when a reader would misread a newer file.
 FILE_VERSION = "1"
@@ -85,20 +76,6 @@ DTYPES = {
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 # A build record names a registered architecture, never a hub or local-directory reference (hf-hub:, local-dir:).
 _ARCH_NAME = re.compile(r"[A-Za-z0-9_]+")
-
-#: Suffixes read with ``torch.load(weights_only=True)``.
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-#: Top-level keys under which training scripts nest the state dict (timm, Lightning, torchvision refs).
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "model_ema", "state_dict_ema")
-#: Key prefixes wrappers add: DDP/DataParallel, Lightning modules holding ``self.model``, torch.compile.
-KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
-
-
-def _package_version() -> str:
-    from . import __version__
-
-    return __version__
-
 
 # --------------------------------------------------------------------------------------------- writing
 
@@ -153,7 +130,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[st
     """
     model = check_model(model)
     name = model_name(model)
-    header = {"format": "pt", KEY_FILE_VERSION: FILE_VERSION, KEY_VERSION: _package_version()}
+    header = {"format": "pt", KEY_FILE_VERSION: FILE_VERSION, KEY_VERSION: __version__}
     header.update(_check_user_metadata(metadata, name))
     spec = build_spec(model)
     if spec is not None:
@@ -237,7 +214,7 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
-def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
+def existing_file(path: str | os.PathLike[str], what: str) -> Path:
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"{path}: no such {what}")
@@ -246,7 +223,7 @@ def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
     return path
 
 
-def _looks_like_safetensors(path: Path) -> bool:
+def looks_like_safetensors(path: Path) -> bool:
     """Safetensors files start with an 8-byte header length and a JSON object."""
     with open(path, "rb") as f:
         head = f.read(9)
@@ -333,7 +310,7 @@ def read_info(path: str | os.PathLike[str]) -> FileInfo:
         MissingFileError; FileFormatError for a file that is not safetensors, is truncated or corrupt, or
         whose share_transform metadata is malformed or names a refused constructor argument.
     """
-    path = _existing_file(path, "file")
+    path = existing_file(path, "file")
     header, entries = _read_header(path)
     plan = None
     if KEY_PLAN in header:
@@ -370,164 +347,15 @@ def _read_tensor(f: BufferedReader, info: FileInfo, name: str) -> torch.Tensor:
     return torch.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
 
 
-def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, aliases expanded (an alias gets its stored tensor)."""
+def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file on the CPU, a ShaResNet file's aliases expanded (each gets its stored
+    tensor)."""
     info = read_info(path)
-    with open(path, "rb") as f:
-        state = {name: _read_tensor(f, info, name).to(device) for name in info.tensors}
+    with open(info.path, "rb") as f:
+        state = {name: _read_tensor(f, info, name) for name in info.tensors}
     for alias, stored in info.aliases.items():
         state[alias] = state[stored]
     return state
-
-
-# torch words it two ways: an unknown global, or a global from a blocked module (posix.system).
-_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
-_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
-_ZIP_DETAIL = re.compile(r"(failed reading zip archive[^.]*)")
-
-
-def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a ``torch.load`` result: a flat ``{name: tensor}``, perhaps nested in a wrapper."""
-    for _ in range(3):  # e.g. {"model": {"state_dict": {...}}}
-        if not isinstance(obj, Mapping):
-            break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj)
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if isinstance(obj, Mapping):
-        others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)][:3]
-        raise CheckpointError(
-            f"{path}: expected a state dict of tensors (optionally under one of {', '.join(WRAPPER_KEYS)}), "
-            f"found non-tensor entries such as {', '.join(others) or 'none (it is empty)'}"
-        )
-    raise CheckpointError(f"{path}: expected a state dict of tensors, found a {type(obj).__name__}")
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read the tensors of a checkpoint to convert: safetensors, or a ``torch.save`` file.
-
-    ``torch.save`` files (``.pth``, ``.pt``, ``.bin``, ``.ckpt``) are read with
-    ``torch.load(weights_only=True)`` only, so a file holding pickled objects other than tensors and plain
-    containers is refused rather than executed. A state dict nested under a common wrapper key
-    (``state_dict``, ``model``, ...) is unwrapped; key prefixes are left to :func:`load_checkpoint`, which
-    knows the model's names. A ShaResNet file's aliases are expanded, so every name has its tensor.
-
-    Raises:
-        MissingFileError; FileFormatError for an unknown, truncated or corrupt file; CheckpointError for
-        pickled objects other than tensors or a file that holds no state dict.
-    """
-    path = _existing_file(path, "checkpoint")
-    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
-        return _read_safetensors(path, "cpu")
-    if path.suffix.lower() not in TORCH_SUFFIXES:
-        raise FileFormatError(
-            f"{path}: not a safetensors file, and {path.suffix or 'no suffix'} is not a torch.save suffix "
-            f"({', '.join(TORCH_SUFFIXES)}); give a .safetensors or .pth checkpoint"
-        )
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickle protocols before failing on random bytes
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  random bytes reach the restricted unpickler as IndexError, KeyError...
-        text = str(e)
-        match = _UNSUPPORTED_GLOBAL.search(text)
-        if match:
-            raise CheckpointError(
-                f"{path}: holds a pickled {match.group(1)} object, not only tensors; share_transform reads "
-                "torch.save files with torch.load(weights_only=True) and never unpickles arbitrary objects. "
-                "Re-save just the weights: torch.save(model.state_dict(), path)"
-            ) from None
-        # torch's own messages run to paragraphs; keep the one line that says what failed.
-        detail = _UNPICKLER_DETAIL.search(text) or _ZIP_DETAIL.search(text)
-        reason = detail.group(1).strip() if detail else type(e).__name__
-        raise FileFormatError(
-            f"{path}: not a readable torch.save checkpoint, truncated or corrupt ({reason})"
-        ) from None
-    return _unwrap(obj, path)
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``) that every key has and the model lacks."""
-    while not set(state) <= expected:
-        prefix = next((p for p in KEY_PREFIXES if all(k.startswith(p) for k in state)), None)
-        if prefix is None or any(k.startswith(prefix) for k in expected):
-            break
-        state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _names(keys: list[str], limit: int = 3) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown} and {len(keys) - limit} more" if len(keys) > limit else shown
-
-
-def _shape_text(shape: Iterable[int]) -> str:
-    return "x".join(map(str, shape)) or "scalar"
-
-
-def _misfit(
-    source: str, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], own: Mapping[str, torch.Tensor]
-) -> CheckpointError | None:
-    """The error for tensors (``shapes``: name -> shape) that do not fit ``own`` exactly, or None when they do.
-
-    A tied model's aliases are satisfied by any one name of the shared tensor.
-    """
-    covered = {id(own[k]) for k in shapes if k in own}
-    missing = [k for k, v in own.items() if k not in shapes and id(v) not in covered]
-    unexpected = [k for k in shapes if k not in own]
-    mismatched = [
-        f"{k} (checkpoint {_shape_text(shapes[k])}, model {_shape_text(own[k].shape)})"
-        for k in shapes
-        if k in own and tuple(shapes[k]) != tuple(own[k].shape)
-    ]
-    if not (missing or unexpected or mismatched):
-        return None
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {_names(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
-    if mismatched:
-        parts.append(f"{len(mismatched)} shape mismatch(es): {_names(mismatched)}")
-    return CheckpointError(
-        f"{source} does not fit {model_name(model)}: {'; '.join(parts)}. "
-        "Was it saved from another architecture? Check --model, --source and --num-classes"
-    )
-
-
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> nn.Module:
-    """Copy ``state`` into ``model`` after checking that every name and shape fits, exactly.
-
-    Wrapper prefixes are stripped first. Tied parameters may appear under every alias (all are copied into
-    the one Parameter, so they must hold the same bytes) or under one (the rest count as present). Dtypes
-    are cast to the model's.
-
-    Raises:
-        CheckpointError naming the missing and unexpected keys and the shape mismatches, or two aliases of
-        one shared weight with different contents.
-    """
-    model = check_model(model)
-    own = state_tensors(model)  # every name of a shared tensor is the model's own
-    state = _strip_prefixes(dict(state), set(own))
-    error = _misfit(source, model, {k: tuple(v.shape) for k, v in state.items()}, own)
-    if error is not None:
-        raise error
-    by_tensor: dict[int, list[str]] = {}
-    for k in state:
-        by_tensor.setdefault(id(own[k]), []).append(k)
-    check_aliases_agree(state, by_tensor.values(), model, source)
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
-    return model
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a checkpoint file (see :func:`read_checkpoint`) into ``model``, checking that it fits."""
-    return load_weights(model, read_checkpoint(path), source=str(path))
 
 
 def _dtype_kind(dtype: torch.dtype) -> str:
@@ -539,16 +367,14 @@ def _check_fits(model: nn.Module, info: FileInfo) -> None:
     own = state_tensors(model)
     shapes = {k: shape for k, (_, shape) in info.tensors.items()}
     shapes.update({alias: shapes[stored] for alias, stored in info.aliases.items()})
-    error = _misfit(str(info.path), model, shapes, own)
-    if error is not None:
-        raise error
+    check_state_fits(str(info.path), model, shapes, own)
     kinds = [
         f"{k} ({dtype} in the file, {own[k].dtype} in the model)"
         for k, (dtype, _) in info.tensors.items()
         if _dtype_kind(DTYPES[dtype]) != _dtype_kind(own[k].dtype)
     ]
     if kinds:
-        raise CheckpointError(f"{info.path} does not fit {model_name(model)}: dtype mismatch at {_names(kinds)}")
+        raise CheckpointError(f"{info.path} does not fit {model_name(model)}: dtype mismatch at {', '.join(kinds[:3])}")
     distinct = {id(t): t.numel() for t in own.values()}
     if sum(distinct.values()) != info.stored_numel:
         raise CheckpointError(
@@ -612,7 +438,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         raise FileFormatError(
             f"{path}: the file does not record how to build its model (it was not saved by "
             "share_transform.save from a model made by build_model); build the model yourself and call "
-            "share_transform.io.load_checkpoint(model, path)"
+            "share_transform.load_checkpoint(model, path)"
         )
     model = _build_recorded(info, device)
     own = state_tensors(model)

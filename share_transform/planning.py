@@ -34,10 +34,12 @@ from .modelinfo import (
     model_name,
     weight_storage,
 )
-from .policies import POLICIES, SCOPES, Policy, check_options, describe_sharing
+from .policies import POLICIES, SCOPES, Policy, SharingOptions
 from .signature import ConvSignature, Signature, signature_from_dict
 from .text import format_columns
 from .trace import propagate_shapes, trace_model
+
+__all__ = ["ShareGroup", "SharePlan", "SpatialConv", "StagePlan", "plan", "sweep"]
 
 KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
@@ -130,19 +132,31 @@ class SharePlan:
     params_after: int
     convs_before: int
     convs_after: int
-    group_size: int | None = None  # convs per run; None = the whole stage
-    scope: str = "last"
-    templates: int | None = None  # soft sharing with this many templates per group; None = hard sharing
-    budget: float | None = None  # the budget that chose group_size, when one was given
+    #: The sharing options, scope resolved and ``budget`` (when given) resolved into ``group_size``.
+    options: SharingOptions = SharingOptions(scope="last")
 
     @property
-    def options(self) -> dict[str, Any]:
-        """The sharing options, as ``plan`` takes them (``budget`` already resolved into ``group_size``)."""
-        return {"group_size": self.group_size, "scope": self.scope, "templates": self.templates, "budget": self.budget}
+    def group_size(self) -> int | None:
+        """Convs per run; None = the whole stage."""
+        return self.options.group_size
+
+    @property
+    def scope(self) -> str:
+        return self.options.scope or "last"
+
+    @property
+    def templates(self) -> int | None:
+        """Soft sharing with this many templates per group; None = hard sharing."""
+        return self.options.templates
+
+    @property
+    def budget(self) -> float | None:
+        """The budget that chose ``group_size``, when one was given."""
+        return self.options.budget
 
     def describe_options(self) -> str:
         """The options that differ from the paper's, e.g. ``group size 2, scope all, 2 templates``."""
-        return describe_sharing(self.options)
+        return self.options.describe()
 
     @property
     def decrease(self) -> float:
@@ -184,7 +198,7 @@ class SharePlan:
             "params_after": self.params_after,
             "convs_before": self.convs_before,
             "convs_after": self.convs_after,
-            **self.options,
+            **self.options.to_dict(),
         }
 
     @classmethod
@@ -224,10 +238,7 @@ class SharePlan:
             convs_before=d["convs_before"],
             convs_after=d["convs_after"],
             # Files written before the options existed hold the paper's plan.
-            group_size=d.get("group_size"),
-            scope=d.get("scope", "last"),
-            templates=d.get("templates"),
-            budget=d.get("budget"),
+            options=SharingOptions.from_dict({**d, "scope": d.get("scope", "last")}),
         )
 
     def __str__(self) -> str:
@@ -284,11 +295,33 @@ def _stages(blocks: Sequence[ResidualBlock]) -> list[list[ResidualBlock]]:
     return stages
 
 
+def sharing_options(
+    options: SharingOptions | None,
+    *,
+    group_size: int | None = None,
+    scope: str | None = None,
+    templates: int | None = None,
+    budget: float | None = None,
+) -> SharingOptions:
+    """One :class:`SharingOptions` from ``options=`` or the loose keywords of ``plan`` and ``apply``, not both.
+
+    Raises:
+        ShareOptionError: both were given.
+    """
+    loose = SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget)
+    if options is None:
+        return loose
+    if loose != SharingOptions():
+        raise ShareOptionError("give the sharing options as options=SharingOptions(...) or as keywords, not both")
+    return options
+
+
 def plan(
     model: nn.Module,
     policy: str = "imagenet",
     *,
     input_size: Sequence[int] | None = None,
+    options: SharingOptions | None = None,
     group_size: int | None = None,
     scope: str | None = None,
     templates: int | None = None,
@@ -315,6 +348,8 @@ def plan(
             run owns a bank of k templates and each member k coefficients.
         budget: the least sharing that brings the unique parameters to at most ``budget`` x the
             original: the smallest ``group_size`` that reaches it (recorded in the plan).
+        options: the four options above as one :class:`~share_transform.SharingOptions` (instead of the
+            keywords).
 
     Returns:
         A :class:`SharePlan`; ``print`` it for the per-stage table.
@@ -337,9 +372,10 @@ def plan(
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
-    scope = check_options(name, rule, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = options.check(name, rule)
     analysis = _analyse(model, name, input_size)
-    return _make_plan(analysis, rule, scope=scope, group_size=group_size, templates=templates, budget=budget)
+    return _make_plan(analysis, rule, options)
 
 
 def sweep(
@@ -368,9 +404,9 @@ def sweep(
     plans = []
     nothing: list[NoSpatialConvError] = []
     for scope in scopes:
-        check_options(name, rule, group_size=None, scope=scope, templates=1, budget=None)
-        try:
-            stage = _make_plan(analysis, rule, scope=scope, group_size=None, templates=None, budget=None)
+        SharingOptions(scope=scope, templates=1).check(name, rule)  # an unknown scope fails here
+        try:  # hard, whole stages: the longest runs
+            stage = _make_plan(analysis, rule, SharingOptions(scope=scope))
         except NoSpatialConvError as e:
             nothing.append(e)
             continue
@@ -380,8 +416,8 @@ def sweep(
             choices = [k for k in templates if k is not None or not rule.needs_templates]
             # Runs of one convert nothing: one row stands for every templates value.
             for k in choices[:1] if group_size == 1 else choices:
-                check_options(name, rule, group_size=group_size, scope=scope, templates=k, budget=None)
-                plans.append(_make_plan(analysis, rule, scope=scope, group_size=group_size, templates=k, budget=None))
+                options = SharingOptions(group_size=group_size, scope=scope, templates=k).check(name, rule)
+                plans.append(_make_plan(analysis, rule, options))
     if nothing and not plans:
         raise nothing[0]
     return plans
@@ -448,15 +484,10 @@ def _scope_layers(block: ResidualBlock, scope: str) -> tuple[BranchLayer, ...]:
     return (BranchLayer(block.spatial_conv, block.signature, block.conv_input),)
 
 
-def _make_plan(
-    analysis: _Analysis,
-    rule: Policy,
-    *,
-    scope: str,
-    group_size: int | None,
-    templates: int | None,
-    budget: float | None,
-) -> SharePlan:
+def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> SharePlan:
+    """The plan of ``options`` (checked, scope resolved) on the traced model."""
+    scope = options.scope or "last"
+    group_size, templates, budget = options.group_size, options.templates, options.budget
     name, stage_blocks = analysis.name, analysis.stages(scope)
     params_before, convs_before = analysis.params_before, analysis.convs_before
     # Hard sharing at scope "block" ties whole layers, bias included; soft members keep their own bias.
@@ -550,8 +581,5 @@ def _make_plan(
         params_after=params_before - saved_now,
         convs_before=convs_before,
         convs_after=convs_before - removed_now,
-        group_size=group_size,
-        scope=scope,
-        templates=templates,
-        budget=budget,
+        options=SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget),
     )

@@ -24,10 +24,12 @@ from torch import nn
 
 from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError
 from .modelinfo import check_model, model_name
-from .plan import SharePlan, check_policy, plan as make_plan
-from .policies import INITS
+from .planning import SharePlan, check_policy, plan as make_plan, sharing_options
+from .policies import INITS, SharingOptions
 from .signature import ConvSignature, signature_of
 from .soft import bake, bank_of, is_soft, share_softly
+
+__all__ = ["apply", "count_parameters", "get_plan", "install_tie_hooks", "is_tied", "retie", "untie"]
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.
 PLAN_ATTR = "_share_plan"
@@ -61,7 +63,7 @@ def tensor_aliases(module: nn.Module) -> list[list[str]]:
     """The state-dict names of every tensor that ``module`` holds under several names, first name first.
 
     Example:
-        >>> from share_transform.apply import tensor_aliases
+        >>> from share_transform.tie import tensor_aliases
         >>> tensor_aliases(share_transform.apply(timm.create_model("resnet50")))[0]
         ['layer1.0.conv2.weight', 'layer1.1.conv2.weight', 'layer1.2.conv2.weight']
     """
@@ -69,6 +71,29 @@ def tensor_aliases(module: nn.Module) -> list[list[str]]:
     for name, t in state_tensors(module).items():
         names.setdefault(id(t), []).append(name)
     return [n for n in names.values() if len(n) > 1]
+
+
+def alias_groups(model: nn.Module) -> frozenset[tuple[str, ...]]:
+    """Names of the tensors that are one object, grouped (a shared weight lists all its members)."""
+    return frozenset(tuple(names) for names in tensor_aliases(model))
+
+
+def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str) -> None:
+    """Re-tie ``model`` if ``what`` (a move, a wrapper) untied it (docs/design.md, Tie traps); raise if that fails.
+
+    ``expected`` is :func:`alias_groups` of the model before ``what``.
+
+    Example:
+        >>> ties = alias_groups(model)
+        >>> model.to(device)
+        >>> keep_ties(model, ties, f"moving the model to {device}")
+    """
+    if alias_groups(model) == expected:
+        return
+    if get_plan(model) is not None:
+        retie(model)
+    if alias_groups(model) != expected:
+        raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -99,6 +124,48 @@ def check_aliases_agree(
                     "shares. It is an unshared checkpoint: load it before share_transform.apply (init='mean' "
                     "averages the kernels), or convert it with sharetx convert --checkpoint"
                 )
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} and {len(keys) - limit} more" if len(keys) > limit else shown
+
+
+def _shape_text(shape: Iterable[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def check_state_fits(
+    source: str, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], own: Mapping[str, torch.Tensor]
+) -> None:
+    """Raise unless tensors of ``shapes`` (name -> shape) fit ``own`` (a model's :func:`state_tensors`) exactly.
+
+    A tied model's aliases are satisfied by any one name of the shared tensor.
+
+    Raises:
+        CheckpointError naming the missing and unexpected keys and the shape mismatches (a few of each).
+    """
+    covered = {id(own[k]) for k in shapes if k in own}
+    missing = [k for k, v in own.items() if k not in shapes and id(v) not in covered]
+    unexpected = [k for k in shapes if k not in own]
+    mismatched = [
+        f"{k} (checkpoint {_shape_text(shapes[k])}, model {_shape_text(own[k].shape)})"
+        for k in shapes
+        if k in own and tuple(shapes[k]) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_names(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatch(es): {_names(mismatched)}")
+    raise CheckpointError(
+        f"{source} does not fit {model_name(model)}: {'; '.join(parts)}. "
+        "Was it saved from another architecture? Check --model, --source and --num-classes"
+    )
 
 
 def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -222,6 +289,7 @@ def apply(
     plan: SharePlan | None = None,
     init: str = "first",
     input_size: tuple[int, int, int] | None = None,
+    options: SharingOptions | None = None,
     group_size: int | None = None,
     scope: str | None = None,
     templates: int | None = None,
@@ -240,11 +308,11 @@ def apply(
         init: hard sharing only: ``"first"`` keeps the first member's weight (and bias) (training from
             scratch: the distribution stays as initialised; the Parameter object is kept, so an optimizer
             holding it stays valid); ``"mean"`` averages the members' kernels (and biases) (warm start from a
-            trained model). Soft groups
-            are initialised as the reference code: He-normal templates, orthogonal coefficients.
+            trained model). Soft groups are initialised as the reference code: He-normal templates,
+            orthogonal coefficients.
         input_size: ``(C, H, W)`` for planning; defaults to the model's own.
-        group_size, scope, templates, budget: the sharing options of :func:`share_transform.plan`;
-            ignored when ``plan`` is given.
+        options, group_size, scope, templates, budget: the sharing options of :func:`share_transform.plan`
+            (a :class:`~share_transform.SharingOptions`, or keywords); ignored when ``plan`` is given.
 
     Raises:
         PlanMismatchError: the plan does not fit the model (made for another architecture: another name,
@@ -264,15 +332,8 @@ def apply(
     if init not in INITS:
         raise UnknownInitError(f"{model_name(net)}: unknown init {init!r}; choose one of {', '.join(INITS)}")
     if plan is None:
-        plan = make_plan(
-            net,
-            policy,
-            input_size=input_size,
-            group_size=group_size,
-            scope=scope,
-            templates=templates,
-            budget=budget,
-        )
+        options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
+        plan = make_plan(net, policy, input_size=input_size, options=options)
         groups = _group_convs(net, plan)
     else:
         check_policy(plan.policy, model_name(net))
