@@ -178,6 +178,12 @@ class SharePlan:
         def conv(c: SpatialConv) -> dict[str, Any]:
             return {**c.__dict__, "signature": c.signature.to_dict()}
 
+        def group(g: ShareGroup) -> dict[str, Any]:
+            d = {**g.__dict__, "signature": g.signature.to_dict(), "members": list(g.members)}
+            if not g.shares_bias:
+                del d["shares_bias"]  # a plan without bias sharing writes what it wrote before scope "block"
+            return d
+
         return {
             "model_name": self.model_name,
             "policy": self.policy,
@@ -191,9 +197,7 @@ class SharePlan:
                 }
                 for s in self.stages
             ],
-            "groups": [
-                {**g.__dict__, "signature": g.signature.to_dict(), "members": list(g.members)} for g in self.groups
-            ],
+            "groups": [group(g) for g in self.groups],
             "params_before": self.params_before,
             "params_after": self.params_after,
             "convs_before": self.convs_before,

@@ -34,11 +34,14 @@ def numel(layer: nn.Module) -> int:
     return layer.weight.numel() + bias
 
 
-def saved_by_stages(stages: list[list[list[nn.Module]]], *, keep_first_block: bool = False) -> int:
+def saved_by_stages(
+    stages: list[list[list[nn.Module]]], *, keep_first_block: bool = False, run: int | None = None
+) -> int:
     """Parameters saved when the layers of a stage's blocks share: ``stages`` -> blocks -> branch layers.
 
     Layers of one stage with the same class, weight shape, stride, padding, dilation, groups and bias (read from
-    the modules here, not from share_transform) and stride 1 form a group; a group of n saves (n - 1) layers.
+    the modules here, not from share_transform) and stride 1 form a group, in block order; cut into consecutive
+    runs of ``run`` (None: one run), a run of n saves (n - 1) layers.
     """
     saved = 0
     for blocks in stages:
@@ -53,7 +56,9 @@ def saved_by_stages(stages: list[list[list[nn.Module]]], *, keep_first_block: bo
                         continue
                     key += (m.padding, m.dilation, m.groups, m.padding_mode)
                 groups.setdefault(key, []).append(m)
-        saved += sum((len(members) - 1) * numel(members[0]) for members in groups.values())
+        for members in groups.values():
+            size = run or len(members)
+            saved += sum((len(members[i : i + size]) - 1) * numel(members[0]) for i in range(0, len(members), size))
     return saved
 
 
@@ -148,6 +153,20 @@ def test_efficientnet_b0_block_shares_inverted_residuals_with_their_squeeze_exci
     p = st.plan(model, scope="block")
     assert p.params_after == original(model) - closed
     assert p.params_before == 5_288_548
+
+
+def test_block_group_size_and_budget_cut_the_stage_groups_into_runs() -> None:
+    with torch.device("meta"):
+        model = timm.create_model("resnet50")
+    before = original(model)
+    for run in (2, 3):
+        expected = before - saved_by_stages(resnet50_branches(model), run=run)
+        assert st.plan(model, scope="block", group_size=run).params_after == expected
+    # budget: the smallest run length whose count fits, found here by the same arithmetic
+    fits = next(r for r in range(1, 7) if before - saved_by_stages(resnet50_branches(model), run=r) <= 0.7 * before)
+    p = st.plan(model, scope="block", budget=0.7)
+    assert p.group_size == fits and p.budget == 0.7
+    assert p.params_after == before - saved_by_stages(resnet50_branches(model), run=fits)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "convnext_atto", "efficientnet_b0"])
@@ -340,6 +359,23 @@ def test_hard_block_file_round_trip_keeps_biases_tied(tmp_path: Path) -> None:
     assert loaded.get_submodule(g.members[1]).bias is loaded.get_submodule(g.members[0]).bias
 
 
+def test_plan_json_of_the_old_scopes_is_unchanged_and_block_plans_round_trip() -> None:
+    with torch.device("meta"):
+        model = timm.create_model("convnext_tiny")
+    # a plan of the paper's scope writes the keys it wrote before scope "block": old readers read new files
+    last = st.plan(model).to_dict()
+    assert set(last["groups"][0]) == {"stage", "resolution", "signature", "members", "numel", "templates"}
+    assert "kind" not in last["groups"][0]["signature"]
+    assert st.SharePlan.from_dict(json.loads(json.dumps(last))) == st.plan(model)
+    # and a file of that layout (no kind, no shares_bias) reads as convs that tie their weight only
+    group = st.SharePlan.from_dict(last).groups[0]
+    assert isinstance(group.signature, st.ConvSignature) and not group.shares_bias
+    block = st.plan(model, scope="block")
+    data = json.loads(json.dumps(block.to_dict()))
+    assert data["groups"][1]["signature"]["kind"] == "linear" and data["groups"][1]["shares_bias"] is True
+    assert st.SharePlan.from_dict(data) == block
+
+
 # ---------------------------------------------------------------------------------------- timm's API
 
 
@@ -397,11 +433,11 @@ def test_branches_with_nothing_shareable_name_the_model() -> None:
 
 
 def test_cli_scope_block_on_a_model_without_residual_branches_is_one_line() -> None:
-    result = CliRunner().invoke(cli, ["plan", "--model", "vgg11", "--scope", "block"])
+    result = CliRunner().invoke(cli, ["plan", "--model", "mobilenetv1_100", "--scope", "block"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("sharetx: error: vgg11: found no residual block with a conv or linear layer")
+    assert lines[0].startswith("sharetx: error: mobilenetv1_100: found no residual block with a conv or linear layer")
     assert result.stdout == ""
 
 
