@@ -148,6 +148,10 @@ def _branch_layer(n: fx.Node, modules: dict[str, nn.Module]) -> BranchLayer | No
     return BranchLayer(_path(n), signature, resolution)
 
 
+def _branch_layers(nodes: Iterable[fx.Node], modules: dict[str, nn.Module]) -> tuple[BranchLayer, ...]:
+    return tuple(c for c in (_branch_layer(n, modules) for n in nodes) if c is not None)
+
+
 def _common_path(paths: list[str]) -> str:
     parts = [p.split(".") for p in paths]
     common: list[str] = []
@@ -187,10 +191,8 @@ def find_blocks(graph: fx.Graph, model: nn.Module) -> list[ResidualBlock]:
         layers = [_layer_nodes(b, modules) for b in branches]
         residual = max(range(2), key=lambda i: (len(convs[i]), len(layers[i]), len(branches[i])))
         spatial = sorted((n for n in convs[residual] if max(modules[_path(n)].kernel_size) > 1), key=order.__getitem__)
-        branch_convs = tuple(c for c in (_branch_layer(n, modules) for n in spatial) if c is not None)
-        branch_layers = tuple(
-            c for c in (_branch_layer(n, modules) for n in sorted(layers[residual], key=order.__getitem__)) if c
-        )
+        branch_convs = _branch_layers(spatial, modules)
+        branch_layers = _branch_layers(sorted(layers[residual], key=order.__getitem__), modules)
         last = spatial[-1] if spatial else None
         conv_in = _shape(last.args[0]) if last is not None else None
         if conv_in is not None and len(conv_in) != 4:
