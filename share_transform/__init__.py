@@ -32,7 +32,9 @@ _API = (
     "build",
     "modelinfo",
     "tie",
+    "warmstart",
     "planning",
+    "trace",
     "signature",
     "summary",
     "files",
@@ -54,6 +56,8 @@ if TYPE_CHECKING:  # the same modules, for type checkers and IDEs (tests/test_pa
     from .signature import *  # noqa: F403
     from .summary import *  # noqa: F403
     from .tie import *  # noqa: F403
+    from .trace import *  # noqa: F403
+    from .warmstart import *  # noqa: F403
 
 
 def _public_names() -> list[str]:

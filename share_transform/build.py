@@ -84,7 +84,8 @@ def build_model(name: str, *, source: str | None = None, num_classes: int | None
 
     Raises:
         UnknownModelError: no model of that name, with close matches in the message.
-        ModelArgumentError: the constructor does not take ``kwargs``.
+        ModelArgumentError: the constructor does not take ``kwargs``, or a CIFAR network's name has a size its
+            formula refuses (``wrn_27_4``: depth off 6n+4).
 
     Example:
         >>> model = build_model("torchvision:resnet34", num_classes=10)

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import warnings
@@ -29,8 +30,11 @@ from .tie import check_aliases_agree, check_state_fits, state_tensors
 
 __all__ = ["load_checkpoint", "read_checkpoint"]
 
-#: Suffixes read with ``torch.load(weights_only=True)``.
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+#: Suffixes read with ``torch.load(weights_only=True)``; ``.tar`` is timm's ``train.py`` (``model_best.pth.tar``).
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+#: The only classes a checkpoint may hold besides tensors and plain containers: timm's ``train.py`` stores its
+#: arguments as an ``argparse.Namespace`` (rebuilt empty, then filled with plain values; it runs no code).
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 #: Top-level keys under which training scripts nest the state dict (timm, Lightning, torchvision refs).
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "model_ema", "state_dict_ema")
 #: Key prefixes wrappers add: DDP/DataParallel, Lightning modules holding ``self.model``, torch.compile.
@@ -66,9 +70,10 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read the tensors of a checkpoint to convert: safetensors, or a ``torch.save`` file.
 
-    ``torch.save`` files (``.pth``, ``.pt``, ``.bin``, ``.ckpt``) are read with
-    ``torch.load(weights_only=True)`` only, so a file holding pickled objects other than tensors and plain
-    containers is refused rather than executed. A state dict nested under a common wrapper key
+    ``torch.save`` files (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, and timm's ``.pth.tar``) are read with
+    ``torch.load(weights_only=True)`` only, so a file holding pickled objects other than tensors, plain
+    containers and an ``argparse.Namespace`` (:data:`SAFE_GLOBALS`: timm's ``train.py`` keeps its arguments in
+    one) is refused rather than executed. A state dict nested under a common wrapper key
     (``state_dict``, ``model``, ...) is unwrapped; key prefixes are left to :func:`load_checkpoint`, which
     knows the model's names. A ShaResNet file's aliases are expanded, so every name has its tensor.
 
@@ -87,7 +92,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols before failing on random bytes
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  random bytes reach the restricted unpickler as IndexError, KeyError...
         text = str(e)
         match = _UNSUPPORTED_GLOBAL.search(text)

@@ -7,7 +7,7 @@ it can build). Reporting commands take ``--json``.
 
 Errors are one line on stderr: exit code 2 for bad input (a :class:`ShareError`, a bad option, a file
 that cannot be read or written), 1 for an internal failure (including an ONNX export that fails its own
-check); never a traceback, and nothing is written.
+check); no traceback, unless ``sharetx --debug`` or ``SHARETX_DEBUG=1`` asks for one, and nothing is written.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,9 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from .build import SOURCES, build_model, list_model_names, split_name
-from .errors import ExportError, MissingFileError, ShareError
+from .errors import ExportError, MissingFileError, ShareError, ShareOptionError, debug_requested
 from .fs import check_writable
-from .policies import INITS, POLICIES, SCOPES, SharingOptions
+from .policies import ALLOCATIONS, INITS, POLICIES, SCOPES, SharingOptions
 from .text import format_columns
 from .version import __version__
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 # torch, timm and the pass are imported inside the commands that use them: `sharetx --help`, `--version` and
 # a usage error answer without paying seconds for them.
+
+#: The init ``convert --checkpoint`` uses for hard groups unless told otherwise (docs/design.md, Warm starts).
+WARM_START = "mean"
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -45,8 +49,33 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _report(e: Exception, debug: bool) -> int:
+    """Say what went wrong in one line on stderr (after the traceback, with ``debug``); the exit code."""
+    if debug:
+        click.echo("".join(traceback.format_exception(e)).rstrip(), err=True)
+    if isinstance(e, ExportError):  # the exporter, not the user, got it wrong
+        return _fail(str(e), EXIT_INTERNAL)
+    if isinstance(e, ShareError):
+        return _fail(str(e), EXIT_USAGE)
+    if isinstance(e, OSError):  # a path the user gave cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}", EXIT_USAGE)
+    # A bug: one line, unless asked for the traceback.
+    hint = "" if debug else " (rerun with sharetx --debug for the traceback)"
+    return _fail(f"internal error ({type(e).__name__}: {e}); please report it{hint}", EXIT_INTERNAL)
+
+
 class SharetxGroup(click.Group):
-    """A click group whose errors are one line on stderr, with sharetx's exit codes, and no traceback."""
+    """A click group whose errors are one line on stderr, with sharetx's exit codes, and no traceback unless
+    ``--debug`` (a group option) or the environment's ``SHARETX_DEBUG=1`` asks for one."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:  # a command failed: here the group's --debug is known
+            raise click.exceptions.Exit(_report(e, bool(ctx.params.get("debug")) or debug_requested())) from e
 
     def main(  # type: ignore[override]
         self,
@@ -65,15 +94,8 @@ class SharetxGroup(click.Group):
             code = _fail(e.format_message() + hint, e.exit_code)
         except click.Abort:
             code = _fail("aborted", EXIT_INTERNAL)
-        except ExportError as e:  # the exporter, not the user, got it wrong
-            code = _fail(str(e), EXIT_INTERNAL)
-        except ShareError as e:
-            code = _fail(str(e), EXIT_USAGE)
-        except OSError as e:  # a path the user gave cannot be read or written
-            where = f"{e.filename}: " if e.filename else ""
-            code = _fail(f"{where}{e.strerror or e}", EXIT_USAGE)
-        except Exception as e:  # a bug: say so in one line rather than a traceback
-            code = _fail(f"internal error ({type(e).__name__}: {e}); please report it", EXIT_INTERNAL)
+        except Exception as e:  # before a command ran (a parameter's callback): the environment decides
+            code = _report(e, debug_requested())
         if standalone_mode:
             sys.exit(code)
         return code
@@ -92,6 +114,22 @@ def _json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of text.")(f)
 
 
+class PolicyChoice(click.Choice):  # type: ignore[type-arg]
+    """``--policy``'s choices: the policies registered when the command runs, not when this module was imported
+    (the built-in ones, plus any :func:`share_transform.policies.register_policy` added before ``main()``)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(sorted(POLICIES))
+
+    @choices.setter
+    def choices(self, value: object) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
+
+
 def _model_options(f: F) -> F:
     """--model, --source, --policy, --num-classes: what to build and how to share it."""
     options = [
@@ -106,10 +144,11 @@ def _model_options(f: F) -> F:
         click.option("--source", type=click.Choice(SOURCES), default=None, help="Model library [default: timm]."),
         click.option(
             "--policy",
-            type=click.Choice(sorted(POLICIES)),
+            type=PolicyChoice(),
             default="imagenet",
             show_default=True,
-            help="imagenet: every stride-1 spatial conv of a stage shares; cifar: the first block keeps its own.",
+            help="imagenet: every stride-1 spatial conv of a stage shares; cifar: the first block keeps its own; "
+            "swrn: soft sharing (needs --templates); and any registered with share_transform.register_policy.",
         ),
         click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier outputs."),
     ]
@@ -118,8 +157,19 @@ def _model_options(f: F) -> F:
     return f
 
 
+def _exclude_option(f: F) -> F:
+    """--exclude, repeatable: layers whose spatial convs keep their own weights."""
+    return click.option(
+        "--exclude",
+        multiple=True,
+        metavar="PATTERN",
+        help="Module path or glob (layer4.*, layer3.2) whose spatial convs keep their own weights; repeatable. "
+        "A pattern that matches no module is an error.",
+    )(f)
+
+
 def _sharing_options(f: F) -> F:
-    """--group-size, --scope, --templates, --budget: where on the dial between ResNet and ShaResNet."""
+    """--group-size, --scope, --templates, --budget, --exclude: where on the dial between ResNet and ShaResNet."""
     options = [
         click.option(
             "--group-size",
@@ -146,6 +196,7 @@ def _sharing_options(f: F) -> F:
             default=None,
             help="At most this fraction of the original parameters: the least sharing that fits.",
         ),
+        _exclude_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -157,6 +208,27 @@ def _check_sharing(name: str, policy: str, **options: Any) -> SharingOptions:
     sharing = SharingOptions(**options)
     sharing.check(name, POLICIES[policy])
     return sharing
+
+
+def _check_init(name: str, init: str | None, templates: int | None, checkpoint: Path | None, allocate: str) -> str:
+    """The init to use (the default depends on --checkpoint and --templates), refusing what cannot work before
+    the (slow) build; raises ShareOptionError."""
+    if allocate == "weights" and checkpoint is None:
+        raise ShareOptionError(
+            f"{name}: --allocate weights chooses the runs from trained weights, and freshly initialised ones say "
+            "nothing about where to share; give --checkpoint FILE"
+        )
+    if init == "svd" and templates is None:
+        raise ShareOptionError(
+            f"{name}: --init svd warm-starts soft groups; give --templates K (or --init mean / mean-scaled)"
+        )
+    if init in ("mean", "mean-scaled") and templates is not None:
+        raise ShareOptionError(f"{name}: --init {init} makes one hard-shared weight; with --templates use --init svd")
+    if init is not None:
+        return init
+    if checkpoint is None:
+        return "first"
+    return "svd" if templates is not None else WARM_START
 
 
 def _build(name: str, source: str | None, num_classes: int | None) -> nn.Module:
@@ -183,7 +255,12 @@ def _warn_non_finite(model: nn.Module, checkpoint: Path) -> None:
 
 @click.group(cls=SharetxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sharetx")
-def main() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="On an error, print the full traceback before the one-line message (or set SHARETX_DEBUG=1).",
+)
+def main(debug: bool) -> None:
     """Turn residual networks into ShaResNets: one shared spatial conv weight per stage.
 
     Boulch, "ShaResNet: reducing residual network parameter number by sharing weights" (arXiv 1702.08782).
@@ -201,14 +278,24 @@ def main() -> None:
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Weights to start from: .safetensors, or .pth/.pt read with torch.load(weights_only=True).",
+    help="Trained weights to start from: .safetensors, or .pth/.pt/.pth.tar (timm train.py) read with "
+    "torch.load(weights_only=True).",
 )
 @click.option(
     "--init",
     type=click.Choice(INITS),
-    default="first",
+    default=None,
+    help="How a shared weight starts: first (the first member's, to train from scratch), mean, mean-scaled "
+    "(compared up to a per-channel scale, folded into the following BatchNorm) or svd (soft groups: the best "
+    f"rank-k approximation) [default: first; with --checkpoint, {WARM_START} for hard groups, svd for soft].",
+)
+@click.option(
+    "--allocate",
+    type=click.Choice(ALLOCATIONS),
+    default="uniform",
     show_default=True,
-    help="Shared weight: the first member's, or the members' mean (a warm start from trained weights).",
+    help="How --budget is spread over a stage: runs of one length, or the runs whose trained weights lose least "
+    "(needs --checkpoint).",
 )
 @click.option(
     "--out",
@@ -228,8 +315,10 @@ def convert(
     scope: str | None,
     templates: int | None,
     budget: float | None,
+    exclude: tuple[str, ...],
     checkpoint: Path | None,
-    init: str,
+    init: str | None,
+    allocate: str,
     out: Path | None,
     force: bool,
     as_json: bool,
@@ -237,34 +326,49 @@ def convert(
     """Build a model, share it, print the report, and write a ShaResNet file.
 
     Each shared weight is stored once, so the file shrinks with the parameter count; the file records how
-    to rebuild and re-tie the model (share_transform.load reads it back).
+    to rebuild and re-tie the model (share_transform.load reads it back). With --checkpoint (trained weights)
+    the shared weights are warm-started from them and the report gives each group's relative reconstruction
+    error ||W - W_shared|| / ||W||.
 
     \b
     Examples:
       sharetx convert --model resnet152
       sharetx convert --model torchvision:resnet50 --checkpoint resnet50.pth --init mean -o r50-share.safetensors
+      sharetx convert --model resnet50 --checkpoint model_best.pth.tar --budget 0.5 --allocate weights
+      sharetx convert --model resnet50 --checkpoint resnet50.safetensors --templates 2 --init svd
       sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
       sharetx convert --model resnet101 --budget 0.75
       sharetx convert --model wrn_28_10 --policy swrn --templates 2
       sharetx convert --model resnet50 --scope block
+      sharetx convert --model resnet50 --exclude 'layer4.*'
     """
     from .checkpoints import load_checkpoint
     from .files import save
-    from .planning import plan
     from .summary import summarize
-    from .tie import apply
+    from .tie import apply, get_plan
 
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
     # Refuse before the (slow) build, so an error costs nothing and writes nothing.
-    options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = _check_sharing(
+        name,
+        policy,
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
+        exclude=exclude,
+        allocate=allocate,
+    )
+    init = _check_init(name, init, templates, checkpoint, allocate)
     _check_output(out, force)
     model = _build(name, source, num_classes)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         _warn_non_finite(model, checkpoint)
-    share_plan = plan(model, policy, options=options)
-    apply(model, plan=share_plan, init=init)
+    # A model shared by construction (sharesnet18) keeps its own plan; another one is refused (the re-apply rule).
+    share_plan = get_plan(apply(model, policy, options=options, init=init))
+    assert share_plan is not None
     save(model, out)
     summary = summarize(model, share_plan, file=out)
     _emit(summary.to_dict(), str(summary), as_json)
@@ -283,6 +387,7 @@ def plan_command(
     scope: str | None,
     templates: int | None,
     budget: float | None,
+    exclude: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Print what sharing would change (the convert report), writing nothing.
@@ -293,13 +398,24 @@ def plan_command(
       sharetx plan --model wrn_28_10 --policy cifar --num-classes 100 --json
       sharetx plan --model resnet34 --scope all --group-size 2
       sharetx plan --model convnext_tiny --scope block
+      sharetx plan --model resnet50 --exclude 'layer4.*' --exclude layer3.5
     """
     from .planning import plan
     from .summary import summarize
+    from .tie import apply, get_plan
 
-    options = _check_sharing(name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = _check_sharing(
+        name, policy, group_size=group_size, scope=scope, templates=templates, budget=budget, exclude=exclude
+    )
     model = _build(name, source, num_classes)
-    summary = summarize(model, plan(model, policy, options=options))
+    # Shared by construction (sharesnet18): its own plan, or convert's refusal (apply changes nothing here).
+    share_plan = (
+        plan(model, policy, options=options)
+        if get_plan(model) is None
+        else get_plan(apply(model, policy, options=options))
+    )
+    assert share_plan is not None
+    summary = summarize(model, share_plan)
     _emit(summary.to_dict(), str(summary), as_json)
 
 
@@ -318,6 +434,7 @@ def plan_command(
     default=None,
     help="Also draw unique parameters against the setting to this PNG (needs matplotlib: the [train] extra).",
 )
+@_exclude_option
 @_json_option
 def sweep_command(
     name: str,
@@ -326,6 +443,7 @@ def sweep_command(
     num_classes: int | None,
     scopes: tuple[str, ...],
     plot: Path | None,
+    exclude: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """The sharing dial of one model: unique parameters for each scope x group size x templates.
@@ -338,6 +456,7 @@ def sweep_command(
       sharetx sweep --model convnext_tiny --scope block
       sharetx sweep --model wrn_28_10 --policy cifar --json
       sharetx sweep --model resnet101 --plot resnet101-sweep.png
+      sharetx sweep --model resnet50 --exclude 'layer4.*'
     """
     from .planning import sweep
 
@@ -347,7 +466,7 @@ def sweep_command(
 
         require_matplotlib()  # before the build: a missing [train] extra costs nothing
     model = _build(name, source, num_classes)
-    plans = sweep(model, policy, scopes=scopes or SCOPES)
+    plans = sweep(model, policy, scopes=scopes or SCOPES, exclude=exclude)
     rows: list[dict[str, Any]] = [
         {
             "scope": p.scope,
@@ -372,8 +491,12 @@ def sweep_command(
         for r in rows
     ]
     original = plans[0].params_before
+    excluding = f", exclude {' '.join(exclude)}" if exclude else ""
     text = "\n".join(
-        [f"sharing dial of {name}, policy {policy}: {original:,} parameters unshared", *format_columns(table, left={0})]
+        [
+            f"sharing dial of {name}, policy {policy}{excluding}: {original:,} parameters unshared",
+            *format_columns(table, left={0}),
+        ]
     )
     if plot is not None:
         _plot_sweep(rows, plot, f"{name}, policy {policy}")

@@ -9,6 +9,8 @@ from being planned or tied, :class:`FileError` for files read and written, and t
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "CheckpointError",
     "ExportError",
@@ -24,13 +26,24 @@ __all__ = [
     "OutputExistsError",
     "PlanError",
     "PlanMismatchError",
+    "RegistrationError",
     "ShareError",
     "ShareOptionError",
     "TraceError",
     "UnknownInitError",
     "UnknownModelError",
     "UnknownPolicyError",
+    "WarmStartError",
 ]
+
+
+#: The environment variable that asks ``sharetx`` and the recipes for the full traceback of an error.
+DEBUG_ENV = "SHARETX_DEBUG"
+
+
+def debug_requested() -> bool:
+    """Whether the environment asks for tracebacks: ``SHARETX_DEBUG`` set to anything but empty or ``0``."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class ShareError(Exception):
@@ -45,11 +58,12 @@ class NotAModuleError(ShareError, TypeError):
 
 
 class UnknownModelError(ShareError, ValueError):
-    """No timm or torchvision model has this name, or a CIFAR network's name has a depth its formula refuses."""
+    """No timm or torchvision model has this name (or the name's ``source:`` prefix is not a model library)."""
 
 
 class ModelArgumentError(ShareError, TypeError, ValueError):
-    """The model's constructor does not take the arguments given, or not their values (a WRN depth off 6n+4)."""
+    """The model's constructor does not take the arguments given, or not their values: a WRN depth off 6n+4,
+    whether given to ``wide_resnet(27, 4)`` or in the name ``wrn_27_4``."""
 
 
 class MissingExtraError(ShareError, ImportError):
@@ -68,21 +82,32 @@ class UnknownPolicyError(PlanError, ValueError):
 
 
 class ShareOptionError(PlanError, ValueError):
-    """A sharing option (group size, scope, templates, budget) is out of range, conflicts with another, or
-    cannot be met."""
+    """A sharing option (group size, scope, templates, budget, allocate) is out of range, conflicts with another,
+    or cannot be met."""
+
+
+class WarmStartError(ShareOptionError):
+    """A warm start that cannot be made: ``init`` does not fit the groups (``"svd"`` for hard groups, ``"mean"`` for
+    soft ones), or ``"mean-scaled"`` finds no BatchNorm to fold a member's scales into."""
 
 
 class UnknownInitError(PlanError, ValueError):
     """The init mode of a shared weight is not one of the known modes."""
 
 
+class RegistrationError(PlanError, TypeError, ValueError):
+    """An extension point refuses a registration: a policy name or a layer class that has an entry already
+    (without ``replace=True``), or an entry that is not what the registry holds."""
+
+
 class TraceError(PlanError):
-    """torch.fx could not trace the model, or shape propagation failed inside the pass (the message names the
-    graph node)."""
+    """torch.fx could not trace the model, or shape propagation failed inside the pass: a shape rule raised, or
+    fake tensors cannot run a layer (the message names the graph node)."""
 
 
 class InputSizeError(PlanError, ValueError):
-    """The input size is malformed, or the model itself rejected it during shape propagation."""
+    """The input size is malformed, too small to tell the stages apart, or the model's own code (or a torch
+    kernel on its path) rejected it during shape propagation (the message names the graph node)."""
 
 
 class NoSpatialConvError(PlanError):
@@ -90,7 +115,9 @@ class NoSpatialConvError(PlanError):
 
 
 class PlanMismatchError(PlanError, ValueError):
-    """A plan does not fit the model it is applied to, or the model is tied otherwise than the plan says."""
+    """A plan does not fit the model it is applied to, the model is tied otherwise than the plan says (or
+    carries no plan where one is needed: ``retie`` of a model never shared), or a conv is not shared the way
+    the call needs (the coefficients of a conv that is not soft-shared)."""
 
 
 # -- files ------------------------------------------------------------------------------------------------------

@@ -175,7 +175,10 @@ def _write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for key in order:
-            f.write(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            flat = tensors[key].detach().cpu().contiguous().reshape(-1)
+            if flat.numel() and flat.stride(0) != 1:  # "contiguous" ignores the stride of a size-1 dim
+                flat = flat.clone(memory_format=torch.contiguous_format)
+            f.write(flat.view(torch.uint8).numpy().data)
 
 
 # --------------------------------------------------------------------------------------------- reading

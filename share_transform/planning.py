@@ -13,16 +13,22 @@ that each share one weight, ``scope="all"`` shares every spatial conv of the res
 basic block), ``scope="block"`` every conv and linear layer of it (1x1s, depthwise convs, squeeze-excitation,
 an MLP), weight and bias, ``templates=k`` makes each run a soft-shared group (a bank of k templates mixed by per-conv
 coefficients; Savarese & Maire, ICLR 2019) and ``budget`` picks the least sharing that fits a parameter budget.
+``exclude`` names layers whose convs keep their own weights whatever the rest of the options say.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
+from .allocate import allocate_runs, gram, run_errors, run_saving
 from .blocks import BranchLayer, ResidualBlock, find_blocks, lost_reductions
 from .errors import InputSizeError, NoSpatialConvError, ShareOptionError, UnknownPolicyError
 from .modelinfo import (
@@ -45,6 +51,8 @@ KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
 KEPT_UNIQUE = "no other layer of this stage and signature"
 KEPT_RUN = "alone in its run of group_size"
+KEPT_ALLOCATED = "alone in its run (allocated by weights)"
+KEPT_EXCLUDED = "excluded"
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,11 @@ class SharePlan:
     def budget(self) -> float | None:
         """The budget that chose ``group_size``, when one was given."""
         return self.options.budget
+
+    @property
+    def allocate(self) -> str:
+        """``"weights"``: the groups are the runs the trained weights chose (``group_size`` None)."""
+        return self.options.allocate
 
     def describe_options(self) -> str:
         """The options that differ from the paper's, e.g. ``group size 2, scope all, 2 templates``."""
@@ -272,6 +285,9 @@ class SharePlan:
             f"parameters: {self.params_before:,} -> {self.params_after:,} ({-100 * self.decrease:+.1f}%)"
         )  # soft banks can add parameters
         lines.append(f"distinct conv weights: {self.convs_before} -> {self.convs_after}")
+        excluded = [c.path for c in self.spatial_convs if c.kept_because == KEPT_EXCLUDED]
+        if excluded:
+            lines.append(f"excluded (keep their own weights): {', '.join(excluded)}")
         return "\n".join(lines)
 
 
@@ -306,13 +322,26 @@ def sharing_options(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
+    allocate: str = "uniform",
 ) -> SharingOptions:
     """One :class:`SharingOptions` from ``options=`` or the loose keywords of ``plan`` and ``apply``, not both.
 
     Raises:
-        ShareOptionError: both were given.
+        ShareOptionError: both were given, or ``exclude`` is one string (a list of them is meant).
     """
-    loose = SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget)
+    if isinstance(exclude, str):  # tuple() would split it into characters
+        raise ShareOptionError(
+            f"exclude takes a list of module paths or glob patterns, not one string: exclude=[{exclude!r}]"
+        )
+    loose = SharingOptions(
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
+        exclude=() if exclude is None else tuple(exclude),
+        allocate=allocate,
+    )
     if options is None:
         return loose
     if loose != SharingOptions():
@@ -330,6 +359,8 @@ def plan(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
+    allocate: str = "uniform",
 ) -> SharePlan:
     """Plan the ShaResNet transform of ``model`` without changing it.
 
@@ -352,7 +383,16 @@ def plan(
             run owns a bank of k templates and each member k coefficients.
         budget: the least sharing that brings the unique parameters to at most ``budget`` x the
             original: the smallest ``group_size`` that reaches it (recorded in the plan).
-        options: the four options above as one :class:`~share_transform.SharingOptions` (instead of the
+        allocate: ``"uniform"`` (default): runs of ``group_size`` (or the budget's). ``"weights"`` (needs
+            ``budget`` and trained weights): each stage's sharable convs of one signature are cut into the
+            consecutive runs, of any lengths, whose sharing loses least (the least total reconstruction error,
+            the mean or the best rank-k approximation of each run as its shared weight) under the budget;
+            an exact search (:mod:`share_transform.allocate`). The plan's groups are the runs chosen.
+        exclude: module paths or glob patterns whose spatial convs keep their own weights (Torch-Pruning's
+            ``ignored_layers``): a conv is excluded when its path, or the path of a module holding it, matches
+            one with ``fnmatch`` (``["layer4.*"]``, ``["layer3.2", "*.conv2"]``); recorded in the plan, where
+            each such conv is kept ``"excluded"``.
+        options: the options above as one :class:`~share_transform.SharingOptions` (instead of the
             keywords).
 
     Returns:
@@ -360,8 +400,9 @@ def plan(
 
     Raises:
         NotAModuleError, UnknownPolicyError, ShareOptionError (an option out of range, ``budget`` with
-        ``group_size``, ``swrn`` without ``templates``, an unreachable budget), TraceError, InputSizeError,
-        NoSpatialConvError (no residual block holds a layer the scope shares).
+        ``group_size``, ``swrn`` without ``templates``, an unreachable budget, an ``exclude`` pattern that
+        matches no module of the model, ``allocate="weights"`` without a budget or on a model without data),
+        TraceError, InputSizeError, NoSpatialConvError (no residual block holds a layer the scope shares).
 
     Example:
         >>> import timm, share_transform
@@ -370,13 +411,23 @@ def plan(
         (25557032, 20469800)
         >>> share_transform.plan(timm.create_model("resnet101"), budget=0.75).group_size  # 44.5 M -> 32.4 M
         4
+        >>> share_transform.plan(timm.create_model("resnet50"), exclude=["layer4.*"]).params_after
+        22829096
         >>> share_transform.plan(timm.create_model("resnet50"), scope="block").params_after  # 42.9% fewer
         14587944
     """
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
-    options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
+    options = sharing_options(
+        options,
+        group_size=group_size,
+        scope=scope,
+        templates=templates,
+        budget=budget,
+        exclude=exclude,
+        allocate=allocate,
+    )
     options = options.check(name, rule)
     analysis = _analyse(model, name, input_size)
     return _make_plan(analysis, rule, options)
@@ -389,13 +440,15 @@ def sweep(
     input_size: Sequence[int] | None = None,
     scopes: Sequence[str] = SCOPES,
     templates: Sequence[int | None] = (None, 1, 2, 4),
+    exclude: Iterable[str] = (),
 ) -> list[SharePlan]:
     """Plans of ``model`` over the dial: every scope x group size x templates, tracing the model once.
 
     Group sizes are 1, 2, 4, ... below the longest run of sharable layers of the scope, then None (the whole
     stage); group size 1 (no sharing) comes once per scope. ``templates=None`` (hard sharing) is skipped for a
-    policy that needs templates (``swrn``). A scope under which no residual block holds a layer is left out
-    (a block of 1x1 convs has nothing at ``"last"``); NoSpatialConvError when every scope is.
+    policy that needs templates (``swrn``). ``exclude`` (as :func:`plan`'s) holds for every plan. A scope under
+    which no residual block holds a layer is left out (a block of 1x1 convs has nothing at ``"last"``);
+    NoSpatialConvError when every scope is.
 
     Example:
         >>> for p in share_transform.sweep(timm.create_model("resnet50")):
@@ -404,13 +457,14 @@ def sweep(
     model = check_model(model)
     name = model_name(model)
     rule = check_policy(policy, name)
+    excluded = sharing_options(None, exclude=exclude).exclude
     analysis = _analyse(model, name, input_size)
     plans = []
     nothing: list[NoSpatialConvError] = []
     for scope in scopes:
-        SharingOptions(scope=scope, templates=1).check(name, rule)  # an unknown scope fails here
+        SharingOptions(scope=scope, templates=1, exclude=excluded).check(name, rule)  # an unknown scope fails here
         try:  # hard, whole stages: the longest runs
-            stage = _make_plan(analysis, rule, SharingOptions(scope=scope))
+            stage = _make_plan(analysis, rule, SharingOptions(scope=scope, exclude=excluded))
         except NoSpatialConvError as e:
             nothing.append(e)
             continue
@@ -420,11 +474,16 @@ def sweep(
             choices = [k for k in templates if k is not None or not rule.needs_templates]
             # Runs of one convert nothing: one row stands for every templates value.
             for k in choices[:1] if group_size == 1 else choices:
-                options = SharingOptions(group_size=group_size, scope=scope, templates=k).check(name, rule)
+                options = SharingOptions(group_size=group_size, scope=scope, templates=k, exclude=excluded)
+                options = options.check(name, rule)
                 plans.append(_make_plan(analysis, rule, options))
     if nothing and not plans:
         raise nothing[0]
     return plans
+
+
+#: A candidate list: the stage, the input resolution and the signature its sharable layers have in common.
+Key = tuple[int, tuple[int, int], Signature]
 
 
 @dataclass(frozen=True)
@@ -488,18 +547,46 @@ def _scope_layers(block: ResidualBlock, scope: str) -> tuple[BranchLayer, ...]:
     return (BranchLayer(block.spatial_conv, block.signature, block.conv_input),)
 
 
+def _excluded_by(patterns: Sequence[str], paths: Iterable[str], name: str) -> Callable[[str], bool]:
+    """A test ``is_excluded(conv_path)`` for ``patterns``, after checking that each matches a module in ``paths``.
+
+    Raises:
+        ShareOptionError: a pattern matches no module path (a typo, or a layer of another model).
+    """
+    paths = list(paths)
+    for pattern in patterns:
+        if not fnmatch.filter(paths, pattern):
+            close = difflib.get_close_matches(pattern, paths, n=3)
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else f"its top-level modules are {', '.join(p for p in paths if '.' not in p)}"
+            )
+            raise ShareOptionError(f"{name}: exclude pattern {pattern!r} matches no module of the model; {hint}")
+
+    def is_excluded(path: str) -> bool:
+        parts = path.split(".")
+        holders = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # layer4, layer4.0, layer4.0.conv2
+        return any(fnmatch.fnmatchcase(h, p) for h in holders for p in patterns)
+
+    return is_excluded
+
+
 def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> SharePlan:
     """The plan of ``options`` (checked, scope resolved) on the traced model."""
     scope = options.scope or "last"
     group_size, templates, budget = options.group_size, options.templates, options.budget
+    allocate = options.allocate
     name, stage_blocks = analysis.name, analysis.stages(scope)
     params_before, convs_before = analysis.params_before, analysis.convs_before
+    modules = dict(analysis.model.named_modules())
+    is_excluded = _excluded_by(options.exclude, (p for p in modules if p), name)
     # Hard sharing at scope "block" ties whole layers, bias included; soft members keep their own bias.
     shares_bias = scope == "block" and templates is None
 
     # Candidates: stride-1 layers not kept by the policy, grouped by (stage, input resolution, signature),
     # each list in the order the model computes them.
-    candidates: dict[tuple[int, tuple[int, int], Signature], list[str]] = {}
+    candidates: dict[Key, list[str]] = {}
     placed: list[tuple[int, int, ResidualBlock, BranchLayer, str | None]] = []
     seen: set[str] = set()
     for s, stage in enumerate(stage_blocks, start=1):
@@ -509,7 +596,9 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                     continue  # a block nested in another's branch: its layers are planned once, with it
                 seen.add(c.path)
                 kept = None
-                if not c.signature.is_stride_one:
+                if is_excluded(c.path):  # the caller's word first: it holds whatever else is true of the conv
+                    kept = KEPT_EXCLUDED
+                elif not c.signature.is_stride_one:
                     kept = KEPT_STRIDE
                 elif rule.keep_first_block and position == 0:
                     kept = KEPT_FIRST_BLOCK
@@ -517,22 +606,27 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                     candidates.setdefault((s, c.resolution, c.signature), []).append(c.path)
                 placed.append((s, position, b, c, kept))
 
-    modules = dict(analysis.model.named_modules())
+    def numel_of(sig: Signature) -> int:
+        numel = 1
+        for d in sig.weight_shape:
+            numel *= d
+        return numel
 
-    def grouping(run: int | None) -> tuple[list[ShareGroup], int, int]:
-        """The groups for runs of ``run`` layers, and the parameters and conv weights they remove."""
+    def grouping(runs: dict[Key, list[int]]) -> tuple[list[ShareGroup], int, int]:
+        """The groups for ``runs`` (per candidate list, its run lengths in order), and the parameters and conv
+        weights they remove."""
         groups: list[ShareGroup] = []
         saved = removed = 0
-        for (stage_index, resolution, sig), convs in candidates.items():
-            for start in range(0, len(convs), run or len(convs)):
-                members = convs[start : start + (run or len(convs))]
+        for key, convs in candidates.items():
+            stage_index, resolution, sig = key
+            start = 0
+            for length in runs[key]:
+                members = convs[start : start + length]
+                start += length
                 if len(members) < 2:
                     continue
-                numel = 1
-                for d in sig.weight_shape:
-                    numel *= d
                 group = ShareGroup(
-                    stage_index, resolution, sig, tuple(members), numel, templates, shares_bias and sig.bias
+                    stage_index, resolution, sig, tuple(members), numel_of(sig), templates, shares_bias and sig.bias
                 )
                 # What the members hold now (they may be tied already): each tensor once.
                 storage: dict[int, int] = {}
@@ -546,23 +640,38 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                 groups.append(group)
         return groups, saved, removed
 
-    if budget is not None:
-        longest = max((len(c) for c in candidates.values()), default=1)
-        after = {}
-        for run in range(1, longest + 1):
-            after[run] = params_before - grouping(run)[1]
-            if after[run] <= budget * params_before:
-                group_size = run
-                break
-        else:
-            best = min(after, key=after.__getitem__)
-            raise ShareOptionError(
-                f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
-                f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
-                f"parameters (group_size={best})"
-            )
+    def uniform(run: int | None) -> dict[Key, list[int]]:
+        """Runs of ``run`` convs (None: the whole list), the last one shorter."""
+        return {key: [min(run or n, n - s) for s in range(0, n, run or n)] for key, n in sizes.items()}
 
-    groups, saved_now, removed_now = grouping(group_size)
+    sizes = {key: len(convs) for key, convs in candidates.items()}
+    if allocate == "weights":
+        assert budget is not None  # check_options
+        runs = _allocate_by_weights(analysis, rule, candidates, modules, scope, templates, budget)
+    else:
+        if budget is not None:
+            longest = max(sizes.values(), default=1)
+            after = {}
+            for run in range(1, longest + 1):
+                after[run] = params_before - grouping(uniform(run))[1]
+                if after[run] <= budget * params_before:
+                    group_size = run
+                    break
+            else:
+                best = min(after, key=after.__getitem__)
+                raise ShareOptionError(
+                    f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+                    f"scope {scope}, templates {templates}) is {after[best] / params_before:.4f} of the original "
+                    f"parameters (group_size={best})"
+                )
+        runs = uniform(group_size)
+
+    groups, saved_now, removed_now = grouping(runs)
+    if allocate == "weights" and budget is not None and params_before - saved_now > budget * params_before:
+        raise ShareOptionError(
+            f"{name}: the convs to share are tied otherwise already, so allocate='weights' cannot count what its "
+            "runs save; untie the model (share_transform.untie) first"
+        )
     group_of = {m: i for i, g in enumerate(groups) for m in g.members}
     peers = {m: len(convs) for convs in candidates.values() for m in convs}
     stages = []
@@ -571,7 +680,7 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
         for _, position, b, c, kept in (p for p in placed if p[0] == s):
             group = group_of.get(c.path)
             if group is None and kept is None:
-                kept = KEPT_RUN if peers[c.path] > 1 else KEPT_UNIQUE
+                kept = KEPT_UNIQUE if peers[c.path] == 1 else KEPT_ALLOCATED if allocate == "weights" else KEPT_RUN
             spatial.append(SpatialConv(c.path, b.name, s, position, c.resolution, c.signature, group, kept))
         stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(spatial)))
 
@@ -585,5 +694,48 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
         params_after=params_before - saved_now,
         convs_before=convs_before,
         convs_after=convs_before - removed_now,
-        options=SharingOptions(group_size=group_size, scope=scope, templates=templates, budget=budget),
+        options=SharingOptions(
+            group_size=group_size,
+            scope=scope,
+            templates=templates,
+            budget=budget,
+            exclude=options.exclude,
+            allocate=options.allocate,
+        ),
     )
+
+
+def _allocate_by_weights(
+    analysis: _Analysis,
+    rule: Policy,
+    candidates: dict[Key, list[str]],
+    modules: dict[str, nn.Module],
+    scope: str | None,
+    templates: int | None,
+    budget: float,
+) -> dict[Key, list[int]]:
+    """The run lengths of every candidate list that meet ``budget`` with the least total reconstruction error."""
+    name, before = analysis.name, analysis.params_before
+    lists = []
+    for key, convs in candidates.items():
+        weights = [cast(torch.Tensor, modules[path].weight) for path in convs]
+        if any(w.is_meta for w in weights):
+            raise ShareOptionError(
+                f"{name}: allocate='weights' reads the trained weights, and this model has none (meta device); "
+                "load its weights first"
+            )
+        numel = 1
+        for d in key[2].weight_shape:
+            numel *= d
+        if scope == "block" and templates is None:
+            numel += key[2].bias_numel  # a hard run at scope "block" shares the bias too (the error is the weights')
+        lists.append((run_errors(gram(weights), templates), numel))
+    required = math.ceil(before - budget * before)  # the budget is params_after <= budget * before
+    chosen = allocate_runs(lists, templates, required)
+    if chosen is None:
+        most = sum(run_saving(len(convs), numel, templates) for convs, (_, numel) in zip(candidates.values(), lists))
+        raise ShareOptionError(
+            f"{name}: budget {budget:g} is unreachable; the least this sharing reaches (policy {rule.name}, "
+            f"scope {scope}, templates {templates}) is {(before - most) / before:.4f} of the original parameters"
+        )
+    return {key: list(runs) for key, runs in zip(candidates, chosen.runs)}

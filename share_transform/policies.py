@@ -2,6 +2,7 @@
 shared weight.
 
 The CLI offers these as choices in ``--help``, which must answer without importing torch or timm.
+:func:`register_policy` adds a policy to the built-in ones.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .errors import ShareOptionError
+from .errors import RegistrationError, ShareOptionError
 
-__all__ = ["POLICIES", "Policy", "SharingOptions"]
+__all__ = ["POLICIES", "Policy", "SharingOptions", "register_policy"]
 
 #: Which layers of a block may share, narrowest first: the block's last spatial conv (the paper), every spatial
 #: conv of its residual branch, or every conv and linear layer of its residual branch. Each shares a superset
 #: of the one before (docs/design.md, Scopes).
 SCOPES = ("last", "all", "block")
+#: How a budget is spread over a stage: runs of one length (``uniform``), or the runs whose trained weights lose
+#: least when shared (``weights``, share_transform.allocate).
+ALLOCATIONS = ("uniform", "weights")
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,67 @@ POLICIES: dict[str, Policy] = {
     )
 }
 
-#: How a shared weight starts: the first member's weight, or the members' mean (a warm start from trained weights).
-INITS = ("first", "mean")
+
+def register_policy(
+    name: str,
+    *,
+    keep_first_block: bool,
+    description: str,
+    scope: str = "last",
+    needs_templates: bool = False,
+    replace: bool = False,
+) -> Policy:
+    """Add a sharing policy to :data:`POLICIES`, for :func:`share_transform.plan`, ``apply`` and ``sweep``.
+
+    A policy says which spatial convs of a stage may share: with ``keep_first_block`` the first block of every
+    stage keeps its own (the authors' CIFAR code), ``scope`` is the scope when the caller gives none, and
+    ``needs_templates`` makes ``templates=k`` required (a soft-sharing preset). The ``sharetx`` CLI offers the
+    policies registered when it runs: the built-in ones, plus any registered before ``main()`` is called from
+    Python. A plan records its policy by name, so a file planned with a registered policy loads where the same
+    policy is registered.
+
+    Args:
+        name: the policy's name, a single word (``[A-Za-z0-9_-]``): what ``policy=`` and ``--policy`` take.
+        keep_first_block: the first block of every stage keeps its own spatial convs.
+        description: one line, for ``--help`` and the docs.
+        scope: ``"last"`` (the block's last spatial conv) or ``"all"`` (every spatial conv of the branch).
+        needs_templates: soft sharing only: ``templates=k`` is required.
+        replace: replace a policy of that name (a built-in one included).
+
+    Returns:
+        The registered :class:`Policy`.
+
+    Raises:
+        RegistrationError: ``name`` is taken (and ``replace`` is False), or is not a single word; ``scope`` is
+            not one of :data:`SCOPES`.
+
+    Example:
+        >>> every = register_policy("every-block", keep_first_block=False, scope="all",
+        ...                         description="every stride-1 spatial conv of the residual branch shares")
+        >>> share_transform.plan(timm.create_model("resnet34"), "every-block").scope
+        'all'
+    """
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise RegistrationError(f"register_policy: a policy name is one word of letters, digits, _ and -, got {name!r}")
+    if name in POLICIES and not replace:
+        raise RegistrationError(f"register_policy: policy {name!r} exists; pass replace=True to replace it")
+    if scope not in SCOPES:
+        raise RegistrationError(f"register_policy: unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    policy = Policy(name, bool(keep_first_block), str(description), scope=scope, needs_templates=bool(needs_templates))
+    POLICIES[name] = policy
+    return policy
+
+
+#: How a shared weight starts: the first member's weight (from scratch), or a warm start from trained weights:
+#: the members' mean, their mean compared up to a per-channel scale (folded into the following BatchNorm), or
+#: for soft groups the members' best rank-k approximation (share_transform.warmstart).
+INITS = ("first", "mean", "mean-scaled", "svd")
 
 
 def describe_sharing(options: Mapping[str, Any] | None) -> str:
-    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``; absent or None = the paper's) as
-    words: ``describe_sharing({"group_size": 2, "templates": 2})`` is ``"group size 2, 2 templates"``."""
+    """Sharing options (``group_size``, ``scope``, ``templates``, ``budget``, ``exclude``, ``allocate``; absent or
+    None = the paper's) as words: ``describe_sharing({"group_size": 2, "templates": 2})`` is
+    ``"group size 2, 2 templates"``."""
     options = options or {}
     parts = []
     if options.get("group_size") is not None:
@@ -64,6 +122,10 @@ def describe_sharing(options: Mapping[str, Any] | None) -> str:
         parts.append(f"{options['templates']} templates")
     if options.get("budget") is not None:
         parts.append(f"budget {options['budget']:g}")
+    if options.get("exclude"):
+        parts.append(f"exclude {' '.join(options['exclude'])}")
+    if options.get("allocate") not in (None, "uniform"):
+        parts.append(f"allocated by {options['allocate']}")
     return ", ".join(parts)
 
 
@@ -82,16 +144,34 @@ class SharingOptions:
             per run mixed by per-layer coefficients.
         budget: the least sharing that brings the unique parameters to at most this fraction of the original
             (resolved into ``group_size`` by the plan, which records both).
+        allocate: how ``budget`` is spread (:data:`ALLOCATIONS`): ``"uniform"`` (default), runs of one
+            ``group_size``; ``"weights"``, the consecutive runs of any lengths whose trained weights lose least
+            when shared (the least total reconstruction error: :mod:`share_transform.allocate`, exact); the plan
+            records the runs as its groups.
+        exclude: module paths or glob patterns (``fnmatch`` on the module path, ``*`` crossing dots) whose spatial
+            convs keep their own weights, as Torch-Pruning's ``ignored_layers``: a conv is excluded when its path,
+            or the path of a module holding it, matches one (``"layer4"``, ``"layer4.*"``, ``"layer3.2"``,
+            ``"*.conv2"``). A pattern that matches no module of the model is an error. A list is kept as a tuple.
 
     Example:
         >>> SharingOptions(group_size=2, templates=2).describe()
         'group size 2, 2 templates'
+        >>> SharingOptions(exclude=["layer4.*"]).exclude
+        ('layer4.*',)
     """
 
     group_size: int | None = None
     scope: str | None = None
     templates: int | None = None
     budget: float | None = None
+    exclude: tuple[str, ...] = ()
+    allocate: str = "uniform"
+
+    def __post_init__(self) -> None:
+        # One spelling per value, so that equal options compare (and hash) equal: a list (JSON, argparse's
+        # append) becomes a tuple, None (an unset flag) the empty tuple. Anything else is left for check().
+        if self.exclude is None or isinstance(self.exclude, list):
+            object.__setattr__(self, "exclude", tuple(self.exclude or ()))
 
     def check(self, name: str, rule: Policy) -> SharingOptions:
         """These options with the scope resolved (the policy's when None), after checking them against each other
@@ -121,6 +201,19 @@ class SharingOptions:
                 raise ShareOptionError(
                     f"{name}: give budget or group_size, not both (the budget chooses the group size)"
                 )
+        if self.allocate not in ALLOCATIONS:
+            raise ShareOptionError(
+                f"{name}: unknown allocate {self.allocate!r}; choose one of {', '.join(ALLOCATIONS)}"
+            )
+        if self.allocate == "weights" and budget is None:
+            raise ShareOptionError(
+                f"{name}: allocate='weights' chooses the runs that lose least under a budget; give budget=fraction"
+            )
+        if not isinstance(self.exclude, tuple) or not all(isinstance(p, str) and p for p in self.exclude):
+            raise ShareOptionError(
+                f"{name}: exclude takes a list of module paths or glob patterns (exclude=['layer4.*']), "
+                f"got {self.exclude!r}"
+            )
         if rule.needs_templates and self.templates is None:
             raise ShareOptionError(
                 f"{name}: policy {rule.name!r} is soft sharing; give templates=k (k >= 1 templates per stage)"
@@ -128,14 +221,21 @@ class SharingOptions:
         return replace(self, scope=self.scope if self.scope is not None else rule.scope)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"group_size", "scope", "templates", "budget"}``: what ``run.json`` and a plan's JSON record."""
-        return asdict(self)
+        """``{"group_size", "scope", "templates", "budget", "exclude"}`` (``exclude`` as a list), and ``"allocate"``
+        unless it is ``"uniform"``: what ``run.json`` and a plan's JSON record (a record of a uniform allocation
+        stays as it was before allocate)."""
+        d = {**asdict(self), "exclude": list(self.exclude)}
+        if d["allocate"] == "uniform":
+            del d["allocate"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SharingOptions:
-        """The options a :meth:`to_dict` (or an older record lacking some keys) holds; unknown keys are ignored."""
+        """The options a :meth:`to_dict` (or an older record lacking some keys: no ``exclude`` is none) holds;
+        unknown keys are ignored."""
         d = d or {}
-        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+        # Absent or None: the field's default (no exclude is none; records older than allocate are "uniform").
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
 
     def describe(self) -> str:
         """The options that differ from the paper's, in words (empty for the paper's)."""

@@ -17,10 +17,11 @@ from typing import Any
 from torch import nn
 
 from .modelinfo import build_spec
-from .planning import ShareGroup, SharePlan
+from .planning import KEPT_EXCLUDED, ShareGroup, SharePlan
 from .signature import ConvSignature
 from .soft import bank_of
 from .text import format_columns
+from .warmstart import RECONSTRUCTION_ATTR, Reconstruction
 
 __all__ = ["ShareSummary", "summarize"]
 
@@ -70,10 +71,19 @@ class ShareSummary:
     rest: StageSummary
     total: StageSummary
     groups: tuple[ShareGroup, ...]
-    options: dict[str, Any]  # the plan's sharing options (group_size, scope, templates, budget)
+    options: dict[str, Any]  # the plan's sharing options (group_size, scope, templates, budget, exclude)
     describe_options: str  # the options that differ from the paper's, as the header prints them
     file: Path | None = None  # the file written or inspected
     file_bytes: int | None = None  # its size, header included
+    excluded: tuple[str, ...] = ()  # spatial convs that keep their own weights because ``exclude`` names them
+    # What the warm start lost (``apply`` with init mean, mean-scaled or svd): None otherwise.
+    reconstruction: Reconstruction | None = None
+
+    def group_error(self, index: int) -> float | None:
+        """The relative reconstruction error of group ``index``, when a warm start measured it."""
+        members = self.groups[index].members
+        found = self.reconstruction.of_members(members) if self.reconstruction is not None else None
+        return found.relative if found is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,10 +103,15 @@ class ShareSummary:
                     "templates": g.templates,
                     "shares_bias": g.shares_bias,
                     "members": list(g.members),
+                    "relative_error": self.group_error(i),
                 }
-                for g in self.groups
+                for i, g in enumerate(self.groups)
             ],
+            "reconstruction_error": None
+            if self.reconstruction is None
+            else {"init": self.reconstruction.init, "total": self.reconstruction.total},
             "file": None if self.file is None else {"path": str(self.file), "bytes": self.file_bytes},
+            "excluded": list(self.excluded),
         }
 
     def __str__(self) -> str:
@@ -133,10 +148,19 @@ class ShareSummary:
             + (f", {options}" if options else "")
         ]
         lines += format_columns(rows, left={1, 7})  # text columns; numbers align right
-        for g in self.groups:
+        for i, g in enumerate(self.groups):
             members = g.members if len(g.members) <= 3 else (g.members[0], "...", g.members[-1])
+            error = self.group_error(i)
+            lost = f", relative error {error:.4f}" if error is not None else ""
             kind = "convs" if isinstance(g.signature, ConvSignature) else "linear layers"
-            lines.append(f"stage {g.stage}: {g.describe()} for {len(g.members)} {kind} ({', '.join(members)})")
+            lines.append(f"stage {g.stage}: {g.describe()} for {len(g.members)} {kind} ({', '.join(members)}){lost}")
+        if self.reconstruction is not None:
+            lines.append(
+                f"reconstruction error (init {self.reconstruction.init}): {self.reconstruction.total:.4f} "
+                "= ||W - W_shared|| / ||W|| over every shared conv's weight"
+            )
+        if self.excluded:
+            lines.append(f"excluded (keep their own weights): {', '.join(self.excluded)}")
         if self.file is not None:
             lines.append(
                 f"file: {self.file} ({self.file_bytes:,} bytes; unshared tensors take {self.total.bytes_before:,})"
@@ -229,6 +253,12 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
     )
     spec = build_spec(model)
     path = Path(file) if file is not None else None
+    # The warm start's error describes the groups apply shared; another plan's groups differ.
+    reconstruction = getattr(model, RECONSTRUCTION_ATTR, None)
+    if reconstruction is not None and {g.members for g in reconstruction.groups} != {
+        g.members for g in share_plan.groups
+    }:
+        reconstruction = None
     return ShareSummary(
         model=spec["name"] if spec else share_plan.model_name,
         source=spec["source"] if spec else None,
@@ -242,4 +272,6 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         describe_options=share_plan.describe_options(),
         file=path,
         file_bytes=path.stat().st_size if path is not None else None,
+        excluded=tuple(c.path for c in share_plan.spatial_convs if c.kept_because == KEPT_EXCLUDED),
+        reconstruction=reconstruction,
     )

@@ -17,22 +17,46 @@ same treatment.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PlanMismatchError, ShareError, UnknownInitError
-from .modelinfo import check_model, model_name
-from .planning import SharePlan, check_policy, plan as make_plan, sharing_options
+from .errors import CheckpointError, PlanMismatchError, UnknownInitError, WarmStartError
+from .modelinfo import BUILD_ATTR, build_spec, check_model, model_name
+from .planning import ShareGroup, SharePlan, check_policy, plan as make_plan, sharing_options
 from .policies import INITS, SharingOptions
 from .signature import ConvSignature, signature_of
-from .soft import bake, bank_of, is_soft, share_softly
+from .soft import TemplateBank, bake, bank_of, coefficients_of, is_soft, share_softly
+from .warmstart import (
+    RECONSTRUCTION_ATTR,
+    Reconstruction,
+    check_foldable,
+    fold_scales,
+    following_norms,
+    mean_scaled_weights,
+    mean_weight,
+    measure,
+    stack,
+    svd_weights,
+)
 
-__all__ = ["apply", "count_parameters", "get_plan", "install_tie_hooks", "is_tied", "retie", "untie"]
+__all__ = [
+    "apply",
+    "count_parameters",
+    "get_plan",
+    "get_reconstruction",
+    "install_tie_hooks",
+    "is_tied",
+    "retie",
+    "untie",
+]
 
 #: Attribute under which ``apply`` records the plan on the model, for ``retie`` and ``save``.
 PLAN_ATTR = "_share_plan"
+#: Attribute under which a model shared by construction (``sharesnet18``...) records the name of the network it
+#: shares (``resnet18``): ``untie`` gives the model that name back, and a refused re-plan names it.
+PLAIN_ATTR = "_share_plain"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -43,6 +67,20 @@ def count_parameters(model: nn.Module) -> int:
 def get_plan(model: nn.Module) -> SharePlan | None:
     """The plan ``apply`` recorded on ``model``, or None for a model that was never shared."""
     return getattr(check_model(model), PLAN_ATTR, None)
+
+
+def get_reconstruction(model: nn.Module) -> Reconstruction | None:
+    """What the warm start of ``apply`` lost: the relative reconstruction error per group and in total.
+
+    Recorded by ``apply`` when it computed shared weights from the members' (``init="mean"``,
+    ``"mean-scaled"``, ``"svd"``); None for a model shared with ``init="first"`` or never shared.
+
+    Example:
+        >>> model = share_transform.apply(trained, templates=2, init="svd")
+        >>> round(share_transform.get_reconstruction(model).total, 3)
+        0.412
+    """
+    return getattr(check_model(model), RECONSTRUCTION_ATTR, None)
 
 
 def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,13 +125,16 @@ def keep_ties(model: nn.Module, expected: frozenset[tuple[str, ...]], what: str)
         >>> ties = alias_groups(model)
         >>> model.to(device)
         >>> keep_ties(model, ties, f"moving the model to {device}")
+
+    Raises:
+        PlanMismatchError: the ties could not be restored.
     """
     if alias_groups(model) == expected:
         return
     if get_plan(model) is not None:
         retie(model)
     if alias_groups(model) != expected:
-        raise ShareError(f"{what} untied the shared weights of the model and they could not be re-tied")
+        raise PlanMismatchError(f"{what} untied the shared weights of the model and they could not be re-tied")
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -226,7 +267,11 @@ def install_tie_hooks(model: nn.Module) -> nn.Module:
     first name alone or every alias with equal values, refuses different values with ``CheckpointError``,
     and keeps the ties with ``assign=True``. The hooks work on tensor identity: a tensor held by several
     modules, whoever tied it, is listed once.
+
+    Raises:
+        NotAModuleError: ``model`` is not an ``nn.Module``.
     """
+    check_model(model)
     if not any(isinstance(h, _DropAliases) for h in model._state_dict_hooks.values()):
         fill = _FillAliases()
         model.register_state_dict_post_hook(_DropAliases())
@@ -282,6 +327,135 @@ def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Modu
         )
 
 
+def _describe(policy: str, options: SharingOptions) -> str:
+    """``policy imagenet`` or ``policy cifar, group size 2``."""
+    words = options.describe()
+    return f"policy {policy}" + (f", {words}" if words else "")
+
+
+def _same_request(recorded: SharePlan, policy: str, options: SharingOptions) -> bool:
+    """Whether planning with ``policy`` and ``options`` (checked: scope resolved) asks for the recorded sharing.
+
+    Compared as asked, not re-planned: a plan of the shared model would count its parameters as shared already.
+    """
+    asked = (policy, options.scope, options.templates, options.exclude, options.allocate)
+    if asked != (recorded.policy, recorded.scope, recorded.templates, recorded.options.exclude, recorded.allocate):
+        return False
+    if options.budget is not None:
+        return options.budget == recorded.budget  # the recorded plan resolved this budget into its group size
+    return options.group_size == recorded.group_size
+
+
+def _sharing(p: SharePlan) -> tuple[object, ...]:
+    """What a plan ties: its policy, scope and groups (members, templates); not how a budget chose the group
+    size, its counts or the input size it traced."""
+    return (p.policy, p.scope, p.templates, tuple((g.members, g.templates) for g in p.groups))
+
+
+def _refuse_replan(net: nn.Module, recorded: SharePlan, requested: str) -> PlanMismatchError:
+    """The one-line refusal of the re-apply rule: a shared model keeps its plan until it is untied."""
+    plain = getattr(net, PLAIN_ATTR, None)
+    untie = "call share_transform.untie(model) first"
+    way_out = f"start from {plain}, or {untie}" if plain else untie
+    return PlanMismatchError(
+        f"{model_name(net)} is shared already ({_describe(recorded.policy, recorded.options)}); "
+        f"re-planning it ({requested}) is refused: {way_out}"
+    )
+
+
+def _check_ties(net: nn.Module, plan: SharePlan, groups: list[list[nn.Module]]) -> None:
+    """Raise, before anything changes, when the model is tied otherwise than ``plan`` can share it.
+
+    A group may be untied, hard-tied, or (for a soft group) mixing one bank of its templates already. Convs
+    sharing a weight must be members of one group, and a soft conv a member of a soft group: the plan is the
+    one record of the ties that ``save`` writes and ``load`` rebuilds.
+    """
+    name = model_name(net)
+    for group, convs in zip(plan.groups, groups):
+        soft = [is_soft(c) for c in convs]
+        bank = bank_of(convs[0])
+        if not any(soft) or (
+            group.templates is not None
+            and bank is not None
+            and bank.k == group.templates
+            and all(bank_of(c) is bank for c in convs)
+        ):
+            continue
+        raise PlanMismatchError(
+            f"{name}: {group.members[soft.index(True)]} is soft-shared already, otherwise than the plan says; "
+            "call share_transform.untie(model) first"
+        )
+    group_of = {path: i for i, g in enumerate(plan.groups) for path in g.members}
+    holders: dict[int, list[str]] = {}
+    bias_holders: dict[int, list[str]] = {}
+    for path, m in net.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            bank = bank_of(m)
+            if bank is not None and path not in group_of:
+                raise PlanMismatchError(
+                    f"{name}: {path} is soft-shared already, which the plan does not say; "
+                    "call share_transform.untie(model) first"
+                )
+            holders.setdefault(id(bank if bank is not None else m.weight), []).append(path)
+            if isinstance(m.bias, torch.Tensor):
+                bias_holders.setdefault(id(m.bias), []).append(path)
+    shares_bias = {i for i, g in enumerate(plan.groups) if g.shares_bias}
+    for what, held, allowed in (("weight", holders, None), ("bias", bias_holders, shares_bias)):
+        for paths in held.values():
+            groups_held = {group_of.get(path) for path in paths}
+            if len(paths) > 1 and (  # the plan is what save records
+                None in groups_held or len(groups_held) > 1 or (allowed is not None and not groups_held <= allowed)
+            ):
+                raise PlanMismatchError(
+                    f"{name}: {paths[0]} and {paths[1]} share one {what}, which the plan does not say; "
+                    "call share_transform.untie(model) first"
+                )
+
+
+def _check_init(net: nn.Module, init: str, todo: list[tuple[int, ShareGroup, list[nn.Module]]]) -> dict[int, nn.Module]:
+    """Refuse an init that does not fit the groups, before anything changes; for ``"mean-scaled"``, the
+    BatchNorm reading each member's output (by ``id`` of the member)."""
+    name = model_name(net)
+    for _, group, _ in todo:
+        if init == "svd" and group.templates is None:
+            raise WarmStartError(
+                f"{name}: init='svd' warm-starts soft groups (templates=k); the plan's groups are hard-shared, "
+                "so use init='mean' or 'mean-scaled', or give templates"
+            )
+        if init in ("mean", "mean-scaled") and group.templates is not None:
+            raise WarmStartError(
+                f"{name}: init={init!r} makes one hard-shared weight; soft groups ({group.templates} templates) "
+                "warm-start with init='svd'"
+            )
+    norms: dict[int, nn.Module] = {}
+    members = [(path, conv) for _, group, convs in todo for path, conv in zip(group.members, convs)]
+    if init != "mean-scaled" or not members:
+        return norms
+    found = following_norms(net, [path for path, _ in members], name)
+    for path, conv in members:
+        norm = found[path]
+        if isinstance(norm, str):
+            raise WarmStartError(
+                f"{name}: init='mean-scaled' folds each member's scales into the BatchNorm that reads its output, "
+                f"but {norm}; use init='mean'"
+            )
+        check_foldable(norm, cast(torch.Tensor, conv.weight).shape[0], f"{name}: {path}")
+        norms[id(conv)] = norm
+    return norms
+
+
+@torch.no_grad()
+def _set_bank(convs: list[nn.Module], bank: TemplateBank, templates: torch.Tensor, coefficients: torch.Tensor) -> None:
+    """Overwrite a new bank and its members' coefficients with the members' best rank-k approximation; templates
+    beyond the members' count keep their He-normal draw, with coefficients 0."""
+    r = templates.shape[0]
+    bank.templates[:r].copy_(templates.reshape(r, *bank.templates.shape[1:]))
+    for conv, row in zip(convs, coefficients):
+        stored = coefficients_of(conv)
+        stored.zero_()
+        stored[:r].copy_(row)
+
+
 def apply(
     model: nn.Module,
     policy: str = "imagenet",
@@ -294,30 +468,47 @@ def apply(
     scope: str | None = None,
     templates: int | None = None,
     budget: float | None = None,
+    exclude: Iterable[str] | None = None,
+    allocate: str = "uniform",
 ) -> nn.Module:
     """Turn ``model`` into its ShaResNet in place and return the same object.
 
     Within each stage, the layers of a share group point at one ``nn.Parameter`` (at scope ``"block"``, one
     weight and one bias; with ``templates=k``, their weights mix one bank of k templates and each keeps its
-    bias); the model keeps its class and methods. Applying again to a shared model changes nothing.
+    bias); the model keeps its class and methods.
+
+    The re-apply rule: a shared model keeps its plan until it is untied. Applying the plan it records again
+    (the same policy and options, or an equal plan) changes nothing but re-tying what a move untied; any other
+    plan is refused with ``PlanMismatchError`` before anything changes: call :func:`untie` first. A model is
+    never left half-shared: every check runs before the first tie.
 
     Args:
         model: the residual network.
         policy: ``"imagenet"`` (default), ``"cifar"`` or ``"swrn"``; ignored when ``plan`` is given.
         plan: a plan from :func:`share_transform.plan` (it carries its options); made here when omitted.
-        init: hard sharing only: ``"first"`` keeps the first member's weight (and bias) (training from
-            scratch: the distribution stays as initialised; the Parameter object is kept, so an optimizer
-            holding it stays valid); ``"mean"`` averages the members' kernels (and biases) (warm start from a
-            trained model). Soft groups are initialised as the reference code: He-normal templates,
-            orthogonal coefficients.
+        init: how a new shared weight starts. ``"first"`` (default; training from scratch): a hard group keeps
+            its first member's weight (the distribution stays as initialised; the Parameter object is kept, so
+            an optimizer holding it stays valid), a soft group is initialised as the reference code (He-normal
+            templates, orthogonal coefficients). Warm starts from trained weights
+            (:mod:`share_transform.warmstart`), which record their reconstruction error
+            (:func:`get_reconstruction`): ``"mean"`` (hard) averages the members' weights; ``"mean-scaled"``
+            (hard) shares a kernel compared up to a per-channel scale and folds each member's scales into the
+            BatchNorm that reads its output; ``"svd"`` (soft) sets each bank and its coefficients to the
+            members' best rank-k approximation (exact when k >= members). A group that shares its bias (hard,
+            scope ``"block"``) keeps the first member's bias under ``"first"`` and the members' mean bias
+            otherwise; the reconstruction error measures the weights.
         input_size: ``(C, H, W)`` for planning; defaults to the model's own.
-        options, group_size, scope, templates, budget: the sharing options of :func:`share_transform.plan`
-            (a :class:`~share_transform.SharingOptions`, or keywords); ignored when ``plan`` is given.
+        options, group_size, scope, templates, budget, exclude, allocate: the sharing options of
+            :func:`share_transform.plan` (a :class:`~share_transform.SharingOptions`, or keywords); ignored when
+            ``plan`` is given.
 
     Raises:
         PlanMismatchError: the plan does not fit the model (made for another architecture: another name,
-            parameter count, member path or conv signature), or a group is shared the other way (hard
-            against soft) already; :func:`untie` the model first.
+            parameter count, member path or conv signature); the model is shared already under another plan
+            (``NAME is shared already (policy P); re-planning it (policy Q) is refused: call
+            share_transform.untie(model) first``); or it is tied otherwise than the plan can share.
+        UnknownInitError; WarmStartError: ``init`` does not fit the groups (``"svd"`` for hard sharing,
+            ``"mean"`` for soft), or ``"mean-scaled"`` finds no BatchNorm reading a member's output.
 
     Example:
         >>> import timm, share_transform
@@ -329,40 +520,92 @@ def apply(
         17125630
     """
     net = check_model(model)  # a torch.compile wrapper: the module it compiles
+    name = model_name(net)
     if init not in INITS:
-        raise UnknownInitError(f"{model_name(net)}: unknown init {init!r}; choose one of {', '.join(INITS)}")
+        raise UnknownInitError(f"{name}: unknown init {init!r}; choose one of {', '.join(INITS)}")
+    recorded = get_plan(net)
     if plan is None:
-        options = sharing_options(options, group_size=group_size, scope=scope, templates=templates, budget=budget)
-        plan = make_plan(net, policy, input_size=input_size, options=options)
+        options = sharing_options(
+            options,
+            group_size=group_size,
+            scope=scope,
+            templates=templates,
+            budget=budget,
+            exclude=exclude,
+            allocate=allocate,
+        )
+        if recorded is None:
+            plan = make_plan(net, policy, input_size=input_size, options=options)
+        else:
+            rule = check_policy(policy, name)
+            checked = options.check(name, rule)
+            if not _same_request(recorded, rule.name, checked):
+                raise _refuse_replan(net, recorded, _describe(rule.name, checked))
+            plan = recorded
         groups = _group_convs(net, plan)
     else:
-        check_policy(plan.policy, model_name(net))
+        check_policy(plan.policy, name)
+        if recorded is not None:
+            if _sharing(plan) != _sharing(recorded):
+                raise _refuse_replan(net, recorded, _describe(plan.policy, plan.options))
+            plan = recorded  # an equal plan: the recorded one stays
         groups = _group_convs(net, plan)
         _check_made_for(net, plan, groups)
-    for group, convs in zip(plan.groups, groups):
-        soft = [is_soft(c) for c in convs]
+    _check_ties(net, plan, groups)
+    todo: list[tuple[int, ShareGroup, list[nn.Module]]] = []  # the groups not shared yet
+    for index, (group, convs) in enumerate(zip(plan.groups, groups)):
+        if any(is_soft(c) for c in convs):
+            continue  # mixing this group's bank already (_check_ties)
+        if group.templates is None and all(
+            c.weight is convs[0].weight and (not group.shares_bias or c.bias is convs[0].bias) for c in convs
+        ):
+            continue  # already shared: keep the Parameters so optimizers holding them stay valid
+        todo.append((index, group, convs))
+    norms = _check_init(net, init, todo)
+    measured = []
+    for index, group, convs in todo:
+        weights = [cast(torch.Tensor, c.weight) for c in convs]
+        real = not weights[0].is_meta
         if group.templates is not None:
-            banks = {id(bank_of(c)) for c in convs}
-            bank = bank_of(convs[0])
-            if all(soft) and len(banks) == 1 and bank is not None and bank.k == group.templates:
-                continue  # already mixing this group's bank
-        if any(soft):
-            raise PlanMismatchError(
-                f"{model_name(net)}: {group.members[soft.index(True)]} is soft-shared already, otherwise than "
-                "the plan says; call share_transform.untie(model) first"
-            )
-        if group.templates is not None:
-            share_softly(convs, group.templates)
+            # The members' weights before the bank replaces them.
+            start = svd_weights(index, group.members, weights, group.templates) if init == "svd" and real else None
+            bank = share_softly(convs, group.templates)
+            if start is not None:
+                _set_bank(convs, bank, start[0], start[1])
+                measured.append(start[2])
             continue
-        for attr in ("weight", "bias") if group.shares_bias else ("weight",):
-            _tie(convs, attr, init)
+        if init == "first":
+            shared = weights[0]
+        else:
+            with torch.no_grad():
+                if not real:
+                    value = torch.empty_like(weights[0])
+                elif init == "mean":
+                    value, error = mean_weight(index, group.members, weights)
+                    measured.append(error)
+                else:
+                    rows = stack(weights)
+                    value, scales = mean_scaled_weights(rows)
+                    measured.append(measure(index, group.members, rows, scales[..., None] * value))
+                    for conv, s in zip(convs, scales):
+                        fold_scales(conv, norms[id(conv)], s)
+            shared = nn.Parameter(
+                value.reshape(weights[0].shape).to(weights[0].dtype), requires_grad=weights[0].requires_grad
+            )
+        for c in convs:
+            c.weight = shared
+        if group.shares_bias:  # after mean-scaled's fold, which rescales each member's bias
+            _tie(convs, "bias", init)
+    if measured:
+        setattr(net, RECONSTRUCTION_ATTR, Reconstruction(init, tuple(measured)))
     setattr(net, PLAN_ATTR, plan)
     install_tie_hooks(net)
     return model
 
 
 def _tie(layers: Sequence[nn.Module], attr: str, init: str) -> None:
-    """Make ``layers`` hold one Parameter under ``attr``: the first one's, or a new one holding their mean."""
+    """Make ``layers`` hold one Parameter under ``attr``: the first one's (``init="first"``), or a new one
+    holding their mean (the warm starts)."""
     tensors = [getattr(m, attr) for m in layers]
     if all(t is tensors[0] for t in tensors):
         return  # already shared: keep the Parameter so optimizers holding it stay valid
@@ -381,10 +624,13 @@ def retie(model: nn.Module) -> nn.Module:
 
     ``to_empty``, materialising a meta-device model, ``.to("meta")`` and weight-replacing tools (pruning)
     give each module its own new ``Parameter``; each group gets its first member's weight back.
+
+    Raises:
+        PlanMismatchError: no plan is recorded on the model (it was never shared with :func:`apply`).
     """
     plan = get_plan(check_model(model))
     if plan is None:
-        raise ShareError(
+        raise PlanMismatchError(
             f"{model_name(model)}: no share plan is recorded on this model; call share_transform.apply(model) first"
         )
     return apply(model, plan=plan, init="first")
@@ -395,6 +641,13 @@ def untie(model: nn.Module) -> nn.Module:
     in place.
 
     A soft-shared layer becomes a plain one holding its current effective weight (its mix of the templates).
+    A model shared by construction (``sharesnet18``, ``wrn_40_4_share``) takes the name of the network it
+    shared (``resnet18``, ``wrn_40_4``): an untied model never calls itself shared, and ``save`` records the
+    network that rebuilds it.
+
+    Example:
+        >>> model = share_transform.untie(timm.create_model("sharesnet18"))
+        >>> share_transform.apply(model, "cifar")  # re-planning: untie first (the re-apply rule)
     """
     net = check_model(model)
     seen: set[int] = set()
@@ -408,9 +661,27 @@ def untie(model: nn.Module) -> nn.Module:
                     setattr(m, attr, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
                 else:
                     seen.add(id(t))
-    if hasattr(net, PLAN_ATTR):
-        delattr(net, PLAN_ATTR)
+    for attr in (PLAN_ATTR, RECONSTRUCTION_ATTR):
+        if hasattr(net, attr):
+            delattr(net, attr)
+    plain = getattr(net, PLAIN_ATTR, None)
+    if plain is not None:
+        _rename(net, plain)
+        delattr(net, PLAIN_ATTR)
     return model
+
+
+def _rename(net: nn.Module, name: str) -> None:
+    """Give ``net`` the architecture name ``name`` where :func:`model_name` reads it (build record, timm cfg)."""
+    spec = build_spec(net)
+    if spec is not None:
+        setattr(net, BUILD_ATTR, {**spec, "name": name})
+    cfg = getattr(net, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        renamed = {**cfg, "architecture": name}
+        setattr(net, "pretrained_cfg", renamed)  # noqa: B010  # nn.Module's typed __setattr__ refuses a dict
+        if getattr(net, "default_cfg", None) is cfg:
+            setattr(net, "default_cfg", renamed)  # noqa: B010  # timm keeps the two names on one dict
 
 
 def is_tied(model: nn.Module, plan: SharePlan | None = None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,3 +35,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             module, extra = mark.args[0], mark.kwargs["extra"]
             if not _importable(module):
                 item.add_marker(pytest.mark.skip(reason=f"needs {module}: pip install -e '.[{extra}]'"))
+
+
+@pytest.fixture(autouse=True)
+def _registries_as_they_were() -> Iterator[None]:
+    """Whatever a test registers (a policy, a shape rule; the doctests of docs/api.md register one of each) is
+    gone after it, so no test sees another's registrations."""
+    from share_transform import policies, trace
+
+    policies_before, rules_before = dict(policies.POLICIES), dict(trace._SHAPE_RULES)
+    yield
+    for registry, before in ((policies.POLICIES, policies_before), (trace._SHAPE_RULES, rules_before)):
+        registry.clear()
+        registry.update(before)

@@ -4,6 +4,7 @@ exit code 2 that write nothing. In-process with click's CliRunner, and once as t
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -213,11 +214,28 @@ def test_models() -> None:
 
 
 def test_table() -> None:
+    """The measured counts against the paper's printed figures, compared here rather than through the code's own
+    ``agrees`` flag."""
+    from share_transform.paper import TABLE1
+
     result = sharetx("table", "--json")
     assert result.exit_code == 0, result.output
-    rows = {r["arch"]: r for r in json.loads(result.stdout)}
-    assert len(rows) == 7 and all(r["agrees"] for r in rows.values())
-    assert (rows["resnet152"]["params_before"], rows["resnet152"]["params_after"]) == (60_192_808, 36_821_032)
+    rows = json.loads(result.stdout)
+    assert [r["arch"] for r in rows] == [row.arch for row in TABLE1]
+    for r, row in zip(rows, TABLE1, strict=True):
+        paper = (r["paper_params_original_m"], r["paper_params_shared_m"], r["paper_decrease_pct"])
+        assert paper == (row.params_original, row.params_shared, row.decrease_pct)
+        # Millions rounded to the decimals the paper prints them with are the paper's figures.
+        assert round(r["params_before"] / 1e6, row.decimals) == row.params_original, row.model
+        assert round(r["params_after"] / 1e6, row.decimals) == row.params_shared, row.model
+        decrease = 100 * (1 - r["params_after"] / r["params_before"])
+        assert r["decrease_pct"] == pytest.approx(decrease, abs=1e-4)
+        # The paper truncates two decreases (ResNet-34 37.54 -> 37, ResNet-101 33.93 -> 33) and rounds the rest.
+        printed = math.floor(decrease) if row.model in ("ResNet-34", "ResNet-101") else round(decrease)
+        assert printed == row.decrease_pct, row.model
+        assert r["agrees"] is True
+    resnet152 = rows[-1]
+    assert (resnet152["params_before"], resnet152["params_after"]) == (60_192_808, 36_821_032)
     assert sharetx("table").stdout.startswith("| model |")
 
 
@@ -313,6 +331,45 @@ def test_internal_failures_exit_1() -> None:
     assert "differs" in assert_one_line_error(runner.invoke(group, ["exporter"]), code=1)
 
 
+def _break_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    def build(name: str, source: str | None, num_classes: int | None) -> None:
+        raise ZeroDivisionError("a bug in the build")
+
+    monkeypatch.setattr("share_transform.cli._build", build)
+
+
+@pytest.mark.parametrize("how", ["--debug", "SHARETX_DEBUG=1"])
+def test_debug_prints_the_traceback_of_an_internal_error(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    _break_the_build(monkeypatch)
+    monkeypatch.delenv("SHARETX_DEBUG", raising=False)
+    line = assert_one_line_error(sharetx("plan", *SMALL), code=1)  # the default: one line
+    assert line == (
+        "sharetx: error: internal error (ZeroDivisionError: a bug in the build); please report it "
+        "(rerun with sharetx --debug for the traceback)"
+    )
+    assert_one_line_error(CliRunner().invoke(main, ["plan", *SMALL], env={"SHARETX_DEBUG": "0"}), code=1)
+
+    args, env = (["--debug", "plan", *SMALL], {}) if how == "--debug" else (["plan", *SMALL], {"SHARETX_DEBUG": "1"})
+    result = CliRunner().invoke(main, args, env=env, prog_name="sharetx")
+    assert result.exit_code == 1 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert any(ln.strip() == 'raise ZeroDivisionError("a bug in the build")' for ln in lines)  # the raising frame
+    assert lines[-2:] == [
+        "ZeroDivisionError: a bug in the build",
+        "sharetx: error: internal error (ZeroDivisionError: a bug in the build); please report it",
+    ]
+
+
+def test_debug_shows_where_a_share_error_was_raised_too() -> None:
+    result = sharetx("--debug", "plan", *SMALL, "--group-size", "0")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and 'policies.py", line' in result.stderr
+    assert lines[-1].startswith("sharetx: error: resnet18: group_size must be an integer >= 1")
+    assert lines[-2].startswith("share_transform.errors.ShareOptionError: resnet18: group_size must be")
+
+
 # --------------------------------------------------------------------------------- the installed script
 
 
@@ -377,7 +434,55 @@ def test_convert_soft_sharing_round_trip_and_inspect(tmp_path: Path) -> None:
     info = sharetx("inspect", str(out), "--json")
     assert info.exit_code == 0, info.output
     data = json.loads(info.stdout)
-    assert data["sharing"] == {"group_size": None, "scope": "all", "templates": 2, "budget": None}
+    assert data["sharing"] == {"group_size": None, "scope": "all", "templates": 2, "budget": None, "exclude": []}
     assert data["parameters"] == expected
     text = sharetx("inspect", str(out)).stdout
     assert "scope all, 2 templates" in text and "stage 1: 2 templates 64x64x3x3 for 4 convs" in text
+
+
+# --------------------------------------------------------------------------------------- extension points
+
+
+def test_exclude_on_plan_convert_inspect_and_sweep(tmp_path: Path) -> None:
+    # resnet18's stage 4: two blocks whose second 3x3 (512 -> 512) shares; excluded, both keep their weights.
+    unique = SMALL_UNIQUE + 512 * 512 * 9
+    result = sharetx("plan", *SMALL, "--exclude", "layer4.*", "--exclude", "layer1.0.conv2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stage1 = 64 * 64 * 9  # stage 1 loses a member, so its group is gone too (one left)
+    assert report["total"]["params_after"] == unique + stage1
+    assert report["options"]["exclude"] == ["layer4.*", "layer1.0.conv2"]
+    assert report["excluded"] == ["layer1.0.conv2", "layer4.0.conv2", "layer4.1.conv2"]
+    text = sharetx("plan", *SMALL, "--exclude", "layer4.*").stdout
+    assert text.splitlines()[0].endswith("exclude layer4.*")
+    assert "excluded (keep their own weights): layer4.0.conv2, layer4.1.conv2" in text
+
+    out = tmp_path / "r18.safetensors"
+    assert sharetx("convert", *SMALL, "--exclude", "layer4", "-o", str(out)).exit_code == 0
+    assert read_info(out).plan.options.exclude == ("layer4",)  # type: ignore[union-attr]
+    assert st.count_parameters(load(out)) == unique
+    inspected = json.loads(sharetx("inspect", str(out), "--json").stdout)
+    assert inspected["sharing"]["exclude"] == ["layer4"] and inspected["parameters"] == unique
+
+    rows = json.loads(sharetx("sweep", *SMALL, "--exclude", "layer4", "--json").stdout)
+    stage = [r for r in rows if (r["scope"], r["group_size"], r["templates"]) == ("last", None, None)]
+    assert [r["unique_params"] for r in stage] == [unique]
+    assert_one_line_error(sharetx("sweep", *SMALL, "--exclude", "layer9"))
+
+
+def test_a_policy_registered_before_main_runs_is_a_choice() -> None:
+    assert "every-block" not in sharetx("plan", "--help").stdout
+    bad = assert_one_line_error(sharetx("plan", *SMALL, "--policy", "every-block"))
+    assert "Invalid value for '--policy': 'every-block' is not one of" in bad
+    st.register_policy("every-block", keep_first_block=False, scope="all", description="both 3x3s share")
+    try:
+        assert "every-block" in sharetx("plan", "--help").stdout
+        result = sharetx("plan", *SMALL, "--policy", "every-block", "--json")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["policy"] == "every-block" and report["options"]["scope"] == "all"
+        members = (4, 3, 3, 3)  # scope all on resnet18: as in test_sweep_table_json_and_plot
+        original = SMALL_UNIQUE + sum(w * w * 9 for w in WIDTHS)
+        assert report["total"]["params_after"] == original - sum((m - 1) * w * w * 9 for w, m in zip(WIDTHS, members))
+    finally:
+        del st.POLICIES["every-block"]

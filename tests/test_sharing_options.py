@@ -326,3 +326,171 @@ def test_the_plan_table_signs_a_growth_in_parameters() -> None:
     assert p.params_after > p.params_before
     growth = 100 * (p.params_after - p.params_before) / p.params_before
     assert str(p).splitlines()[-2] == f"parameters: {p.params_before:,} -> {p.params_after:,} (+{growth:.1f}%)"
+
+
+# ------------------------------------------------------------------------------------------------- exclude
+
+# ResNet-50: bottlenecks whose 3x3 (conv2) is w -> w; widths 64/128/256/512, 3/4/6/3 blocks. Under the paper's
+# policy a stage shares every stride-1 3x3: stage 1 all of its 3 (no stride), stages 2-4 all but the first.
+R50 = ((64, 3), (128, 4), (256, 6), (512, 3))
+
+
+@pytest.fixture(scope="module")
+def resnet50() -> nn.Module:
+    with torch.device("meta"):
+        return timm.create_model("resnet50")
+
+
+def test_excluded_layers_keep_their_weights_resnet50(resnet50: nn.Module) -> None:
+    original = sum(p.numel() for p in resnet50.parameters())
+    sharable = [n if stage == 0 else n - 1 for stage, (_, n) in enumerate(R50)]
+    # layer4.* takes stage 4 out; layer3.2 (a block) takes one member from stage 3.
+    excluded = ["layer3.2.conv2", "layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2"]
+    members = [sharable[0], sharable[1], sharable[2] - 1, 0]
+    saved = sum((m - 1) * w * w * K3 for (w, _), m in zip(R50, members) if m > 1)
+
+    p = st.plan(resnet50, exclude=["layer4.*", "layer3.2"])
+    assert p.params_before == original
+    assert p.params_after == original - saved
+    assert [len(g.members) for g in p.groups] == [m for m in members if m > 1]
+    assert p.options.exclude == ("layer4.*", "layer3.2")
+    assert [c.path for c in p.spatial_convs if c.kept_because == "excluded"] == excluded
+    assert not {m for g in p.groups for m in g.members} & set(excluded)
+    assert str(p).splitlines()[-1] == f"excluded (keep their own weights): {', '.join(excluded)}"
+    assert "exclude layer4.* layer3.2" in str(p).splitlines()[0]
+
+    # Tied: each excluded conv holds a weight no other conv holds; the count is the arithmetic's.
+    model = copy.deepcopy(resnet50)
+    st.apply(model, plan=p)
+    modules = dict(model.named_modules())
+    weights = [id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(weights.count(id(modules[path].weight)) == 1 for path in excluded)
+    assert st.count_parameters(model) == original - saved
+    # A pattern may name a block, a stage or a conv: these three say the same.
+    same = st.plan(resnet50, exclude=["layer4", "layer3.2.conv2"])
+    assert same.groups == p.groups and same.params_after == p.params_after
+
+
+def test_an_exclude_pattern_that_matches_nothing_is_an_error() -> None:
+    model = st.wide_resnet(16, 1)
+    with pytest.raises(st.ShareOptionError, match=r"^wrn_16_1: exclude pattern 'stage2\.\*' matches no module"):
+        st.plan(model, "cifar", exclude=["stages.1.*", "stage2.*"])
+    with pytest.raises(st.ShareOptionError, match=r"not one string: exclude=\['stages.1'\]"):
+        st.plan(model, "cifar", exclude="stages.1")  # type: ignore[arg-type]
+    with pytest.raises(st.ShareOptionError, match="exclude takes a list"):
+        st.SharingOptions(exclude=("stages.1", "")).check("wrn_16_1", st.POLICIES["cifar"])
+
+
+def test_exclude_is_recorded_in_the_plan_and_the_file(tmp_path: Path) -> None:
+    model = st.build_model("wrn_22_1", num_classes=10)
+    p = st.plan(model, "cifar", exclude=["stages.2.*"])
+    assert [len(g.members) for g in p.groups] == [2, 2]  # stage 3's blocks 2 and 3 keep their own weights
+    data = json.loads(json.dumps(p.to_dict()))
+    assert data["exclude"] == ["stages.2.*"]
+    assert st.SharePlan.from_dict(data) == p
+    # A plan written before exclude existed loads as excluding nothing.
+    del data["exclude"]
+    assert st.SharePlan.from_dict(data).options.exclude == ()
+
+    st.apply(model, plan=p)
+    path = st.save(model, tmp_path / "wrn.safetensors")
+    assert st.read_info(path).plan == p
+    loaded = st.load(path)
+    assert st.get_plan(loaded) == p and st.count_parameters(loaded) == st.count_parameters(model)
+    assert loaded.stages[2][1].conv2.weight is not loaded.stages[2][2].conv2.weight
+
+
+def test_a_shared_model_keeps_its_exclusions() -> None:
+    model = st.apply(st.build_model("wrn_22_1", num_classes=10), "cifar", exclude=["stages.2"])
+    recorded = st.get_plan(model)
+    assert st.apply(model, "cifar", exclude=["stages.2"]) is model and st.get_plan(model) is recorded
+    refused = r"shared already \(policy cifar, exclude stages.2\); re-planning it \(policy cifar\) is refused"
+    with pytest.raises(st.PlanMismatchError, match=refused):
+        st.apply(model, "cifar")
+    assert st.get_plan(model) is recorded
+
+
+def test_sweep_keeps_the_exclusion_in_every_plan() -> None:
+    model = st.build_model("wrn_22_1", num_classes=10)
+    plans = st.sweep(model, "cifar", exclude=["stages.0"])
+    assert plans and all(q.options.exclude == ("stages.0",) for q in plans)
+    assert all(g.stage != 1 for q in plans for g in q.groups)
+    stage = next(q for q in plans if q.scope == "last" and q.group_size is None and q.templates is None)
+    assert stage == st.plan(model, "cifar", exclude=["stages.0"])
+
+
+# ----------------------------------------------------------------------------------------- register_policy
+
+
+@pytest.fixture
+def every_block():
+    """A registered policy, removed after the test."""
+    policy = st.register_policy(
+        "every-block", keep_first_block=False, scope="all", description="every stride-1 3x3 of the branch shares"
+    )
+    yield policy
+    del st.POLICIES["every-block"]
+
+
+def test_a_registered_policy_plans_as_its_settings_say(every_block: st.Policy) -> None:
+    assert st.POLICIES["every-block"] is every_block and every_block.scope == "all"
+    model = timm.create_model("resnet34")
+    p = st.plan(model, "every-block")
+    assert p.policy == "every-block" and p.scope == "all"
+    assert p.groups == st.plan(model, "imagenet", scope="all").groups
+    # The policy's scope is a default: the caller's wins.
+    assert st.plan(model, "every-block", scope="last").groups == st.plan(model).groups
+
+
+def test_register_policy_refuses_a_taken_or_malformed_name(every_block: st.Policy) -> None:
+    before = dict(st.POLICIES)
+    with pytest.raises(st.RegistrationError, match="policy 'every-block' exists; pass replace=True"):
+        st.register_policy("every-block", keep_first_block=True, description="again")
+    with pytest.raises(st.RegistrationError, match="policy 'cifar' exists"):
+        st.register_policy("cifar", keep_first_block=False, description="not the authors'")
+    with pytest.raises(st.RegistrationError, match="one word"):
+        st.register_policy("two words", keep_first_block=False, description="")
+    with pytest.raises(st.RegistrationError, match="unknown scope 'first'"):
+        st.register_policy("firsts", keep_first_block=False, description="", scope="first")
+    assert st.POLICIES == before  # nothing refused was registered
+    again = st.register_policy("every-block", keep_first_block=True, description="again", replace=True)
+    assert st.POLICIES["every-block"] is again and again.keep_first_block
+
+
+def test_the_recipes_take_exclude_and_record_it_in_run_json() -> None:
+    import argparse
+
+    from share_transform.train import ConfigError
+    from share_transform.train.args import add_training_args, resolve_args
+    from share_transform.train.trainer import TrainConfig, build_recipe_model, run_info
+
+    parser = add_training_args(
+        argparse.ArgumentParser(),
+        arch="wrn_22_1",
+        epochs=1,
+        batch_size=8,
+        lr=0.1,
+        lr_reference_batch=128,
+        weight_decay=5e-4,
+        milestones=(1,),
+        gamma=0.2,
+        policy="cifar",
+        init="fan_in",
+        model_kwargs_example="{}",
+    )
+    flags = ["--exclude", "stages.2.*", "--exclude", "stages.1.2", "--device", "cpu"]
+    args = resolve_args(parser.parse_args(flags), recipe="cifar")
+    model, unshared, unique = build_recipe_model(args, 10)
+    # Policy cifar on WRN-22-1 (3 blocks a stage): blocks 2 and 3 of a stage share their second 3x3. Stage 2 loses
+    # block 3 to the exclusion (one member left: no group), stage 3 all of it: only stage 1's pair shares.
+    total, widths, _ = wrn_params(22, 1, 10)
+    assert (unshared, unique) == (total, total - widths[0] * widths[0] * K3)
+    assert st.get_plan(model).options.exclude == ("stages.2.*", "stages.1.2")  # type: ignore[union-attr]
+    record = run_info(
+        args, recipe="cifar", dataset="cifar10", config=TrainConfig.from_args(args), params_unshared=unshared,
+        unique_params=unique,
+    )  # fmt: skip
+    assert record["sharing"]["exclude"] == ["stages.2.*", "stages.1.2"]
+    assert json.loads(json.dumps(record, default=str))["args"]["exclude"] == ["stages.2.*", "stages.1.2"]
+    with pytest.raises(ConfigError, match="--exclude is a sharing option; it needs --share"):
+        resolve_args(parser.parse_args([*flags, "--no-share"]), recipe="cifar")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from test_train_imagenet import RUN_KEYS, kill_on_line
 
 import share_transform
-from share_transform.errors import OutputExistsError, UnknownModelError
+from share_transform.errors import ModelArgumentError, OutputExistsError
 from share_transform.files import read_info
 from share_transform.train import METRIC_KEYS
 from share_transform.train.data import ZCA, load_preprocessing, read_cifar, write_cifar
@@ -205,7 +205,7 @@ def test_a_fresh_run_never_overwrites_a_finished_one(data_dir, tmp_path):
 
 def test_reduced_sizes_must_follow_the_depth_formulas(data_dir, tmp_path):
     for arch, formula in (("wrn_23_1", r"6n\+4"), ("preact_resnet30", r"9n\+2")):
-        with pytest.raises(UnknownModelError, match=formula):
+        with pytest.raises(ModelArgumentError, match=formula):
             train(data_dir, tmp_path / arch, f"--arch {arch} --epochs 1 --batch-size 32 --preprocess meanstd")
     assert not (tmp_path / "wrn_23_1").exists()  # nothing written
 
@@ -240,7 +240,7 @@ def test_soft_shared_run_killed_and_resumed_is_bit_identical(data_dir, tmp_path)
     flags = "--arch wrn_16_1 --policy swrn --templates 2 --epochs 2 --batch-size 32 --deterministic --seed 3"
     train(data_dir, tmp_path / "straight", flags)
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
-    assert run["sharing"] == {"group_size": None, "scope": None, "templates": 2, "budget": None}
+    assert run["sharing"] == {"group_size": None, "scope": None, "templates": 2, "budget": None, "exclude": []}
     # 3 stages x 2 members, each with 2 coefficients: no weight decay on them, 5e-4 on the rest.
     state = torch.load(tmp_path / "straight" / "checkpoint-last.state.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]

@@ -33,9 +33,24 @@ __all__ = [
     "CIFAR100_STD",
     "PreActBottleneck",
     "PreActResNet",
+    "check_preact_depth",
     "cifar_cfg",
     "preact_resnet",
 ]
+
+
+def check_preact_depth(depth: int) -> None:
+    """The one check of a pre-activation ResNet's depth, whether given as an argument or in the name
+    ``preact_resnet<d>``.
+
+    Raises:
+        ModelArgumentError: ``depth`` is not 9n+2 with n >= 1.
+    """
+    if depth < 11 or (depth - 2) % 9:
+        raise ModelArgumentError(
+            f"preact_resnet{depth}: a pre-act ResNet needs depth 9n+2 with n >= 1 (11, 20, ..., 92, ..., 164), "
+            f"got {depth}"
+        )
 
 
 class PreActBottleneck(nn.Module):
@@ -91,10 +106,7 @@ class PreActResNet(CifarResNet):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
-        if depth < 11 or (depth - 2) % 9:
-            raise ModelArgumentError(
-                f"pre-act ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 92, ..., 164), got {depth}"
-            )
+        check_preact_depth(depth)
         super().__init__(
             PreActBottleneck,
             [base_width * PreActBottleneck.expansion * 2**s for s in range(3)],

@@ -14,8 +14,6 @@ import timm
 from timm.models import register_model
 from torch import nn
 
-from ..errors import UnknownModelError
-
 __all__ = ["register_cifar_size", "register_models"]
 
 _registered = False
@@ -42,7 +40,8 @@ def register_cifar_size(name: str) -> bool:
     Returns True when ``name`` is such a network (registered now or before), False for any other name.
 
     Raises:
-        UnknownModelError: the name has the pattern but a depth the formula does not allow.
+        ModelArgumentError: the name has the pattern but a size its formula refuses (``wrn_27_4``): the same
+            error, from the same check, as ``wide_resnet(27, 4)``.
     """
     m = _CIFAR_NAME.fullmatch(name)
     if m is None:
@@ -50,19 +49,18 @@ def register_cifar_size(name: str) -> bool:
     register_models()
     if timm.is_model(name):
         return True
-    from .preact import preact_resnet
-    from .wrn import wide_resnet
+    from .preact import check_preact_depth, preact_resnet
+    from .wrn import check_wrn_size, wide_resnet
 
+    # The size is checked before anything is registered, so a refused name leaves timm's registry as it was.
     build: Callable[..., nn.Module]
     if m[1]:
         depth, widen_factor = int(m[1]), int(m[2])
-        if depth < 10 or (depth - 4) % 6 or widen_factor < 1:
-            raise UnknownModelError(f"{name}: a WRN-d-k needs depth 6n+4 (10, 16, 22, 28, 40, ...) and k >= 1")
+        check_wrn_size(depth, widen_factor)
         build = partial(wide_resnet, depth, widen_factor)
     else:
         depth = int(m[3])
-        if depth < 11 or (depth - 2) % 9:
-            raise UnknownModelError(f"{name}: a pre-act ResNet needs depth 9n+2 (11, 20, 29, ..., 92, ..., 164)")
+        check_preact_depth(depth)
         build = partial(preact_resnet, depth)
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> Any:

@@ -24,7 +24,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, model_entrypo
 from torch import nn
 
 from ..modelinfo import default_input_size
-from ..tie import apply
+from ..tie import PLAIN_ATTR, apply
 from ._cifar import cifar_cfg
 
 __all__ = ["CIFAR_SHARED", "ENTRYPOINTS", "SHARESNETS", "imagenet_cfg"]
@@ -70,6 +70,7 @@ def _entrypoint(name: str, plain: str, policy: str) -> Callable[..., nn.Module]:
         model = model_entrypoint(plain)(pretrained=pretrained, **kwargs)
         # A features_only wrapper is tied too: it holds the same modules, and gets the state-dict hooks itself.
         size = default_input_size(model)
+        setattr(model, PLAIN_ATTR, plain)  # untie names the model for what it becomes
         return apply(model, policy, input_size=(kwargs.get("in_chans", size[0]), size[1], size[2]))
 
     entrypoint.__name__ = entrypoint.__qualname__ = name

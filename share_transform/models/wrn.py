@@ -23,7 +23,23 @@ from torch import nn
 from ..errors import ModelArgumentError
 from ._cifar import CifarResNet, cifar_cfg
 
-__all__ = ["WideBasicBlock", "WideResNet", "wide_resnet"]
+__all__ = ["WideBasicBlock", "WideResNet", "check_wrn_size", "wide_resnet"]
+
+
+def check_wrn_size(depth: int, widen_factor: int) -> None:
+    """The one check of a WRN-d-k's size, whether given as arguments or in the name ``wrn_<d>_<k>``.
+
+    Raises:
+        ModelArgumentError: ``depth`` is not 6n+4 with n >= 1, or ``widen_factor`` is below 1.
+    """
+    if depth < 10 or (depth - 4) % 6:
+        raise ModelArgumentError(
+            f"wrn_{depth}_{widen_factor}: a WRN needs depth 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}"
+        )
+    if widen_factor < 1:
+        raise ModelArgumentError(
+            f"wrn_{depth}_{widen_factor}: a WRN needs widen_factor k >= 1 (a positive integer), got {widen_factor}"
+        )
 
 
 class WideBasicBlock(nn.Module):
@@ -76,10 +92,7 @@ class WideResNet(CifarResNet):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
     ) -> None:
-        if depth < 10 or (depth - 4) % 6:
-            raise ModelArgumentError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
-        if widen_factor < 1:
-            raise ModelArgumentError(f"WRN widen_factor must be a positive integer, got {widen_factor}")
+        check_wrn_size(depth, widen_factor)
         if not 0.0 <= dropout < 1.0:
             raise ModelArgumentError(f"WRN dropout must be in [0, 1), got {dropout}")
         super().__init__(

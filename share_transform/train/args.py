@@ -4,7 +4,8 @@ A recipe's ``get_args_parser()`` adds its data flags, then calls :func:`add_trai
 protocol defaults (docs/design.md, Training protocols), and :func:`resolve_args` after parsing.
 
 Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, the sharing options
-``--group-size``, ``--scope``, ``--templates``, ``--budget`` (see :func:`share_transform.plan`), ``--init``,
+``--group-size``, ``--scope``, ``--templates``, ``--budget``, ``--exclude`` (see :func:`share_transform.plan`),
+``--init``,
 ``--epochs``,
 ``--batch-size`` (global), ``--lr`` (per ``--lr-reference-batch`` images), ``--momentum``,
 ``--weight-decay``, ``--lr-milestones``, ``--lr-gamma``, ``--workers``, ``--loader``, ``--output``, ``--resume``,
@@ -111,6 +112,13 @@ def add_training_args(
         type=float,
         default=None,
         help="unique parameters at most this fraction of the original: picks the least sharing that fits",
+    )
+    g.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="module path or glob (stages.2.*) whose spatial convs keep their own weights; repeatable",
     )
     g.add_argument("--init", default=init, choices=MODES, help="conv init, He et al.")
 
@@ -256,7 +264,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 #: The sharing options both recipes take, one flag each, as :class:`share_transform.SharingOptions` names them.
-SHARING_FLAGS = tuple(f.name for f in fields(SharingOptions))
+#: ``allocate="weights"`` reads trained weights, and the recipes train from scratch: they keep "uniform".
+SHARING_FLAGS = tuple(f.name for f in fields(SharingOptions) if f.name != "allocate")
 
 
 def sharing_options(args: argparse.Namespace) -> SharingOptions | None:

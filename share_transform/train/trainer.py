@@ -30,6 +30,7 @@ import json
 import os
 import random
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,10 +43,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..build import build_model
-from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError
+from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError, debug_requested
 from ..figure import require_matplotlib
 from ..init import init_weights
-from ..tie import alias_groups, apply, count_parameters, keep_ties
+from ..tie import PLAIN_ATTR, alias_groups, apply, count_parameters, get_plan, keep_ties
 from .args import SHARING_FLAGS, sharing_options
 from .checkpoint import (
     check_training_state,
@@ -116,10 +117,21 @@ class TrainConfig:
 def build_recipe_model(
     args: argparse.Namespace, num_classes: int, *, input_size: tuple[int, int, int] | None = None
 ) -> tuple[nn.Module, int, int]:
-    """Build ``--arch`` with the recipe's init, share it when ``--share``; also the unshared and unique counts."""
+    """Build ``--arch`` with the recipe's init, share it when ``--share``; also the unshared and unique counts.
+
+    Raises:
+        ConfigError: ``--no-share`` with a network shared by construction (``sharesnet18``).
+        PlanMismatchError: ``--share`` with options other than those a network shared by construction has.
+    """
     model = build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
+    built = get_plan(model)  # a network shared by construction: its plan counts it before sharing
+    if built is not None and not args.share:
+        raise ConfigError(
+            f"--arch {args.arch} is shared by construction (policy {built.policy}); for an unshared run use "
+            f"--arch {getattr(model, PLAIN_ATTR, 'the network it shares')}"
+        )
     init_weights(model, args.init)
-    params_unshared = count_parameters(model)
+    params_unshared = built.params_before if built is not None else count_parameters(model)
     options = sharing_options(args)
     if options is not None:
         apply(model, args.policy, input_size=input_size, options=options)
@@ -549,11 +561,16 @@ def _save_epoch(run: _Run, record: dict[str, Any], *, is_best: bool, title: str)
 def run_recipe(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Run a recipe's ``main``; a :class:`ShareError` or OS error becomes one ``error:`` line and exit 2.
 
+    With ``SHARETX_DEBUG=1`` in the environment the line follows the error's full traceback. Any other
+    exception is a bug and propagates with its traceback, as Python prints it.
+
     Use as ``sys.exit(run_recipe(main, get_args_parser().parse_args()))``.
     """
     try:
         main(args)
     except (ShareError, OSError) as e:
+        if debug_requested():
+            traceback.print_exception(e, file=sys.stderr)
         print_error(str(e))
         return 2
     except KeyboardInterrupt:
