@@ -205,9 +205,9 @@ def test_block_equals_all_on_basic_and_wide_blocks() -> None:
 # ------------------------------------------------------------------------------- tying, gradients, files
 
 
-def small_convnext(**kwargs: object) -> nn.Module:
+def small_convnext(depths: tuple[int, ...] = (2, 2, 3, 2)) -> nn.Module:
     """A reduced timm ConvNeXt (channels-last MLP of nn.Linear), built through build_model so it saves."""
-    return st.build_model("convnext_tiny", depths=[2, 2, 3, 2], dims=[8, 16, 32, 64], num_classes=5, **kwargs)
+    return st.build_model("convnext_tiny", depths=list(depths), dims=[8, 16, 32, 64], num_classes=5)
 
 
 SIZE = (3, 32, 32)
@@ -265,6 +265,36 @@ def test_init_mean_averages_weights_and_biases() -> None:
     st.apply(model, scope="block", input_size=SIZE, init="mean")
     torch.testing.assert_close(fc1[0].weight, weight)
     torch.testing.assert_close(fc1[0].bias, bias.mean(0))
+
+
+def test_warm_starts_at_block_reach_linear_layers() -> None:
+    torch.manual_seed(0)
+    reference = small_convnext(depths=(2, 2, 2, 2)).eval()  # every group: two members
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        expected = reference(x)
+    # svd with as many templates as members reconstructs every member exactly, linear layers included
+    soft = st.apply(copy.deepcopy(reference), scope="block", templates=2, init="svd", input_size=SIZE)
+    assert any(isinstance(soft.get_submodule(m), nn.Linear) for g in st.get_plan(soft).groups for m in g.members)
+    assert st.get_reconstruction(soft).total < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(soft(x), expected, rtol=1e-4, atol=1e-5)
+    # mean-scaled folds scales into a BatchNorm, which ConvNeXt's layers do not feed: refused, nothing changed
+    model = copy.deepcopy(reference)
+    with pytest.raises(st.WarmStartError, match="mean-scaled"):
+        st.apply(model, scope="block", init="mean-scaled", input_size=SIZE)
+    assert st.get_plan(model) is None and not tensor_aliases(model)
+
+
+def test_exclude_keeps_layers_of_the_block_scope_their_own() -> None:
+    with torch.device("meta"):
+        model = timm.create_model("resnet50")
+    p = st.plan(model, scope="block", exclude=["layer4"])
+    branches = resnet50_branches(model)
+    assert p.params_after == original(model) - saved_by_stages(branches[:3])
+    assert {c.path for c in p.spatial_convs if c.kept_because == "excluded"} == {
+        f"layer4.{b}.conv{i}" for b in range(3) for i in (1, 2, 3)
+    }
 
 
 def test_each_shared_linear_gets_the_sum_of_its_members_gradients() -> None:
