@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, FileFormatError
-from .files import existing_file, looks_like_safetensors, read_tensors
+from .files import is_safetensors, read_tensors
+from .fs import existing_file
 from .modelinfo import check_model
 from .tie import check_aliases_agree, check_state_fits, state_tensors
 
@@ -82,7 +83,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         pickled objects other than tensors or a file that holds no state dict.
     """
     path = existing_file(path, "checkpoint")
-    if path.suffix.lower() == ".safetensors" or looks_like_safetensors(path):
+    if path.suffix.lower() == ".safetensors" or is_safetensors(path):
         return read_tensors(path)
     if path.suffix.lower() not in TORCH_SUFFIXES:
         raise FileFormatError(

@@ -12,6 +12,7 @@ check); no traceback, unless ``sharetx --debug`` or ``SHARETX_DEBUG=1`` asks for
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import sys
@@ -24,7 +25,7 @@ import click
 
 from .build import SOURCES, build_model, list_model_names, split_name
 from .errors import ExportError, MissingFileError, ShareError, ShareOptionError, debug_requested
-from .fs import check_writable
+from .fs import check_writable, existing_file
 from .policies import ALLOCATIONS, INITS, POLICIES, SCOPES, SharingOptions
 from .text import format_columns
 from .version import __version__
@@ -32,8 +33,11 @@ from .version import __version__
 if TYPE_CHECKING:
     from torch import nn
 
-# torch, timm and the pass are imported inside the commands that use them: `sharetx --help`, `--version` and
-# a usage error answer without paying seconds for them.
+    from .planning import SharePlan
+
+# torch, timm and the pass are imported inside the commands that use them, after the paths and options are
+# checked: `sharetx --help`, `--version`, a usage error, a missing input or an existing output answer without
+# paying seconds for them.
 
 #: The init ``convert --checkpoint`` uses for hard groups unless told otherwise (docs/design.md, Warm starts).
 WARM_START = "mean"
@@ -242,6 +246,26 @@ def _check_output(out: Path, force: bool) -> None:
         raise MissingFileError(f"{out}: the directory {out.parent} does not exist")
 
 
+def _warn_nothing_shared(name: str, share_plan: SharePlan) -> None:
+    """Say on stderr, plainly, when the plan shares nothing (the command still succeeds: an unshared model is a
+    valid result, e.g. of --group-size 1), and why."""
+    if share_plan.groups:
+        return
+    convs = share_plan.spatial_convs
+    if share_plan.stages and all(len(s.blocks) == 1 for s in share_plan.stages):
+        why = "every stage has a single block, so no two spatial convs are in one stage"
+    else:
+        counts: dict[str, int] = {}
+        for c in convs:
+            counts[c.kept_because or "?"] = counts.get(c.kept_because or "?", 0) + 1
+        why = "; ".join(f"{n}: {reason}" for reason, n in counts.items())
+    click.echo(
+        f"sharetx: warning: nothing is shared: all {len(convs)} spatial convs of {name} keep their own weight "
+        f"({why}); the result is the unshared model",
+        err=True,
+    )
+
+
 def _warn_non_finite(model: nn.Module, checkpoint: Path) -> None:
     """Say on stderr when the checkpoint holds NaN/inf: the file is written as given (bit-exact), but warned of."""
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
@@ -342,14 +366,9 @@ def convert(
       sharetx convert --model resnet50 --scope block
       sharetx convert --model resnet50 --exclude 'layer4.*'
     """
-    from .checkpoints import load_checkpoint
-    from .files import save
-    from .summary import summarize
-    from .tie import apply, get_plan
-
     arch = split_name(name, source)[1]
     out = out if out is not None else Path(f"{arch}-share.safetensors")
-    # Refuse before the (slow) build, so an error costs nothing and writes nothing.
+    # Refuse before importing torch and building, so an error costs nothing and writes nothing.
     options = _check_sharing(
         name,
         policy,
@@ -362,6 +381,14 @@ def convert(
     )
     init = _check_init(name, init, templates, checkpoint, allocate)
     _check_output(out, force)
+    if checkpoint is not None:
+        existing_file(checkpoint, "checkpoint")
+
+    from .checkpoints import load_checkpoint
+    from .files import save
+    from .summary import summarize
+    from .tie import apply, get_plan
+
     model = _build(name, source, num_classes)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
@@ -369,6 +396,7 @@ def convert(
     # A model shared by construction (sharesnet18) keeps its own plan; another one is refused (the re-apply rule).
     share_plan = get_plan(apply(model, policy, options=options, init=init))
     assert share_plan is not None
+    _warn_nothing_shared(name, share_plan)
     save(model, out)
     summary = summarize(model, share_plan, file=out)
     _emit(summary.to_dict(), str(summary), as_json)
@@ -415,6 +443,7 @@ def plan_command(
         else get_plan(apply(model, policy, options=options))
     )
     assert share_plan is not None
+    _warn_nothing_shared(name, share_plan)
     summary = summarize(model, share_plan)
     _emit(summary.to_dict(), str(summary), as_json)
 
@@ -434,6 +463,7 @@ def plan_command(
     default=None,
     help="Also draw unique parameters against the setting to this PNG (needs matplotlib: the [train] extra).",
 )
+@click.option("--force", is_flag=True, help="Overwrite the plot if it exists (a regular file only).")
 @_exclude_option
 @_json_option
 def sweep_command(
@@ -443,6 +473,7 @@ def sweep_command(
     num_classes: int | None,
     scopes: tuple[str, ...],
     plot: Path | None,
+    force: bool,
     exclude: tuple[str, ...],
     as_json: bool,
 ) -> None:
@@ -461,7 +492,7 @@ def sweep_command(
     from .planning import sweep
 
     if plot is not None:
-        _check_output(plot, force=True)
+        _check_output(plot, force)
         from .figure import require_matplotlib
 
         require_matplotlib()  # before the build: a missing [train] extra costs nothing
@@ -540,6 +571,8 @@ def inspect(file: Path, as_json: bool) -> None:
     Example:
       sharetx inspect resnet152-share.safetensors
     """
+    existing_file(file, "file")  # before torch is imported: a typo costs nothing
+
     from .files import load, read_info
     from .summary import summarize
     from .tie import count_parameters
@@ -555,6 +588,7 @@ def inspect(file: Path, as_json: bool) -> None:
         "stored_tensors": len(info.tensors),
         "stored_elements": info.stored_numel,
         "aliases": len(info.aliases),
+        "input_size": list(info.input_size) if info.input_size is not None else None,
         "metadata": info.user,
         "parameters": None,
         "summary": None,
@@ -573,10 +607,13 @@ def inspect(file: Path, as_json: bool) -> None:
         )
         if info.plan is not None:
             summary = summarize(model, info.plan, file=file)
+            if info.input_size is not None:  # what the model was trained at, when save recorded it
+                summary = dataclasses.replace(summary, input_size=info.input_size)
             data["summary"] = summary.to_dict()
             lines.append(str(summary))
         else:
-            lines.append("not shared: no share plan is recorded")
+            size = f" (input {'x'.join(map(str, info.input_size))})" if info.input_size is not None else ""
+            lines.append(f"not shared: no share plan is recorded{size}")
     if info.user:
         lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(info.user.items())))
     _emit(data, "\n".join(lines), as_json)
@@ -629,7 +666,7 @@ def table(as_json: bool) -> None:
     nargs=3,
     default=None,
     metavar="C H W",
-    help="Input size [default: the one the file's plan used].",
+    help="Input size [default: the one the file records: save(input_size=...), else its plan's].",
 )
 @click.option("--force", is_flag=True, help="Overwrite the ONNX file if it exists (a regular file only).")
 @_json_option
@@ -643,11 +680,14 @@ def export(file: Path, onnx_out: Path, input_size: tuple[int, int, int] | None, 
     Example:
       sharetx export resnet50-share.safetensors --onnx resnet50-share.onnx --input-size 3 224 224
     """
-    from .export import export_onnx
-    from .files import load
-
+    existing_file(file, "file")
     _check_output(onnx_out, force)
-    result = export_onnx(load(file), onnx_out, input_size=input_size or None)
+
+    from .export import export_onnx
+    from .files import load, read_info
+
+    info = read_info(file)
+    result = export_onnx(load(file), onnx_out, input_size=input_size or info.input_size)
     _emit(result.to_dict(), str(result), as_json)
 
 

@@ -13,6 +13,7 @@ import os
 
 __all__ = [
     "CheckpointError",
+    "DeviceError",
     "ExportError",
     "FileError",
     "FileFormatError",
@@ -68,6 +69,10 @@ class ModelArgumentError(ShareError, TypeError, ValueError):
 
 class MissingExtraError(ShareError, ImportError):
     """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class DeviceError(ShareError, RuntimeError):
+    """The device asked for is not on this machine (no GPU, an index past the last one) or is not a device name."""
 
 
 # -- planning and tying -----------------------------------------------------------------------------------------

@@ -6,21 +6,26 @@ stores each distinct tensor once, under its first name (the one a tied model's `
 records the other names as aliases. The file's metadata (all strings, as
 safetensors requires) says how to rebuild and re-tie the model:
 
-====================  ==========================================================================
-key                   value
-====================  ==========================================================================
-``format``            ``"pt"`` (the safetensors convention for PyTorch files)
-``sharetx.version``   the share_transform version that wrote the file
-``sharetx.build``     JSON ``{"source", "name", "kwargs"}`` from :func:`share_transform.build_spec`
-``sharetx.policy``    the sharing policy (absent for a model that was never shared)
-``sharetx.plan``      JSON of :meth:`SharePlan.to_dict` (the groups: which convs share which weight)
-``sharetx.aliases``   JSON ``{alias: stored name}`` for every state-dict entry not stored itself
-====================  ==========================================================================
+========================  ======================================================================
+key                       value
+========================  ======================================================================
+``format``                ``"pt"`` (the safetensors convention for PyTorch files)
+``sharetx.file_version``  the layout version (:data:`share_transform.header.FILE_VERSION`)
+``sharetx.version``       the share_transform version that wrote the file
+``sharetx.build``         JSON ``{"source", "name", "kwargs"}`` from :func:`share_transform.build_spec`
+``sharetx.policy``        the sharing policy (absent for a model that was never shared)
+``sharetx.plan``          JSON of :meth:`SharePlan.to_dict` (the groups: which convs share which weight)
+``sharetx.aliases``       JSON ``{alias: stored name}`` for every state-dict entry not stored itself
+``sharetx.input_size``    JSON ``[C, H, W]``, the input the model was trained or runs at (``save(input_size=)``)
+========================  ======================================================================
 
 Because every alias is one of a tied model's own names, a file also loads with plain
 ``safetensors.torch.load_model`` into a model that :func:`share_transform.apply` has already tied.
 
-Reading other checkpoints (``torch.save`` files, foreign safetensors) is :mod:`share_transform.checkpoints`'.
+The bytes are read and written by the safetensors library (``safe_open``, ``save_file``), which checks the
+format itself; :mod:`share_transform.header` checks share_transform's own entries against a schema and the
+tensors before anything is allocated. Reading other checkpoints (``torch.save`` files, foreign safetensors) is
+:mod:`share_transform.checkpoints`'.
 """
 
 from __future__ import annotations
@@ -28,54 +33,46 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .build import SOURCES, build_model, check_model_kwargs
+from .build import build_model, check_model_kwargs
 from .errors import (
     CheckpointError,
+    DeviceError,
     FileFormatError,
     MetaTensorError,
-    MissingFileError,
     PlanMismatchError,
     ShareError,
 )
-from .fs import atomic_write
-from .modelinfo import build_spec, check_model, model_name
+from .fs import atomic_write, existing_file
+from .header import (
+    FILE_VERSION,
+    KEY_ALIASES,
+    KEY_BUILD,
+    KEY_FILE_VERSION,
+    KEY_INPUT_SIZE,
+    KEY_PLAN,
+    KEY_POLICY,
+    KEY_PREFIX,
+    KEY_VERSION,
+    SchemaError,
+    parse_header,
+)
+from .modelinfo import build_spec, check_input_size, check_model, distinct_conv_weights, model_name
 from .planning import SharePlan
-from .tie import apply, check_state_fits, get_plan, is_tied, retie, state_tensors, tensor_aliases
+from .tie import apply, check_state_fits, count_parameters, get_plan, is_tied, retie, state_tensors, tensor_aliases
 from .version import __version__
 
 __all__ = ["FileInfo", "load", "read_info", "save"]
 
-#: Version of the metadata layout below; bumped when a reader would misread a newer file.
-FILE_VERSION = "1"
-KEY_PREFIX = "sharetx."
-KEY_FILE_VERSION = KEY_PREFIX + "file_version"
-KEY_VERSION = KEY_PREFIX + "version"
-KEY_BUILD = KEY_PREFIX + "build"
-KEY_POLICY = KEY_PREFIX + "policy"
-KEY_PLAN = KEY_PREFIX + "plan"
-KEY_ALIASES = KEY_PREFIX + "aliases"
-
-#: Largest header read (the safetensors library's own limit): a header holds names and metadata, not weights.
-MAX_HEADER_BYTES = 100_000_000
-#: safetensors' dtype codes; tensor bytes are little-endian, as the format says.
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
-# A build record names a registered architecture, never a hub or local-directory reference (hf-hub:, local-dir:).
-_ARCH_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 # --------------------------------------------------------------------------------------------- writing
 
@@ -85,6 +82,15 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     aliases = {alias: names[0] for names in tensor_aliases(model) for alias in names[1:]}
     # ``apply``'s hook already leaves the aliases out; a model tied by other means lists them.
     stored = {k: t.detach().contiguous() for k, t in model.state_dict(keep_vars=True).items() if k not in aliases}
+    # save_file refuses distinct tensors that overlap in one storage (views of one buffer): give them their own.
+    by_storage: dict[tuple[torch.device, int], list[str]] = {}
+    for k, t in stored.items():
+        if t.numel() and not t.is_meta:
+            by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(k)
+    for names in by_storage.values():
+        if len(names) > 1:
+            for k in names:
+                stored[k] = stored[k].clone()
     return stored, aliases
 
 
@@ -101,28 +107,98 @@ def _check_user_metadata(metadata: Mapping[str, str] | None, name: str) -> dict[
     return user
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None) -> Path:
+def _storable(tensors: Mapping[str, torch.Tensor], name: str) -> None:
+    """Raise unless safetensors stores every dtype of ``tensors`` (the library is the judge: one empty probe each)."""
+    for dtype in {t.dtype for t in tensors.values()}:
+        try:
+            safetensors.torch.save({"probe": torch.empty(0, dtype=dtype)})
+        except (ValueError, KeyError, TypeError, SafetensorError):
+            key = next(k for k, t in tensors.items() if t.dtype == dtype)
+            raise FileFormatError(f"{name}: {key} is {dtype}, which safetensors cannot store") from None
+
+
+def _shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], frozenset[tuple[str, ...]]]:
+    return (
+        {k: tuple(t.shape) for k, t in state_tensors(model).items()},
+        frozenset(tuple(names) for names in tensor_aliases(model)),
+    )
+
+
+def _timm_build(model: nn.Module, name: str) -> dict[str, Any] | None:
+    """The build record of a model ``timm.create_model`` made (not ``build_model``), when it provably rebuilds it.
+
+    timm records the architecture (``pretrained_cfg["architecture"]``) but not the constructor's arguments. The
+    record holds the name and the arguments read back from the model (``num_classes``, ``in_chans``); it is
+    kept only when that build, on the meta device and tied by the model's plan, has the same state names,
+    shapes and ties as the model. None for a model timm did not make.
+
+    Raises:
+        FileFormatError naming the way out when the rebuild differs (timm was given other arguments).
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not isinstance(arch, str) or not arch:
+        return None
+    kwargs: dict[str, Any] = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != 3:
+        kwargs["in_chans"] = first.in_channels
+    spec = {"source": "timm", "name": arch, "kwargs": kwargs}
+    try:
+        with torch.device("meta"):
+            rebuilt = build_model(arch, source="timm", **kwargs)
+        share_plan = get_plan(model)
+        if share_plan is not None and get_plan(rebuilt) != share_plan:
+            apply(rebuilt, plan=share_plan)
+        same = _shapes(rebuilt) == _shapes(model)
+    except ShareError:
+        same = False
+    if not same:
+        call = ", ".join([repr(arch), *(f"{k}={v!r}" for k, v in kwargs.items()), "..."])
+        raise FileFormatError(
+            f"{name}: save cannot record how to rebuild this model: timm.create_model({repr(arch)}) with the "
+            f"arguments read back from it ({kwargs}) builds another architecture, so load could not rebuild it. "
+            f"Build it with share_transform.build_model({call}), which records its arguments, or save its "
+            "state_dict and read it back with share_transform.load_checkpoint into a model you build"
+        )
+    return spec
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    input_size: Sequence[int] | None = None,
+) -> Path:
     """Write ``model`` to a safetensors file, each shared weight once, atomically.
 
-    The file records how to rebuild the model (when :func:`share_transform.build_model` built it), its
-    policy and share plan (when :func:`share_transform.apply` tied it) and the aliases of its shared
-    weights, so :func:`load` returns an equal, tied model. An existing file at ``path`` is replaced
-    atomically (readers never see a partial file; on failure nothing is left behind).
+    The file records how to rebuild the model (when :func:`share_transform.build_model` built it, or
+    ``timm.create_model`` did and its name and class count rebuild it: ``sharesnet*`` and other timm
+    models), its policy and share plan (when :func:`share_transform.apply` tied it) and the aliases of its
+    shared weights, so :func:`load` returns an equal, tied model. Any other module is written without a
+    build record: :func:`share_transform.load_checkpoint` reads it into a model you build. An existing file at
+    ``path`` is replaced atomically (readers never see a partial file; on failure nothing is left behind).
 
     Args:
         model: any module; shared or not.
         path: output file (``.safetensors`` by convention).
         metadata: extra ``str -> str`` entries for the header (e.g. ``{"epoch": "90"}``); keys
             ``format`` and ``sharetx.*`` are reserved. :func:`read_info` returns them as ``user``.
+        input_size: ``(C, H, W)`` the model was trained or is meant to run at (a recipe's ``--img-size``);
+            ``sharetx inspect`` shows it and ``sharetx export`` uses it. Default: the plan's input size.
 
     Returns:
         The path written.
 
     Raises:
-        NotAModuleError; FileFormatError for bad metadata, or build kwargs outside
-        :data:`share_transform.build.MODEL_KWARGS` (``load`` would refuse them); MetaTensorError for a tensor
-        without data; OutputExistsError when ``path`` is not a regular file; OSError when the directory
-        cannot be written.
+        NotAModuleError; FileFormatError for bad metadata, build kwargs outside
+        :data:`share_transform.build.MODEL_KWARGS` (``load`` would refuse them), or a timm model whose
+        architecture cannot be rebuilt from its name; InputSizeError for a bad ``input_size``;
+        MetaTensorError for a tensor without data; OutputExistsError when ``path`` is not a regular file;
+        OSError when the directory cannot be written.
 
     Example:
         >>> model = share_transform.apply(share_transform.build_model("resnet152"))
@@ -132,7 +208,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[st
     name = model_name(model)
     header = {"format": "pt", KEY_FILE_VERSION: FILE_VERSION, KEY_VERSION: __version__}
     header.update(_check_user_metadata(metadata, name))
-    spec = build_spec(model)
+    spec = build_spec(model) or _timm_build(model, name)
     if spec is not None:
         # Only what ``load`` accepts back: a file that records other arguments would not load.
         check_model_kwargs(spec["kwargs"], where=f"{name}: save", error=FileFormatError)
@@ -141,6 +217,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[st
     if share_plan is not None:
         header[KEY_POLICY] = share_plan.policy
         header[KEY_PLAN] = json.dumps(share_plan.to_dict(), separators=(",", ":"))
+    if input_size is not None:
+        header[KEY_INPUT_SIZE] = json.dumps(list(check_input_size(input_size, name)))
     tensors, aliases = _unique_state(model)
     header[KEY_ALIASES] = json.dumps(aliases, separators=(",", ":"))
     for key, tensor in tensors.items():
@@ -149,36 +227,31 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[st
                 f"{name}: {key} has no data (meta device); materialise the model first, e.g. "
                 "model.to_empty(device='cpu') then share_transform.retie(model) and load weights"
             )
-        if tensor.dtype not in DTYPE_CODES:
-            raise FileFormatError(f"{name}: {key} is {tensor.dtype}, which safetensors cannot store")
-    return atomic_write(path, lambda tmp: _write_safetensors(tmp, tensors, header))
+    _storable(tensors, name)
+    try:  # the reader's own schema: save never writes a header that read_info refuses
+        parse_header(header, {k: (str(t.dtype), tuple(t.shape)) for k, t in tensors.items()})
+    except SchemaError as e:
+        raise FileFormatError(f"{name}: save would write a header that load refuses: {e}") from None
+    return atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, header))
 
 
-def _write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """The safetensors layout: 8-byte little-endian header length, JSON header padded to 8 bytes, raw tensors.
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
-    Written here rather than by ``safetensors.torch.save_file`` so that the one temporary file of
-    :func:`share_transform.fs.atomic_write` is the only copy (and an ``OSError`` names the destination).
-    Largest items first, as safetensors orders them, so that every tensor starts aligned to its item size.
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, its I/O failures (a full disk) raised as the ``OSError`` they are.
+
+    :func:`save` calls it inside :func:`share_transform.fs.atomic_write`, whose private temporary directory
+    holds the library's own temporary file too, so a kill leaves one thing behind, named for the destination.
     """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for key in order:
-        t = tensors[key]
-        end = offset + t.numel() * t.element_size()
-        header[key] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
-        offset = end
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for key in order:
-            flat = tensors[key].detach().cpu().contiguous().reshape(-1)
-            if flat.numel() and flat.stride(0) != 1:  # "contiguous" ignores the stride of a size-1 dim
-                flat = flat.clone(memory_format=torch.contiguous_format)
-            f.write(flat.view(torch.uint8).numpy().data)
+    try:
+        safetensors.torch.save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        match = _OS_ERROR.search(str(e))
+        if match is None:
+            raise
+        errno = int(match.group(1))
+        raise OSError(errno, os.strerror(errno), path) from None
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -190,183 +263,118 @@ class FileInfo:
 
     path: Path
     file_bytes: int
-    tensors: dict[str, tuple[str, tuple[int, ...]]]  # stored name -> (dtype, shape)
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # stored name -> (safetensors dtype code, shape)
     aliases: dict[str, str]  # alias -> stored name
     build: dict[str, Any] | None  # {"source", "name", "kwargs"}; None when the model was built elsewhere
     policy: str | None
     plan: SharePlan | None
     version: str | None  # share_transform version that wrote it; None for a foreign safetensors file
     user: dict[str, str] = field(default_factory=dict)  # the ``metadata`` given to ``save``
-    # Where each stored tensor's bytes lie: (start, end) in the file.
-    spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    #: The input size ``save(input_size=...)`` recorded, else the plan's; None when neither is known.
+    input_size: tuple[int, int, int] | None = None
 
     @property
     def stored_numel(self) -> int:
         """Elements stored in the file (parameters and buffers, each shared weight once)."""
-        return sum(_numel(shape) for _, shape in self.tensors.values())
+        total = 0
+        for _, shape in self.tensors.values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
 
     @property
     def is_sharetx(self) -> bool:
         return self.version is not None
 
 
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def existing_file(path: str | os.PathLike[str], what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such {what}")
-    if not path.is_file():
-        raise FileFormatError(f"{path}: not a file")
-    return path
-
-
-def looks_like_safetensors(path: Path) -> bool:
-    """Safetensors files start with an 8-byte header length and a JSON object."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def _json(header: Mapping[str, str], key: str, path: Path) -> Any:
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """True when the safetensors library reads ``path``'s header (the tensors are not read)."""
     try:
-        return json.loads(header[key])
-    except (json.JSONDecodeError, TypeError) as e:
-        raise FileFormatError(f"{path}: metadata {key!r} is not valid JSON ({e}); the file is corrupt") from None
+        with safe_open(str(path), "pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
-def _invalid(path: Path, reason: str) -> FileFormatError:
+def _invalid(path: Path, error: Exception) -> FileFormatError:
+    reason = str(error).removeprefix("Error while deserializing header: ")
     return FileFormatError(f"{path}: not a valid safetensors file ({reason})")
 
 
-def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]]:
-    """The metadata and ``{name: (dtype, shape, (start, end))}`` of a safetensors file, checked against its size.
-
-    Reads at most :data:`MAX_HEADER_BYTES`; the tensors must tile the data that follows the header exactly,
-    so nothing later reads past the file or trusts a shape its bytes do not back.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _invalid(path, f"{size} bytes, shorter than the 8-byte header length")
-        n = int.from_bytes(head, "little")
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise _invalid(path, f"header length {n:,} exceeds the file ({size:,} bytes) or {MAX_HEADER_BYTES:,}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _invalid(path, f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise _invalid(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _invalid(path, "__metadata__ must map strings to strings")
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, span = entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"])
-            ok = dtype in DTYPES and len(span) == 2 and all(type(x) is int and x >= 0 for x in (*shape, *span))
-        except (KeyError, TypeError) as e:
-            raise _invalid(path, f"tensor {name!r}: malformed entry ({e!r})") from None
-        if not ok or span[1] - span[0] != _numel(shape) * DTYPES[dtype].itemsize:
-            raise _invalid(path, f"tensor {name!r}: dtype, shape and offsets disagree ({entry})")
-        tensors[name] = (dtype, shape, (8 + n + span[0], 8 + n + span[1]))
-    end = 8 + n
-    for _, _, (start, stop) in sorted(tensors.values(), key=lambda t: t[2]):
-        if start != end:
-            raise _invalid(path, "tensor data overlaps or leaves gaps")
-        end = stop
-    if end != size:
-        raise _invalid(path, f"the header describes {end:,} bytes but the file holds {size:,} (truncated?)")
-    return metadata, tensors
-
-
-def _check_build(build: Any, path: Path) -> dict[str, Any]:
-    """A build record that names a registered architecture and passes only allowed constructor arguments."""
-    where = f"{path}: the recorded build"
-    if not isinstance(build, dict) or set(build) - {"source", "name", "kwargs"}:
-        raise FileFormatError(f"{where} must be an object with source, name and kwargs, got {build!r}")
-    source, name, kwargs = build.get("source"), build.get("name"), build.get("kwargs", {})
-    if source not in SOURCES:
-        raise FileFormatError(f"{where} names source {source!r}; expected one of {', '.join(SOURCES)}")
-    if not isinstance(name, str) or not _ARCH_NAME.fullmatch(name):
-        raise FileFormatError(f"{where} names model {name!r}, which is not an architecture name")
-    check_model_kwargs(kwargs, where=where, error=FileFormatError)
-    return {"source": source, "name": name, "kwargs": kwargs}
-
-
 def read_info(path: str | os.PathLike[str]) -> FileInfo:
-    """Read a safetensors file's header: its tensors, aliases, build record, plan and user metadata.
+    """Read a safetensors file's header: its tensors, aliases, build record, plan, input size and user metadata.
 
-    The header is read and checked by share_transform itself (bounded size, tensors that fit the file);
-    the build record must name an architecture and only the constructor arguments in
-    :data:`share_transform.build.MODEL_KWARGS`, so nothing in a file can make ``load`` read another file.
+    The safetensors library reads the header (at most 100 MB; the tensors must tile the bytes after it
+    exactly); share_transform's entries are then checked by one schema (:mod:`share_transform.header`):
+    types, ranges and depth, the share plan against the stored tensors, and a build record that names an
+    architecture and only the constructor arguments in :data:`share_transform.build.MODEL_KWARGS`, so nothing
+    in a file can make ``load`` read another file or allocate what the file does not hold.
 
     Raises:
         MissingFileError; FileFormatError for a file that is not safetensors, is truncated or corrupt, or
-        whose share_transform metadata is malformed or names a refused constructor argument.
+        whose share_transform metadata is malformed, contradicts its tensors or names a refused constructor
+        argument.
     """
     path = existing_file(path, "file")
-    header, entries = _read_header(path)
-    plan = None
-    if KEY_PLAN in header:
-        try:
-            plan = SharePlan.from_dict(_json(header, KEY_PLAN, path))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise FileFormatError(f"{path}: the recorded share plan is malformed ({e!r})") from None
-    aliases = _json(header, KEY_ALIASES, path) if KEY_ALIASES in header else {}
-    if not isinstance(aliases, dict) or not all(isinstance(k, str) and v in entries for k, v in aliases.items()):
-        raise FileFormatError(f"{path}: metadata {KEY_ALIASES!r} must map names to stored tensors; the file is corrupt")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+            tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+            for key in f.keys():
+                part = f.get_slice(key)
+                tensors[key] = (part.get_dtype(), tuple(part.get_shape()))
+    except SafetensorError as e:
+        raise _invalid(path, e) from None
+    try:
+        header = parse_header(metadata, tensors)
+    except SchemaError as e:
+        raise FileFormatError(f"{path}: {e}; the file is corrupt or was not written by share_transform") from None
     return FileInfo(
         path=path,
         file_bytes=path.stat().st_size,
-        tensors={k: (dtype, shape) for k, (dtype, shape, _) in entries.items()},
-        aliases=aliases,
-        build=_check_build(_json(header, KEY_BUILD, path), path) if KEY_BUILD in header else None,
-        policy=header.get(KEY_POLICY),
-        plan=plan,
-        version=header.get(KEY_VERSION),
-        user={k: v for k, v in header.items() if k != "format" and not k.startswith(KEY_PREFIX)},
-        spans={k: span for k, (_, _, span) in entries.items()},
+        tensors=tensors,
+        aliases=header.aliases,
+        build=header.build,
+        policy=header.policy,
+        plan=header.plan,
+        version=header.version,
+        user=header.user,
+        input_size=header.input_size or (header.plan.input_size if header.plan is not None else None),
     )
-
-
-def _read_tensor(f: BufferedReader, info: FileInfo, name: str) -> torch.Tensor:
-    dtype, shape = info.tensors[name]
-    start, end = info.spans[name]
-    f.seek(start)
-    data = bytearray(end - start)
-    if f.readinto(data) != len(data):
-        raise FileFormatError(f"{info.path}: truncated while reading {name}")
-    if not data:
-        return torch.empty(shape, dtype=DTYPES[dtype])
-    return torch.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
 
 
 def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file on the CPU, a ShaResNet file's aliases expanded (each gets its stored
     tensor)."""
     info = read_info(path)
-    with open(info.path, "rb") as f:
-        state = {name: _read_tensor(f, info, name) for name in info.tensors}
+    try:
+        state = safetensors.torch.load_file(str(info.path))
+    except (SafetensorError, RuntimeError, KeyError) as e:  # a dtype or shape torch cannot hold
+        raise FileFormatError(f"{info.path}: its tensors cannot be read ({e})") from None
     for alias, stored in info.aliases.items():
         state[alias] = state[stored]
     return state
 
 
-def _dtype_kind(dtype: torch.dtype) -> str:
-    return "bool" if dtype == torch.bool else "floating" if dtype.is_floating_point else "integer"
+def _dtype_kind(code: str) -> str:
+    """What kind of number a safetensors dtype code holds (``F32``, ``BF16``, ``I64``, ``U8``, ``BOOL``...)."""
+    if code == "BOOL":
+        return "bool"
+    if code.startswith(("F", "BF")):
+        return "floating"
+    return "complex" if code.startswith("C") else "integer"
+
+
+def _torch_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    return "complex" if dtype.is_complex else "floating" if dtype.is_floating_point else "integer"
 
 
 def _check_fits(model: nn.Module, info: FileInfo) -> None:
-    """Every name, shape and dtype kind of the file's header, and the total element count, fit ``model``."""
+    """Every name, shape and dtype kind of the file's header, its aliases and its counts fit ``model``."""
     own = state_tensors(model)
     shapes = {k: shape for k, (_, shape) in info.tensors.items()}
     shapes.update({alias: shapes[stored] for alias, stored in info.aliases.items()})
@@ -374,10 +382,17 @@ def _check_fits(model: nn.Module, info: FileInfo) -> None:
     kinds = [
         f"{k} ({dtype} in the file, {own[k].dtype} in the model)"
         for k, (dtype, _) in info.tensors.items()
-        if _dtype_kind(DTYPES[dtype]) != _dtype_kind(own[k].dtype)
+        if _dtype_kind(dtype) != _torch_kind(own[k].dtype)
     ]
     if kinds:
         raise CheckpointError(f"{info.path} does not fit {model_name(model)}: dtype mismatch at {', '.join(kinds[:3])}")
+    # An alias is a tie the rebuilt model has; one naming another tensor of the same shape would overwrite it.
+    for alias, stored in info.aliases.items():
+        if own[alias] is not own[stored]:
+            raise CheckpointError(
+                f"{info.path}: its header makes {alias} an alias of {stored}, which {model_name(model)} (tied by "
+                "the recorded plan) holds as two tensors; the file is corrupt"
+            )
     distinct = {id(t): t.numel() for t in own.values()}
     if sum(distinct.values()) != info.stored_numel:
         raise CheckpointError(
@@ -385,9 +400,18 @@ def _check_fits(model: nn.Module, info: FileInfo) -> None:
             f"{model_name(model)} holds {sum(distinct.values()):,} (its weights are tied otherwise); "
             "the file is corrupt"
         )
+    plan = info.plan
+    if plan is not None:
+        counts = (count_parameters(model), distinct_conv_weights(model))
+        if counts != (plan.params_after, plan.convs_after):
+            raise CheckpointError(
+                f"{info.path}: its plan says {plan.params_after:,} parameters in {plan.convs_after} distinct conv "
+                f"weights after sharing, but the rebuilt {model_name(model)} holds {counts[0]:,} in {counts[1]}; "
+                "the file is corrupt"
+            )
 
 
-def _build_recorded(info: FileInfo, device: str | torch.device) -> nn.Module:
+def _build_recorded(info: FileInfo, device: torch.device) -> nn.Module:
     """The recorded architecture on ``device``, tied as recorded, with uninitialised weights."""
     assert info.build is not None
     spec = info.build
@@ -415,42 +439,67 @@ def _build_recorded(info: FileInfo, device: str | torch.device) -> nn.Module:
     return retie(model) if info.plan is not None else model
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine.
+
+    Raises:
+        DeviceError: not a device name, the meta device (it holds no data), or not here (no GPU, an index past
+            the last one).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"{device!r} is not a device ({str(e).strip().splitlines()[0]})") from None
+    if dev.type == "meta":
+        raise DeviceError("load needs a device that holds data, not 'meta'")
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DeviceError(f"device {str(dev)!r} is not available on this machine ({reason})") from None
+    return dev
+
+
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a ShaResNet file holds, tie it as it was saved, and load its weights.
 
-    The build record is checked first (only the constructor arguments of
-    :data:`share_transform.build.MODEL_KWARGS`; nothing is downloaded or read but this file). The model is
-    built on the meta device and tied with the recorded plan; every tensor name, shape, dtype kind and the
-    total element count are compared with the file's header; only then is the model materialised on
-    ``device`` (no random init), re-tied (so ``get_plan``, ``retie`` and ``is_tied`` work) and every tensor
-    copied in. The module is returned in training mode, as built.
+    The header is checked first (:func:`read_info`: the schema, the plan against the stored tensors, only the
+    constructor arguments of :data:`share_transform.build.MODEL_KWARGS`; nothing is downloaded or read but
+    this file). The model is built on the meta device and tied with the recorded plan; every tensor name,
+    shape, dtype kind, alias (a tie the rebuilt model has) and the total element and parameter counts are
+    compared with the file's header; only then is the model materialised on ``device`` (no random init),
+    re-tied (so ``get_plan``, ``retie`` and ``is_tied`` work) and every tensor copied in, one at a time. The
+    module is returned in training mode, as built.
 
     Raises:
-        MissingFileError; FileFormatError for a file that is not safetensors, is truncated or corrupt, names
-        a refused constructor argument, or does not say how to build its model (then build it yourself and
-        use :func:`load_checkpoint`); CheckpointError when the tensors do not fit the recorded architecture.
+        MissingFileError; DeviceError for a device this machine lacks; FileFormatError for a file that is not
+        safetensors, is truncated or corrupt, names a refused constructor argument, or does not say how to
+        build its model (then build it yourself and use :func:`load_checkpoint`); CheckpointError when the
+        tensors do not fit the recorded architecture.
 
     Example:
         >>> model = share_transform.load("resnet152-share.safetensors")
         >>> share_transform.count_parameters(model)
         36821032
     """
-    path = Path(path)
+    dev = check_device(device)
     info = read_info(path)
+    path = info.path
     if info.build is None:
         raise FileFormatError(
             f"{path}: the file does not record how to build its model (it was not saved by "
-            "share_transform.save from a model made by build_model); build the model yourself and call "
+            "share_transform.save from a model made by build_model or timm); build the model yourself and call "
             "share_transform.load_checkpoint(model, path)"
         )
-    model = _build_recorded(info, device)
+    model = _build_recorded(info, dev)
     own = state_tensors(model)
-    with open(path, "rb") as f, torch.no_grad():
+    with safe_open(str(path), "pt") as f, torch.no_grad():
         for name in info.tensors:
-            own[name].copy_(_read_tensor(f, info, name))
-        for alias, stored in info.aliases.items():
-            if own[alias] is not own[stored]:
-                own[alias].copy_(own[stored])
+            try:
+                tensor = f.get_tensor(name)
+            except (SafetensorError, RuntimeError, KeyError) as e:  # a dtype torch cannot hold
+                raise FileFormatError(f"{path}: {name} cannot be read ({e})") from None
+            own[name].copy_(tensor)
     if info.plan is not None and not is_tied(model):
         raise FileFormatError(f"{path}: the rebuilt model is not tied as the recorded plan says")
     return model

@@ -1,9 +1,18 @@
-"""File-system safety shared by every writer of the package: atomic replacement of a file.
+"""File-system safety shared by every writer of the package: atomic replacement of a file, and input paths checked
+before anything heavy is imported.
 
-:func:`atomic_write` writes beside the destination under one temporary name derived from it
-(:func:`temp_path`), so a write killed half-way leaves a file the next write to the same destination removes;
-readers see the old file or the complete new one, never a partial one. It never replaces what is not a regular
-file (a device, a FIFO, a directory, a symlink, even a dangling one).
+:func:`atomic_write` gives every write its own temporary directory beside the destination,
+``.NAME.<pid>-<random>.sharetx-tmp/``, writes the new file inside it, fsyncs it and renames it over ``NAME``.
+Readers see the old file or a complete new one, never a partial one, and of two writers to one destination the
+last rename wins whole: neither can touch the other's temporary.
+
+A directory rather than a file, because some writers go through a temporary of their own: safetensors'
+``save_file`` writes a sibling temporary and renames it over its target. Inside a private directory that one lands
+inside ours, so a killed write leaves exactly one thing behind, named after its destination.
+
+A killed writer's directory is removed by the next write to the same destination, once its writer is gone: the
+process id in its name is not running and no process holds the ``flock`` every writer keeps on its directory while
+it writes (the kernel releases it however the writer dies). A live writer's temporary is never touched.
 
 Example:
     >>> atomic_write(Path("out.txt"), lambda tmp: Path(tmp).write_text("done"))
@@ -11,17 +20,26 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import FileFormatError, MissingFileError, OutputExistsError
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "check_writable", "temp_path"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: the process id alone tells a dead writer's temporary
+    fcntl = None  # type: ignore[assignment]
 
-#: Suffix of the temporary file a write goes through (``.NAME.sharetx-tmp`` beside ``NAME``).
+__all__ = ["TMP_SUFFIX", "atomic_write", "check_writable", "existing_file", "temporaries"]
+
+#: Suffix of the temporary directory a write goes through (``.NAME.<pid>-<random>.sharetx-tmp`` beside ``NAME``).
 TMP_SUFFIX = ".sharetx-tmp"
 
 
@@ -38,17 +56,92 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
-def temp_path(path: str | os.PathLike[str]) -> Path:
-    """The temporary file :func:`atomic_write` uses for ``path``: ``.NAME.sharetx-tmp`` beside it.
+def _stem(path: Path) -> str:
+    """The destination's part of its temporaries' names: ``.NAME.``, or a hash of NAME when a temporary named
+    after it would not fit the file system (``<pid>-<random>`` and the suffix take at most 40 bytes)."""
+    stem = f".{path.name}."
+    if len(os.fsencode(stem)) + 40 > _name_max(path.parent):
+        stem = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:32]}."
+    return stem
 
-    A name too long for the file system is replaced by a hash of it, so the longest destination name the
-    file system accepts still has a temporary file, and it is the same one every time.
+
+def _pattern(path: Path) -> re.Pattern[str]:
+    """The names of ``path``'s temporaries; group 1 is the writer's process id."""
+    return re.compile(re.escape(_stem(path)) + r"(\d+)-[^/]+" + re.escape(TMP_SUFFIX))
+
+
+def temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """The temporary directories of writes to ``path`` that exist now (in progress, or left by a killed writer)."""
+    path = Path(path)
+    pattern = _pattern(path)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return sorted(path.parent / name for name in names if pattern.fullmatch(name))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_if_abandoned(temporary: Path, pid: int) -> None:
+    """Remove a temporary directory whose writer is gone (not running, and not holding its lock)."""
+    if _running(pid):
+        return  # a live writer, or a dead one whose id was reused: left for a later write
+    try:
+        fd = os.open(temporary, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return  # gone already, or not a directory
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # a writer on another machine sharing this directory holds it
+        shutil.rmtree(temporary, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A new private directory beside ``path``, locked while the write runs, removed afterwards whatever happens."""
+    pattern = _pattern(path)
+    for stale in temporaries(path):
+        match = pattern.fullmatch(stale.name)
+        if match:
+            _remove_if_abandoned(stale, int(match.group(1)))
+    directory = Path(tempfile.mkdtemp(prefix=f"{_stem(path)}{os.getpid()}-", suffix=TMP_SUFFIX, dir=path.parent))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # ours from birth: the process id in the name covers the instant before
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.close(fd)
+
+
+def existing_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a Path when it names a file that exists (checked before torch is imported, so a typo costs nothing).
+
+    Raises:
+        MissingFileError: nothing is there ("no such ``what``").
+        FileFormatError: it is a directory or another kind of non-file.
     """
     path = Path(path)
-    name = f".{path.name}{TMP_SUFFIX}"
-    if len(os.fsencode(name)) > _name_max(path.parent):
-        name = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:32]}{TMP_SUFFIX}"
-    return path.parent / name
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such {what}")
+    if not path.is_file():
+        raise FileFormatError(f"{path}: not a file")
+    return path
 
 
 def check_writable(path: str | os.PathLike[str], *, force: bool = True) -> None:
@@ -73,12 +166,14 @@ def check_writable(path: str | os.PathLike[str], *, force: bool = True) -> None:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on :func:`temp_path` of ``path``, fsync it, then rename it to ``path``.
+    """Call ``write(tmp)`` with a path in a new private temporary directory beside ``path``, fsync the file it
+    wrote, then rename it to ``path``.
 
-    Readers see the old file or the complete new one, never a partial one. If ``write`` raises, the
-    temporary file is removed and ``path`` is untouched; if the process is killed, the temporary file is
-    removed by the next write to ``path``. An ``OSError`` names ``path``, not the temporary file. The new
-    file gets the mode of the file it replaces, or what a plain ``open()`` would give.
+    Readers see the old file or the complete new one, never a partial one; of concurrent writers to one
+    destination, the last to rename wins, whole. If ``write`` raises (a ``KeyboardInterrupt`` too), the
+    temporary directory is removed and ``path`` is untouched; if the process is killed, the directory is
+    removed by the next write to ``path`` (see the module docstring). An ``OSError`` names ``path``, not the
+    temporary. The new file gets the mode of the file it replaces, or what a plain ``open()`` would give.
 
     Raises:
         OutputExistsError: ``path`` exists and is not a regular file (see :func:`check_writable`).
@@ -86,27 +181,22 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     """
     path = Path(path)
     check_writable(path)
-    tmp = temp_path(path)
     try:
-        tmp.unlink(missing_ok=True)  # left by a killed write to the same destination
-        # Writers may recreate the file (safetensors makes it 0600): give it the mode of the file it replaces,
-        # or the one a plain open() would.
-        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
-        # O_EXCL | O_NOFOLLOW: the temporary name is predictable, so never write through something planted there.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
-        write(str(tmp))
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename in (str(tmp), os.fsencode(tmp)) or e.filename is None:
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        with _temporary(path) as directory:
+            tmp = directory / path.name
+            write(str(tmp))
+            # Writers may recreate the file (safetensors makes it 0600): give it the mode of the file it replaces,
+            # or the one a plain open() would.
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
+            os.chmod(tmp, mode, follow_symlinks=False)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except OutputExistsError:
         raise
-    except BaseException:
-        # BaseException: a KeyboardInterrupt mid-write must not leave the temporary file either.
-        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        if e.filename is None or os.fsdecode(e.filename).startswith(str(path.parent / _stem(path))):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     _fsync_dir(path.parent)
     return path

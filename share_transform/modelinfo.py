@@ -45,22 +45,35 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     return check_input_size(size, model_name(model)) if size else (3, 224, 224)
 
 
+#: Largest input size a plan, a file or an export takes: at most 4096 x 4096 pixels (a 4K frame fits) and 1024
+#: channels. Planning costs nothing at any size (meta tensors), but an export runs the model on two batches of
+#: this size, and a file's header is input: 3x12000x12000 would make ``export`` allocate gigabytes.
+MAX_INPUT_PIXELS = 4096 * 4096
+MAX_INPUT_CHANNELS = 1024
+
+
 def check_input_size(size: Sequence[int], name: str) -> tuple[int, int, int]:
-    """``size`` as ``(C, H, W)`` integers.
+    """``size`` as ``(C, H, W)`` integers, within :data:`MAX_INPUT_PIXELS` and :data:`MAX_INPUT_CHANNELS`.
 
     >>> check_input_size([3, 32, 32], "wrn_28_10")
     (3, 32, 32)
 
     Raises:
-        InputSizeError: ``size`` does not hold three positive whole numbers.
+        InputSizeError: ``size`` does not hold three positive whole numbers, or exceeds the bounds.
     """
     try:
-        c, h, w = (int(s) for s in size)
-        whole = all(int(s) == s for s in size)
-    except (TypeError, ValueError):
+        values = tuple(size)
+        whole = len(values) == 3 and all(not isinstance(s, bool) and int(s) == s for s in values)
+    except (TypeError, ValueError, OverflowError):
         whole = False
-    if len(size) != 3 or not whole or min(c, h, w) < 1:
-        raise InputSizeError(f"{name}: input_size must be (C, H, W), three positive integers, got {tuple(size)!r}")
+    if not whole or min(int(s) for s in values) < 1:
+        raise InputSizeError(f"{name}: input_size must be (C, H, W), three positive integers, got {size!r:.80}")
+    c, h, w = (int(s) for s in values)
+    if h * w > MAX_INPUT_PIXELS or c > MAX_INPUT_CHANNELS:
+        raise InputSizeError(
+            f"{name}: input size {c}x{h}x{w} is past the largest share_transform takes: at most "
+            f"{MAX_INPUT_PIXELS:,} pixels (4096x4096) and {MAX_INPUT_CHANNELS} channels"
+        )
     return (c, h, w)
 
 

@@ -300,6 +300,27 @@ def check_policy(policy: str, name: str) -> Policy:
         ) from None
 
 
+def check_templates(share_plan: SharePlan) -> None:
+    """Raise unless every soft group holds at most as many templates as the plan's largest group has members.
+
+    A bank of k = members templates already reproduces every member's weight exactly (each member's
+    coefficients can pick its own template), so more templates than any group has members add parameters and
+    nothing else. The bound also keeps a typo (``templates=100000``) or a file's header from allocating a bank
+    of that many weights: :func:`plan`, ``apply(plan=...)`` and the file reader all check it before allocating.
+
+    Raises:
+        ShareOptionError naming the largest group's member count.
+    """
+    largest = max((len(g.members) for g in share_plan.groups), default=0)
+    for g in share_plan.groups:
+        if g.templates is not None and g.templates > largest:
+            raise ShareOptionError(
+                f"{share_plan.model_name}: templates={g.templates} is more than the {largest} members of the plan's "
+                f"largest group; a bank of as many templates as members already reproduces each member exactly, "
+                f"so give templates <= {largest}"
+            )
+
+
 def _stages(blocks: Sequence[ResidualBlock]) -> list[list[ResidualBlock]]:
     """Consecutive blocks with the same output resolution and channel count form a stage.
 
@@ -472,7 +493,10 @@ def sweep(
         sizes: list[int | None] = [2**i for i in range(longest.bit_length()) if 2**i < longest] + [None]
         for group_size in sizes:
             choices = [k for k in templates if k is not None or not rule.needs_templates]
-            # Runs of one convert nothing: one row stands for every templates value.
+            # Runs of one convert nothing: one row stands for every templates value. More templates than the
+            # largest group's members is refused (check_templates): those settings are not on the dial.
+            largest = longest if group_size is None else min(group_size, longest)
+            choices = [k for k in choices if k is None or k <= largest]
             for k in choices[:1] if group_size == 1 else choices:
                 options = SharingOptions(group_size=group_size, scope=scope, templates=k, exclude=excluded)
                 options = options.check(name, rule)
@@ -684,7 +708,7 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
             spatial.append(SpatialConv(c.path, b.name, s, position, c.resolution, c.signature, group, kept))
         stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(spatial)))
 
-    return SharePlan(
+    share_plan = SharePlan(
         model_name=name,
         policy=rule.name,
         input_size=analysis.input_size,
@@ -703,6 +727,8 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
             allocate=options.allocate,
         ),
     )
+    check_templates(share_plan)
+    return share_plan
 
 
 def _allocate_by_weights(

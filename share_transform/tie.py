@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import CheckpointError, PlanMismatchError, UnknownInitError, WarmStartError
 from .modelinfo import BUILD_ATTR, build_spec, check_model, model_name
-from .planning import ShareGroup, SharePlan, check_policy, plan as make_plan, sharing_options
+from .planning import ShareGroup, SharePlan, check_policy, check_templates, plan as make_plan, sharing_options
 from .policies import INITS, SharingOptions
 from .signature import ConvSignature, signature_of
 from .soft import TemplateBank, bake, bank_of, coefficients_of, is_soft, share_softly
@@ -159,7 +159,15 @@ def check_aliases_agree(
     """
     for names in aliases:
         for name in names[1:]:
-            if not same_bytes(state[names[0]], state[name]):
+            first, other = state[names[0]], state[name]
+            if first.dtype != other.dtype:
+                # One tensor has one dtype: whether the values agree or not, this is not an unshared checkpoint.
+                raise CheckpointError(
+                    f"{source} holds {names[0]} as {first.dtype} and {name} as {other.dtype}, but "
+                    f"{model_name(model)} shares them as one tensor, which has one dtype; store every name of a "
+                    "shared weight in one dtype (e.g. convert the state dict with .to(dtype) before saving)"
+                )
+            if not same_bytes(first, other):
                 raise CheckpointError(
                     f"{source} holds different weights under {names[0]} and {name}, which {model_name(model)} "
                     "shares. It is an unshared checkpoint: load it before share_transform.apply (init='mean' "
@@ -545,6 +553,7 @@ def apply(
         groups = _group_convs(net, plan)
     else:
         check_policy(plan.policy, name)
+        check_templates(plan)  # before a bank of that many templates is allocated
         if recorded is not None:
             if _sharing(plan) != _sharing(recorded):
                 raise _refuse_replan(net, recorded, _describe(plan.policy, plan.options))

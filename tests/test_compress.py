@@ -41,13 +41,14 @@ def realistic(model: nn.Module, seed: int = 1) -> nn.Module:
 
 def bottleneck(layers: tuple[int, ...] = (3, 4, 2, 2), seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model("resnet50", layers=list(layers), channels=(8, 16, 32, 64), num_classes=5)
+    # build_model records its arguments, so save can write how to rebuild the model.
+    model = st.build_model("resnet50", layers=list(layers), channels=[8, 16, 32, 64], num_classes=5)
     return realistic(model, seed + 1)
 
 
 def basic(layers: tuple[int, ...] = (2, 2, 2, 2), seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model("resnet18", layers=list(layers), channels=(8, 16, 32, 64), num_classes=5)
+    model = st.build_model("resnet18", layers=list(layers), channels=[8, 16, 32, 64], num_classes=5)
     return realistic(model, seed + 1)
 
 

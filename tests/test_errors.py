@@ -151,6 +151,7 @@ def test_the_docs_table_of_errors_is_the_hierarchy() -> None:
 BUILTIN_RAISES = {
     ("__init__.py", "AttributeError"),  # module __getattr__: an unknown attribute
     ("fs.py", "OSError"),  # re-raised naming the user's path instead of the temporary one
+    ("files.py", "OSError"),  # safetensors' I/O failure (a full disk) raised as the OSError it is
 }
 
 

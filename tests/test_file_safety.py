@@ -34,7 +34,7 @@ from share_transform.errors import (
     PlanMismatchError,
 )
 from share_transform.files import load, read_info, save
-from share_transform.fs import TMP_SUFFIX, atomic_write, temp_path
+from share_transform.fs import TMP_SUFFIX, atomic_write, temporaries
 from share_transform.tie import tensor_aliases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,7 +286,7 @@ def test_malformed_header_fields_are_one_line(field: str, value: str, match: str
 
 
 def test_the_writer_is_safetensors(tmp_path: Path) -> None:
-    """share_transform writes the bytes itself: the safetensors library reads them back, tensors aligned."""
+    """The safetensors library writes the file: tensors aligned, read back equal, each shared weight once."""
     model = small_shared()
     model.fc.register_buffer("steps", torch.arange(3, dtype=torch.int64))
     model.fc.register_buffer("scale", torch.ones(3, dtype=torch.bfloat16))
@@ -344,13 +344,23 @@ def test_convert_force_never_replaces_a_fifo_or_a_symlink(tmp_path: Path) -> Non
 KILLED_CONVERT = """
 import os, signal, sys
 import share_transform.files as files
-write = files._write_safetensors
+write = files.write_safetensors
 def write_then_die(*args):
     write(*args)  # the temporary file is complete: the kill lands just before the rename
     os.kill(os.getpid(), signal.SIGKILL)
-files._write_safetensors = write_then_die
+files.write_safetensors = write_then_die
 from share_transform.cli import main
 main(sys.argv[1:])
+"""
+
+KILLED_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from share_transform.fs import atomic_write
+def die(tmp):
+    Path(tmp).write_bytes(b"left by a killed write")
+    os.kill(os.getpid(), signal.SIGKILL)
+atomic_write(sys.argv[1], die)
 """
 
 
@@ -358,11 +368,15 @@ def test_a_killed_converts_temporary_is_cleaned_by_the_next_convert(tmp_path: Pa
     out = tmp_path / "r18.safetensors"
     argv = ["convert", "--model", "resnet18", "--num-classes", "10", "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILLED_CONVERT, *argv], env=env, capture_output=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    tmp = temp_path(out)
-    assert tmp.name == f".r18.safetensors{TMP_SUFFIX}" and not out.exists()
-    assert tmp.stat().st_size > 30_000_000  # the full-size file a kill leaves behind
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CONVERT, *argv], env=env, stderr=subprocess.PIPE)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, stderr
+    # One thing is left, named for its destination and its dead writer; the library's own temporary is inside it.
+    (left,) = temporaries(out)
+    assert [p.name for p in tmp_path.iterdir()] == [left.name] and not out.exists()
+    assert left.name.startswith(f".r18.safetensors.{proc.pid}-") and left.name.endswith(TMP_SUFFIX)
+    assert [p.name for p in left.iterdir()] == ["r18.safetensors"]
+    assert (left / "r18.safetensors").stat().st_size > 30_000_000  # the full-size file a kill leaves behind
 
     result = sharetx(*argv)
     assert result.exit_code == 0, result.output
@@ -374,10 +388,11 @@ def test_the_longest_name_the_file_system_takes(tmp_path: Path) -> None:
     name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
     out = tmp_path / ("m" * (name_max - len(".safetensors")) + ".safetensors")
     assert len(out.name) == name_max
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(out)], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (left,) = temporaries(out)
+    assert len(left.name) <= name_max and left.name.endswith(TMP_SUFFIX)
     model = small_shared()
-    tmp = temp_path(out)
-    assert len(tmp.name) <= name_max and tmp.name.endswith(TMP_SUFFIX) and temp_path(out) == tmp
-    tmp.write_bytes(b"left by a killed write")
     save(model, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     assert st.count_parameters(load(out)) == st.count_parameters(model)
