@@ -15,6 +15,8 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import share_transform as st
@@ -404,6 +406,33 @@ def test_plan_json_of_the_old_scopes_is_unchanged_and_block_plans_round_trip() -
     data = json.loads(json.dumps(block.to_dict()))
     assert data["groups"][1]["signature"]["kind"] == "linear" and data["groups"][1]["shares_bias"] is True
     assert st.SharePlan.from_dict(data) == block
+
+
+def test_a_tampered_block_file_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = st.save(st.apply(small_convnext(), scope="block", input_size=SIZE), tmp_path / "block.safetensors")
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(str(path))
+    plan, aliases = json.loads(metadata["sharetx.plan"]), json.loads(metadata["sharetx.aliases"])
+    # a group that claims to keep its members' biases while the file ties them
+    untied = json.loads(json.dumps(plan))
+    untied["groups"][1]["shares_bias"] = False
+    bad = tmp_path / "untied.safetensors"
+    save_file(tensors, str(bad), metadata={**metadata, "sharetx.plan": json.dumps(untied)})
+    with pytest.raises(st.FileFormatError, match="shares_bias must be true exactly"):
+        st.load(bad)
+    # a shared bias stored twice instead of once with an alias
+    alias = next(a for a in aliases if a.endswith("mlp.fc1.bias"))
+    twice = {k: v for k, v in aliases.items() if k != alias}
+    bad = tmp_path / "twice.safetensors"
+    save_file(
+        {**tensors, alias: tensors[aliases[alias]].clone()},
+        str(bad),
+        metadata={**metadata, "sharetx.aliases": json.dumps(twice)},
+    )
+    with pytest.raises(st.FileFormatError, match="shared bias must be stored once"):
+        st.load(bad)
 
 
 # ---------------------------------------------------------------------------------------- timm's API
