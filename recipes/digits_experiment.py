@@ -55,13 +55,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/digits"), help="data, runs and report go here")
     parser.add_argument("--arch", default="wrn_28_1", help="trained shared and original")
     parser.add_argument("--baseline", default="wrn_22_1", help="shallower original of about the shared size")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run of each network per seed")
+    parser.add_argument("--epochs", type=int, default=10, help="the WRN schedule's drops scale to them")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
     parser.add_argument("--lr", type=float, default=0.1, help="per 128 images, as train_cifar.py")
-    parser.add_argument("--preprocess", default="meanstd", choices=("meanstd", "zca"))
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--preprocess", default="meanstd", choices=("meanstd", "zca"), help="as train_cifar.py")
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
     return parser
 
 

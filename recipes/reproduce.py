@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="data", help="CIFAR root for the printed commands")
     g.add_argument("--imagenet", default="/data/imagenet", help="ImageNet root for the printed commands")
     g.add_argument("--runs-dir", default="runs", help="parent of the printed commands' --output")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0])
+    g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one command per run and seed")
     return parser
 
 

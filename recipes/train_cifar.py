@@ -10,6 +10,11 @@ paper's, ``--preprocess zca``) or per-channel mean/std with pad-crop-flip (the W
     python recipes/train_cifar.py --dataset cifar100 --data ~/data --arch wrn_28_10 --no-share
     torchrun --nproc_per_node=2 recipes/train_cifar.py --data ~/data --arch preact_resnet164
 
+``--policy swrn`` (soft sharing, Savarese & Maire) trains with the soft-sharing reference's protocol
+(lolemacs/soft-sharing): mean/std inputs, a random crop from a pad of black pixels, Cutout 16, no dropout, a
+He-normal classifier, fp32, and the best checkpoint chosen on 5,000 training images held out (``--val-split``),
+the test set evaluated once at the end; each flag still overrides (:data:`SWRN_PROTOCOL`).
+
 Reduced sizes for quick runs: any ``wrn_<depth>_<k>`` (depth 6n+4) or ``preact_resnet<depth>`` (9n+2).
 Outputs in --output: run.json, metrics.jsonl, curves.png, checkpoint-{last,best}.{safetensors,state.pt} and
 preprocess.safetensors (the transform fitted on the training set; --resume reuses it).
@@ -21,6 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from share_transform.train import (
@@ -32,6 +38,8 @@ from share_transform.train import (
     curves_title,
     fit,
     init_distributed,
+    is_shared,
+    locked_output,
     make_loader,
     per_rank_batch,
     print0,
@@ -44,10 +52,37 @@ from share_transform.train import (
 )
 from share_transform.train.args import HelpFormatter
 from share_transform.train.data import CifarData, load_cifar, load_preprocessing, save_preprocessing, synthetic_cifar
+from share_transform.train.data.cifar import PADS
 from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
 
 PREPROCESS_FILE = "preprocess.safetensors"
 WRN_CIFAR100_DROPOUT = 0.3
+
+#: The defaults of ``--policy swrn``: the soft-sharing reference's protocol (lolemacs/soft-sharing, ``main.py``,
+#: ``utils.py``, ``models/swrn.py``). Its data: flip, ``RandomCrop(32, padding=4)`` (a pad of black pixels),
+#: mean/std, ``Cutout(n_holes=1, length=16)`` on both CIFAR-10 and CIFAR-100 (its headline runs pass
+#: ``--cutout``); a 90/10 split of the training set chooses ``model_best`` and the test set is evaluated once
+#: (``--evaluate``); no dropout; ``kaiming_normal_`` on every conv and on the classifier; fp32 (no autocast).
+SWRN_PROTOCOL = {
+    "preprocess": "meanstd",
+    "pad": "zero",
+    "cutout": 16,
+    "dropout": 0.0,
+    "classifier_init": "he",
+    "amp": False,
+    "val_split": 5000,
+}
+#: The defaults of the other policies: the WRN protocol the ShaResNet paper trained with (its inputs ZCA-whitened;
+#: dropout 0.3 on CIFAR-100, decided by :func:`main`; bf16 autocast on CUDA, decided by ``resolve_args``).
+WRN_PROTOCOL = {
+    "preprocess": "zca",
+    "pad": "reflect",
+    "cutout": 0,
+    "dropout": None,
+    "classifier_init": "uniform",
+    "amp": None,
+    "val_split": 0,
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,9 +101,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="fetch the set into --data if it is not there")
     g.add_argument(
         "--preprocess",
-        default="zca",
+        default=None,
         choices=("zca", "meanstd"),
-        help="zca: GCN + ZCA whitening and flips (the paper); meanstd: mean/std, pad-crop, flips (WRN)",
+        help="zca: GCN + ZCA whitening and flips (the paper); meanstd: mean/std, pad-crop, flips (WRN); "
+        "default zca, meanstd under --policy swrn",
+    )
+    g.add_argument(
+        "--pad",
+        default=None,
+        choices=PADS,
+        help="meanstd's random crop pads by reflection (WRN) or with black pixels (zero: torchvision's "
+        "RandomCrop(32, padding=4)); default reflect, zero under --policy swrn",
+    )
+    g.add_argument(
+        "--cutout",
+        type=int,
+        default=None,
+        metavar="SIZE",
+        help="Cutout: blank one SIZE x SIZE square per training image (meanstd only; 0 = none); default 0, "
+        "16 under --policy swrn",
+    )
+    g.add_argument(
+        "--val-split",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hold N training images out, chosen from --seed, to choose checkpoint-best on; the test set is "
+        "then evaluated once, on the final and best checkpoints (0 = none: best chosen on the test set); "
+        "default 0, 5000 under --policy swrn",
     )
     g.add_argument(
         "--hflip",
@@ -86,7 +146,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--dropout",
         type=float,
         default=None,
-        help=f"WRN dropout between the block's convs (default {WRN_CIFAR100_DROPOUT} on cifar100, else 0)",
+        help=f"WRN dropout between the block's convs (default {WRN_CIFAR100_DROPOUT} on cifar100, else 0; "
+        "0 under --policy swrn)",
     )
     return add_training_args(
         parser,
@@ -105,16 +166,50 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
 
-def load_data(args: argparse.Namespace) -> CifarData:
-    """Both splits, preprocessed with the training set's statistics: fitted now, or the run's saved ones.
+def resolve_protocol(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the protocol flags left unset: :data:`SWRN_PROTOCOL` under ``--policy swrn``, else :data:`WRN_PROTOCOL`.
 
-    With ``--synthetic``, random images of the dataset's shape and classes instead of ``--data``.
+    ZCA inputs are not cropped, so they take no ``--pad`` and no Cutout (an explicit one is refused).
+
+    Raises:
+        ConfigError: ``--pad`` or ``--cutout`` given with ``--preprocess zca``; ``--dropout`` for a network that
+            is not a Wide ResNet.
     """
-    if args.loader != "torch":
-        raise ConfigError(
-            f"--loader {args.loader} is for the ImageNet recipe: CIFAR is held in memory and augmented a batch "
-            f"at a time by the torch loader"
-        )
+    protocol = SWRN_PROTOCOL if args.policy == "swrn" else WRN_PROTOCOL
+    is_wrn = args.arch.startswith("wrn_")
+    if args.dropout is None:
+        args.dropout = protocol["dropout"]
+    if args.dropout is None:  # the paper's: in WRN blocks, on CIFAR-100 only
+        args.dropout = WRN_CIFAR100_DROPOUT if is_wrn and args.dataset == "cifar100" else 0.0
+    if args.dropout and not is_wrn:
+        raise ConfigError(f"--dropout applies to Wide ResNets (wrn_*), not {args.arch}")
+    if args.preprocess is None:
+        args.preprocess = protocol["preprocess"]
+    if args.preprocess == "zca":
+        given = [f"--{k}" for k in ("pad", "cutout") if getattr(args, k) not in (None, 0)]
+        if given:
+            raise ConfigError(
+                f"{' and '.join(given)} apply to --preprocess meanstd: ZCA inputs train with flips only (the paper's)"
+            )
+        args.cutout = 0
+    for name, value in protocol.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.preprocess == "zca":
+        args.pad = None  # no crop, no pad: recorded as such
+    return args
+
+
+def load_data(args: argparse.Namespace) -> CifarData:
+    """The splits, preprocessed with the training set's statistics: fitted now, or the run's saved ones.
+
+    With ``--synthetic``, random images of the dataset's shape and classes instead of ``--data`` (the held-out
+    split comes on top of the synthetic epoch's images).
+
+    Raises:
+        ConfigError: a ``--val-split`` that leaves fewer training images than one batch; ``--resume`` with
+            another ``--preprocess`` than the run's saved transform.
+    """
     saved = args.output / PREPROCESS_FILE
     preprocess = args.preprocess
     if args.resume and saved.exists():
@@ -124,31 +219,41 @@ def load_data(args: argparse.Namespace) -> CifarData:
                 f"--resume: {args.output} was trained with --preprocess {preprocess.kind}, "
                 f"this command gives {args.preprocess}"
             )
+    augmentation = {"hflip": args.hflip, "pad": args.pad or "reflect", "cutout": args.cutout}
     if args.synthetic:
-        train_size, test_size = SYNTHETIC_TRAIN_BATCHES * args.batch_size, SYNTHETIC_VAL_BATCHES * args.batch_size
+        train_size = SYNTHETIC_TRAIN_BATCHES * args.batch_size + args.val_split
         return synthetic_cifar(
-            args.dataset, preprocess, train_size=train_size, test_size=test_size, seed=args.seed, hflip=args.hflip
+            args.dataset,
+            preprocess,
+            train_size=train_size,
+            test_size=SYNTHETIC_VAL_BATCHES * args.batch_size,
+            seed=args.seed,
+            val_split=args.val_split,
+            **augmentation,
         )
-    data = load_cifar(args.data, args.dataset, preprocess, hflip=args.hflip, download=args.download)
+    data = load_cifar(
+        args.data,
+        args.dataset,
+        preprocess,
+        download=args.download,
+        val_split=args.val_split,
+        seed=args.seed,
+        **augmentation,
+    )
     if len(data.train) < args.batch_size:
+        held = f" ({args.val_split:,} more held out by --val-split)" if args.val_split else ""
         raise ConfigError(
-            f"{args.data}: {len(data.train)} training images, fewer than one --batch-size {args.batch_size}"
+            f"{args.data}: {len(data.train):,} training images{held}, fewer than one --batch-size {args.batch_size}"
         )
     return data
 
 
 def main(args: argparse.Namespace) -> nn.Module:
     """Train as ``args`` say; returns the trained model (unwrapped, on the training device)."""
-    args = resolve_args(args, recipe="cifar")
+    args = resolve_args(resolve_protocol(args), recipe="cifar")
     batch_per_rank = per_rank_batch(args.batch_size, world_from_env()[1])
-    is_wrn = args.arch.startswith("wrn_")
-    dropout = args.dropout
-    if dropout is None:
-        dropout = WRN_CIFAR100_DROPOUT if is_wrn and args.dataset == "cifar100" else 0.0
-    if dropout and not is_wrn:
-        raise ConfigError(f"--dropout applies to Wide ResNets (wrn_*), not {args.arch}")
-    if is_wrn:  # before check_output: --resume compares the model's full constructor arguments with the run's
-        args.model_kwargs.setdefault("dropout", dropout)
+    if args.arch.startswith("wrn_"):  # before check_output: --resume compares the full constructor arguments
+        args.model_kwargs.setdefault("dropout", args.dropout)
     check_output(args.output, resume=args.resume, args=args)
     setup_runtime(deterministic=args.deterministic)
     seed_all(args.seed)
@@ -156,50 +261,65 @@ def main(args: argparse.Namespace) -> nn.Module:
     # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     data = load_data(args)
     model, params_unshared, unique_params = build_recipe_model(args, data.num_classes, input_size=(3, 32, 32))
+    shared = args.share and is_shared(model)
 
     dist_info = init_distributed(args.device)
-    # check_output above made sure a fresh run does not overwrite a finished run's transform.
-    if dist_info.is_main and (not args.resume or not (args.output / PREPROCESS_FILE).exists()):
-        save_preprocessing(data.preprocessing, args.output / PREPROCESS_FILE)
-    dataset = "synthetic" if args.synthetic else args.dataset_name or args.dataset
-    print0(
-        f"{args.arch} ({'shared, policy ' + args.policy if args.share else 'original'}): "
-        f"{params_unshared:,} -> {unique_params:,} parameters; {dataset}: {len(data.train):,} train / "
-        f"{len(data.val):,} test images, {data.num_classes} classes, {data.preprocessing.kind}; "
-        f"world size {dist_info.world_size}, {batch_per_rank} per rank"
-    )
-
-    train_loader, val_loader = (
-        make_loader(
-            ds, batch_size=batch_per_rank, train=train, seed=args.seed, dist_info=dist_info, workers=args.workers
+    # Nothing is written into --output before its lock is held (a run refused by the lock writes nothing).
+    with locked_output(args.output, resume=args.resume, dist_info=dist_info, args=args):
+        if dist_info.is_main and (not args.resume or not (args.output / PREPROCESS_FILE).exists()):
+            save_preprocessing(data.preprocessing, args.output / PREPROCESS_FILE)
+        dataset = "synthetic" if args.synthetic else args.dataset_name or args.dataset
+        held_out = f"{len(data.holdout):,} val (held out of the training set) / " if data.holdout is not None else ""
+        print0(
+            f"{args.arch} ({'shared, policy ' + args.policy if shared else 'original'}): "
+            f"{params_unshared:,} -> {unique_params:,} parameters; {dataset}: {len(data.train):,} train / "
+            f"{held_out}{len(data.val):,} test images, {data.num_classes} classes, {data.preprocessing.kind}; "
+            f"world size {dist_info.world_size}, {batch_per_rank} per rank"
         )
-        for ds, train in ((data.train, True), (data.val, False))
-    )
-    # ZCA whitening and its flips run on the device; mean/std inputs come preprocessed from the host.
-    to_input = data.device_input(channels_last=args.channels_last)
-    config = TrainConfig.from_args(args)
-    info = run_info(
-        args,
-        recipe="cifar",
-        dataset=dataset,
-        config=config,
-        params_unshared=params_unshared,
-        unique_params=unique_params,
-        preprocess=data.preprocessing.kind,
-    )
-    fit(
-        model,
-        train_loader,
-        val_loader,
-        config=config,
-        dist_info=dist_info,
-        output=args.output,
-        resume=args.resume,
-        run_info=info,
-        train_preprocess=to_input,
-        eval_preprocess=to_input,
-        title=curves_title(info),
-    )
+
+        def loader(split: torch.utils.data.Dataset, train: bool) -> torch.utils.data.DataLoader:
+            return make_loader(
+                split,
+                batch_size=batch_per_rank,
+                train=train,
+                seed=args.seed,
+                dist_info=dist_info,
+                workers=args.workers,
+            )
+
+        train_loader = loader(data.train, True)
+        # The held-out split chooses checkpoint-best; without one, the test set does (and no test loader).
+        val_loader = loader(data.holdout if data.holdout is not None else data.val, False)
+        test_loader = loader(data.val, False) if data.holdout is not None else None
+        # ZCA whitening and its flips run on the device; mean/std inputs come preprocessed from the host.
+        to_input = data.device_input(channels_last=args.channels_last)
+        config = TrainConfig.from_args(args)
+        info = run_info(
+            args,
+            recipe="cifar",
+            dataset=dataset,
+            config=config,
+            params_unshared=params_unshared,
+            unique_params=unique_params,
+            shared=shared,
+            preprocess=data.preprocessing.kind,
+            val_split=args.val_split,
+        )
+        fit(
+            model,
+            train_loader,
+            val_loader,
+            config=config,
+            dist_info=dist_info,
+            output=args.output,
+            resume=args.resume,
+            run_info=info,
+            train_preprocess=to_input,
+            eval_preprocess=to_input,
+            title=curves_title(info),
+            test_loader=test_loader,
+            input_size=(3, 32, 32),
+        )
     return model
 
 

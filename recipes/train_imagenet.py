@@ -37,6 +37,8 @@ from share_transform.train import (
     curves_title,
     fit,
     init_distributed,
+    is_shared,
+    locked_output,
     make_loader,
     per_rank_batch,
     print0,
@@ -54,6 +56,8 @@ from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHET
 from share_transform.train.loop import ColourAugment, Preprocess
 
 SYNTHETIC_CLASSES = 1000
+#: The ``--loader`` choices (:mod:`share_transform.train.data.imagenet`, :mod:`share_transform.train.data.dali`).
+LOADERS = ("torch", "pil", "dali")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,6 +71,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--img-size", type=int, default=224, help="training crop (default 224); val resizes to img_size*256/224"
     )
     g.add_argument("--ten-crop", action="store_true", help="evaluate on ten crops instead of the centre one")
+    g.add_argument(
+        "--loader",
+        default="torch",
+        choices=LOADERS,
+        help="input pipeline: torch (decode_jpeg, colour augmentation on the device; default), pil (the "
+        "reference, all on the host with PIL), dali (NVIDIA DALI, GPU JPEG decoding; extra [dali])",
+    )
     return add_training_args(
         parser,
         arch="resnet50",
@@ -131,10 +142,11 @@ def main(args: argparse.Namespace) -> nn.Module:
     # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     train_set, val_set, num_classes = load_data(args)
     model, params_unshared, unique_params = build_recipe_model(args, num_classes)
+    shared = args.share and is_shared(model)
 
     dist_info = init_distributed(args.device)
     print0(
-        f"{args.arch} ({'shared, policy ' + args.policy if args.share else 'original'}): "
+        f"{args.arch} ({'shared, policy ' + args.policy if shared else 'original'}): "
         f"{params_unshared:,} -> {unique_params:,} parameters; {len(train_set):,} train / {len(val_set):,} val "
         f"images, {num_classes} classes; world size {dist_info.world_size}, {batch_per_rank} per rank"
     )
@@ -156,20 +168,23 @@ def main(args: argparse.Namespace) -> nn.Module:
         config=config,
         params_unshared=params_unshared,
         unique_params=unique_params,
+        shared=shared,
     )
-    fit(
-        model,
-        train_loader,
-        val_loader,
-        config=config,
-        dist_info=dist_info,
-        output=args.output,
-        resume=args.resume,
-        run_info=info,
-        train_preprocess=train_preprocess,
-        eval_preprocess=normalize,
-        title=curves_title(info),
-    )
+    with locked_output(args.output, resume=args.resume, dist_info=dist_info, args=args):
+        fit(
+            model,
+            train_loader,
+            val_loader,
+            config=config,
+            dist_info=dist_info,
+            output=args.output,
+            resume=args.resume,
+            run_info=info,
+            train_preprocess=train_preprocess,
+            eval_preprocess=normalize,
+            title=curves_title(info),
+            input_size=(3, args.img_size, args.img_size),  # the checkpoints say what the model trained at
+        )
     return model
 
 

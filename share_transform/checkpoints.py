@@ -31,7 +31,8 @@ from .tie import check_aliases_agree, check_state_fits, state_tensors
 
 __all__ = ["load_checkpoint", "read_checkpoint"]
 
-#: Suffixes read with ``torch.load(weights_only=True)``; ``.tar`` is timm's ``train.py`` (``model_best.pth.tar``).
+#: Suffixes read with ``torch.load(weights_only=True)``; ``.tar`` is timm's ``train.py`` and the soft-sharing
+#: reference's (``model_best.pth.tar``).
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 #: The only classes a checkpoint may hold besides tensors and plain containers: timm's ``train.py`` stores its
 #: arguments as an ``argparse.Namespace`` (rebuilt empty, then filled with plain values; it runs no code).

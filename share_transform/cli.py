@@ -2,8 +2,8 @@
 
 Commands: ``convert`` (build, share, report, write a file), ``plan`` (the report, no file), ``sweep``
 (the parameter counts over the sharing dial), ``inspect``
-(what a file holds), ``table`` (the paper's Table 1, measured), ``export`` (ONNX) and ``models`` (names
-it can build). Reporting commands take ``--json``.
+(what a file holds), ``table`` (the paper's Table 1, measured), ``export`` (ONNX), ``import-swrn`` (a soft-sharing
+WRN of the reference code into a file) and ``models`` (names it can build). Reporting commands take ``--json``.
 
 Errors are one line on stderr: exit code 2 for bad input (a :class:`ShareError`, a bad option, a file
 that cannot be read or written), 1 for an internal failure (including an ONNX export that fails its own
@@ -689,6 +689,47 @@ def export(file: Path, onnx_out: Path, input_size: tuple[int, int, int] | None, 
     info = read_info(file)
     result = export_onnx(load(file), onnx_out, input_size=input_size or info.input_size)
     _emit(result.to_dict(), str(result), as_json)
+
+
+@main.command("import-swrn")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Output file [default: FILE's name up to its first dot, .safetensors].",
+)
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists (a regular file only).")
+@_json_option
+def import_swrn_command(file: Path, out: Path | None, force: bool, as_json: bool) -> None:
+    """Convert a soft-sharing WRN of the reference code (lolemacs/soft-sharing) into a ShaResNet file.
+
+    FILE holds the reference SWRN's state dict (bank_i.templates, each SConv2d's coefficients of shape
+    (k,1,1,1,1)): safetensors, or a torch.save file read with torch.load(weights_only=True), optionally under a
+    state_dict key and with DataParallel's module. prefix. The result is wrn_<depth>_<width> under policy swrn
+    with k templates, and loads with share_transform.load.
+
+    \b
+    Example:
+      sharetx import-swrn swrn28-10-2.pth -o swrn28-10-2.safetensors
+    """
+    out = out if out is not None else Path(file.name.split(".")[0] + ".safetensors")
+    _check_output(out, force)
+    if not file.is_file():
+        raise MissingFileError(f"{file}: no such file")
+    from .checkpoints import read_checkpoint
+    from .files import save
+    from .summary import summarize
+    from .swrn import import_swrn
+    from .tie import get_plan
+
+    model = import_swrn(read_checkpoint(file))
+    share_plan = get_plan(model)
+    assert share_plan is not None  # import_swrn shares the model
+    save(model, out)
+    summary = summarize(model, share_plan, file=out)
+    _emit(summary.to_dict(), str(summary), as_json)
 
 
 @main.command()

@@ -362,3 +362,69 @@ def test_batched_augmentation_reads_crop_and_flip_from_the_seed_bits(cifar10_dir
     assert torch.equal(x[2], padded[2, :, 3:35, 5:37])
     assert torch.equal(x[3], padded[3, :, 8:40, 2:34].flip(-1))
     assert torch.equal(y, data.train.labels[[5, 5, 6, 7]])
+
+
+# -- the soft-sharing reference's augmentation: zero pad, Cutout; the held-out split ----------------------------
+
+
+def test_zero_pad_crops_from_black_pixels_in_normalised_units(cifar10_dir):
+    root, *_ = cifar10_dir
+    data = load_cifar(root, "cifar10", "meanstd", pad="zero")
+    black = (0.0 - data.preprocessing.mean) / data.preprocessing.std  # torchvision's RandomCrop(padding=4) fill
+    # Row and column offset 0: the image shifted 4 pixels down and right, its first 4 rows and columns black.
+    x, _ = data.train.augmented_batch(torch.tensor([5]), torch.tensor([0]))
+    image = data.train.images[5]
+    assert torch.allclose(x[0, :, :4, :], black.view(3, 1, 1).expand(3, 4, 32))
+    assert torch.allclose(x[0, :, :, :4], black.view(3, 1, 1).expand(3, 32, 4))
+    assert torch.equal(x[0, :, 4:, 4:], image[:, :28, :28])
+    # Offset 4 in both: the image itself, whatever the pad.
+    x, _ = data.train.augmented_batch(torch.tensor([5]), torch.tensor([(4 << 1) | (4 << 32)]))
+    assert torch.equal(x[0], image)
+    with pytest.raises(DataError, match="Cutout and --pad need --preprocess meanstd"):
+        load_cifar(root, "cifar10", "zca", pad="zero")
+
+
+def test_cutout_blanks_one_clipped_square_as_the_reference(cifar10_dir):
+    from share_transform.train.data.sampling import splitmix64
+
+    root, *_ = cifar10_dir
+    data = load_cifar(root, "cifar10", "meanstd", cutout=16, hflip=False)
+    seeds = torch.arange(0, 400, dtype=torch.int64) * 7919  # crop offsets from the low bits, centres from the hash
+    indices = torch.arange(400) % 60
+    plain = load_cifar(root, "cifar10", "meanstd", hflip=False).train.augmented_batch(indices, seeds)[0]
+    cut, _ = data.train.augmented_batch(indices, seeds)
+    mixed = splitmix64(seeds.numpy().astype(np.uint64))
+    centres_seen = set()
+    for k in range(len(seeds)):
+        y, x = int(mixed[k] & np.uint64(0xFFFFFFFF)) % 32, int((mixed[k] >> np.uint64(32)) & np.uint64(0x7FFFFFFF)) % 32
+        centres_seen.add((y, x))
+        # The reference's Cutout(n_holes=1, length=16): rows clip(y - 8) .. clip(y + 8), all channels, zero.
+        hole = torch.zeros(32, 32, dtype=torch.bool)
+        hole[max(y - 8, 0) : min(y + 8, 32), max(x - 8, 0) : min(x + 8, 32)] = True
+        assert torch.equal(cut[k][:, hole], torch.zeros_like(cut[k][:, hole]))
+        assert torch.equal(cut[k][:, ~hole], plain[k][:, ~hole])
+    # Centres anywhere in the image, so holes at the border are clipped (smaller than 16 x 16).
+    ys, xs = zip(*centres_seen)
+    assert min(ys) < 4 and max(ys) > 27 and min(xs) < 4 and max(xs) > 27
+
+
+def test_held_out_split_is_a_function_of_the_seed_and_left_out_of_the_fit(cifar10_dir):
+    from share_transform.train.data.cifar import holdout_indices
+
+    root, (train_images, train_labels), _ = cifar10_dir
+    kept, held = holdout_indices(60, 12, seed=3)
+    assert len(held) == 12 and sorted([*kept, *held]) == list(range(60))
+    assert np.array_equal(held, holdout_indices(60, 12, seed=3)[1])
+    assert not np.array_equal(held, holdout_indices(60, 12, seed=4)[1])
+    data = load_cifar(root, "cifar10", "meanstd", val_split=12, seed=3)
+    assert (len(data.train), len(data.holdout), len(data.val)) == (48, 12, 20)
+    # The transform's statistics come from the 48 kept images only; the split is normalised with them.
+    kept_pixels = torch.from_numpy(train_images[kept]).permute(0, 3, 1, 2).double() / 255
+    mean = kept_pixels.transpose(0, 1).reshape(3, -1).mean(dim=1)
+    assert torch.allclose(data.preprocessing.mean.double(), mean, atol=1e-6)
+    held_pixels = torch.from_numpy(train_images[held]).permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(data.holdout.images, data.preprocessing(held_pixels))
+    assert torch.equal(data.holdout.labels, torch.from_numpy(train_labels[held]))
+    assert (data.holdout.crop, data.holdout.flip, data.holdout.cutout) == (False, False, 0)  # evaluated as is
+    with pytest.raises(DataError, match=r"a held-out split of 60 images \(--val-split\) leaves no training image"):
+        load_cifar(root, "cifar10", "meanstd", val_split=60)

@@ -41,8 +41,8 @@ from share_transform.train.data.imagenet import (
     train_transform,
 )
 from share_transform.train.data.sampling import SeededDataset, sample_seed
-from share_transform.train.metrics import METRICS_FILE, ProgressBar
-from share_transform.train.trainer import alias_groups, keep_ties
+from share_transform.train.metrics import METRICS_FILE, ProgressBar, curves_figure
+from share_transform.train.trainer import alias_groups, init_classifier, keep_ties
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY = {"channels": [8, 16, 32, 64], "stem_width": 8, "layers": [2, 2, 2, 2]}
@@ -331,10 +331,57 @@ def test_read_metrics_is_one_record_per_epoch_and_names_a_bad_line(tmp_path) -> 
             read_metrics(path)
 
 
-def test_curves_and_progress(tmp_path) -> None:
-    history = [{k: float(i) for k in METRIC_KEYS} | {"epoch": i, "shared": True} for i in range(1, 4)]
-    plot_curves(tmp_path / "curves.png", history, title="t")
+def _series(ax) -> dict[str, tuple[list[float], list[float], str]]:
+    return {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()), ln.get_marker()) for ln in ax.lines}
+
+
+def test_curves_after_one_epoch_draw_every_series_as_a_point_on_integer_epochs(tmp_path) -> None:
+    record = {k: 1.0 for k in METRIC_KEYS} | {"epoch": 1, "train_loss": 2.5, "train_top1_err": 80.0}
+    fig = curves_figure([record | {"val_top1_err": 70.0, "val_top5_err": 30.0}], title="t")
+    loss, err = fig.axes
+    assert _series(loss) == {"train": ([1], [2.5], ".")}
+    assert _series(err) == {
+        "test top-1": ([1], [70.0], "."),
+        "test top-5": ([1], [30.0], "."),
+        "train top-1": ([1], [80.0], "."),  # drawn: one point, with its marker
+    }
+    fig.canvas.draw()
+    for ax in (loss, err):  # no fractional epochs on the axis
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    assert err.get_title() == "test error" and {t.get_text() for t in err.get_legend().get_texts()} == set(_series(err))
+
+    # A run with a held-out split: val_* is the split, the test set a point on the epochs it was evaluated at.
+    history = [
+        {k: float(i) for k in METRIC_KEYS} | {"epoch": i, "shared": True}
+        | ({"test_top1_err": 10.0 * i} if i in (2, 3) else {})
+        for i in range(1, 4)
+    ]  # fmt: skip
+    err = curves_figure(history, held_out="val").axes[1]
+    series = _series(err)
+    assert series["val top-1"][:2] == ([1, 2, 3], [1.0, 2.0, 3.0]) and err.get_title() == "validation error"
+    assert series["test top-1 (final, best)"][:2] == ([2, 3], [20.0, 30.0])
+    plot_curves(tmp_path / "curves.png", history, title="t", held_out="val")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_he_classifier_init_draws_the_reference_distribution() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(640, 100))
+    default = model[1].weight.detach().clone()
+    init_classifier(model, "uniform")
+    assert torch.equal(model[1].weight, default)
+    init_classifier(model, "he")  # kaiming_normal_'s N(0, sqrt(2 / fan_in)), as the soft-sharing reference's
+    assert model[1].weight.std().item() == pytest.approx(math.sqrt(2 / 640), rel=0.02)
+    assert model[1].weight.mean().abs().item() < 2e-3
+    reference = torch.empty(100, 640)
+    nn.init.kaiming_normal_(reference)
+    assert model[1].weight.std().item() == pytest.approx(reference.std().item(), rel=0.03)
+    with pytest.raises(share_transform.train.ConfigError, match="unknown classifier init 'xavier'"):
+        init_classifier(model, "xavier")
+
+
+def test_progress_bar(tmp_path) -> None:
     out = io.StringIO()
     bar = ProgressBar(10, "epoch 1/1", stream=out)
     for i in range(1, 11):

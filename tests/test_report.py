@@ -28,6 +28,7 @@ from share_transform.train.report import (
     paper_model_name,
     write_report,
 )
+from share_transform.train.report.figures import figure4, figure5
 
 
 def make_run(
@@ -46,8 +47,14 @@ def make_run(
     recipe: str = "cifar",
     policy: str = "cifar",
     sharing: dict | None = None,
+    val_split: int | None = None,
+    tested: bool = True,
 ) -> Path:
-    """A run directory as the recipes write it; the error falls linearly to ``final_top1``."""
+    """A run directory as the recipes write it; the error falls linearly to ``final_top1``.
+
+    With ``val_split`` (a held-out split chose the best epoch), ``val_*`` is the split's error, 1 point above the
+    test error, and the final line carries the test figures (unless ``tested`` is false: killed before).
+    """
     path = root / name
     path.mkdir(parents=True)
     (path / RUN_FILE).write_text(
@@ -65,6 +72,7 @@ def make_run(
                 "lr": 0.1,
                 "params_unshared": params,
                 "unique_params": params,
+                **({"val_split": val_split} if val_split is not None else {}),
                 "args": {"arch": arch},
             }
         )
@@ -72,23 +80,22 @@ def make_run(
     lines = []
     for e in range(1, (epochs if done is None else done) + 1):
         top1 = final_top1 + 10.0 * (epochs - e)
-        lines.append(
-            json.dumps(
-                {
-                    "epoch": e,
-                    "lr": 0.1,
-                    "train_loss": 2.0 / e,
-                    "train_top1_err": top1 - 1,
-                    "train_top5_err": 1.0,
-                    "val_loss": 2.5 / e,
-                    "val_top1_err": top1,
-                    "val_top5_err": final_top5 if final_top5 is not None else top1 / 3,
-                    "images_per_s": 100.0,
-                    "unique_params": params,
-                    "shared": share,
-                }
-            )
-        )
+        record = {
+            "epoch": e,
+            "lr": 0.1,
+            "train_loss": 2.0 / e,
+            "train_top1_err": top1 - 1,
+            "train_top5_err": 1.0,
+            "val_loss": 2.5 / e,
+            "val_top1_err": top1 + (1 if val_split else 0),
+            "val_top5_err": final_top5 if final_top5 is not None else top1 / 3,
+            "images_per_s": 100.0,
+            "unique_params": params,
+            "shared": share,
+        }
+        if val_split and tested and e == epochs:
+            record |= {"test_loss": 2.5 / e, "test_top1_err": top1, "test_top5_err": record["val_top5_err"]}
+        lines.append(json.dumps(record))
     (path / METRICS_FILE).write_text("\n".join(lines) + "\n")
     return path
 
@@ -224,25 +231,49 @@ def test_report_files_carry_the_papers_numbers_beside_the_measured_ones(runs, tm
 
 
 def test_figures_are_drawn_from_the_runs(runs, tmp_path):
-    out = tmp_path / "report"
-    write_report([runs], out)
-    fig5 = matplotlib.image.imread(out / FIGURE5_FILE)
-    fig4 = matplotlib.image.imread(out / FIGURE4_FILE)
-    write_report([runs / "digits"], tmp_path / "one")
-    fig4_one_pair = matplotlib.image.imread(tmp_path / "one" / FIGURE4_FILE)
-    # Figure 5: one panel per dataset side by side (3 datasets); Figure 4: one row per pair (3 pairs).
-    assert fig5.shape[1] > 2.5 * fig5.shape[0]
-    assert fig4.shape[0] == pytest.approx(3 * fig4_one_pair.shape[0], rel=0.02)
+    report = build_report(find_runs([runs]))
+    fig5, fig4 = figure5(report.results), figure4(report.table2)
 
-    # Both really hold plotted curves: Figure 4 the paper's blue (original) and green (shared); Figure 5 one
-    # curve per architecture, in matplotlib's first colours (blue, orange).
-    def pixels(image, colour: tuple[float, float, float]) -> int:
-        rgb = image[..., :3]
-        return int(((abs(rgb - colour) < 0.05).all(axis=-1)).sum())
+    # Figure 5: one panel per dataset; in each, one measured curve per architecture through its settings, ordered
+    # by parameters (millions), at the mean final top-1 error with the seeds' standard deviation as error bars.
+    panels = {ax.get_title(): ax for ax in fig5.axes}
+    assert set(panels) == {"CIFAR-10", "ImageNet", "digits"}
+    measured = {c.get_label(): c for c in panels["CIFAR-10"].containers}
+    assert set(measured) == {"WRN-40-4 (measured)", "WRN-28-4 (measured)"}
+    line, _, (bars,) = measured["WRN-40-4 (measured)"]
+    assert list(line.get_xdata()) == pytest.approx([5.852634, 8.949210])
+    assert list(line.get_ydata()) == pytest.approx([5.3, 4.2])  # shared (5.0, 5.6), original (4.0, 4.4)
+    spans = [seg[1][1] - seg[0][1] for seg in bars.get_segments()]  # each bar: mean - std .. mean + std
+    assert spans == pytest.approx([2 * statistics.stdev([5.0, 5.6]), 2 * statistics.stdev([4.0, 4.4])])
+    (line28, *_) = measured["WRN-28-4 (measured)"]
+    assert (list(line28.get_xdata()), list(line28.get_ydata())) == (pytest.approx([5.84905]), pytest.approx([4.9]))
+    # The paper's points, hollow on dashed lines, where it has the dataset; none for digits.
+    paper = {ln.get_label(): ln for ln in panels["CIFAR-10"].lines if "(paper)" in ln.get_label()}
+    assert set(paper) == {"ResNet (paper)", "ShaResNet (paper)"}
+    assert all(ln.get_markerfacecolor() == "none" and ln.get_linestyle() == "--" for ln in paper.values())
+    assert (5.85, 5.1) in zip(paper["ShaResNet (paper)"].get_xdata(), paper["ShaResNet (paper)"].get_ydata())
+    assert not [ln for ln in panels["digits"].lines if "(paper)" in ln.get_label()]
 
-    blue, orange, green = (0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17)
-    assert pixels(fig4, blue) > 200 and pixels(fig4, green) > 200
-    assert pixels(fig5, blue) > 200 and pixels(fig5, orange) > 200
+    # Figure 4: a row per original/shared pair, loss (left) and test accuracy (right): the seeds' mean per epoch,
+    # in the paper's colours, with a min-max band where there are several seeds.
+    rows = {ax.get_title(): ax for ax in fig4.axes}
+    assert len(fig4.axes) == 2 * 3
+    loss, acc = rows["WRN-40-4, CIFAR-10: training loss"], rows["WRN-40-4, CIFAR-10: test accuracy"]
+    curves = {ln.get_label(): ln for ln in loss.lines}
+    assert set(curves) == {"WRN-40-4 (n=2)", "WRN-40-4 Share (n=2)"}
+    assert list(curves["WRN-40-4 (n=2)"].get_xdata()) == [1, 2, 3]
+    assert list(curves["WRN-40-4 (n=2)"].get_ydata()) == pytest.approx([2.0, 1.0, 2.0 / 3])
+    assert curves["WRN-40-4 (n=2)"].get_color() == "tab:blue"
+    assert curves["WRN-40-4 Share (n=2)"].get_color() == "tab:green"
+    accuracy = {ln.get_label(): list(ln.get_ydata()) for ln in acc.lines}
+    # Shared seeds end at 5.0 and 5.6, 10 points higher an epoch earlier: accuracy = 100 - mean error.
+    assert accuracy["WRN-40-4 Share (n=2)"] == pytest.approx([100 - 25.3, 100 - 15.3, 100 - 5.3])
+    assert len(acc.collections) == 2  # the two bands
+    assert len(rows["WRN-28-1, digits: test accuracy"].collections) == 0  # one seed each: no band
+
+    write_report([runs], tmp_path / "report")  # and the files are those figures
+    assert matplotlib.image.imread(tmp_path / "report" / FIGURE5_FILE).shape[1] > 0
+    assert (tmp_path / "report" / FIGURE4_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_leaves_the_matplotlib_backend_alone(runs, tmp_path):
@@ -343,3 +374,26 @@ def test_runs_group_by_their_sharing_options(tmp_path):
     assert by_label["WRN-28-1 Share"].top1.values == (3.0, 4.0)
     assert by_label["WRN-28-1 Share (swrn, 2 templates)"].seeds == [0, 1]
     assert {r["sharing"] for r in report.to_json()["results"]} == {"", "group size 2", "2 templates"}
+
+
+def test_runs_with_a_held_out_split_report_the_test_set_and_say_what_chose_the_best(tmp_path):
+    common = {"arch": "wrn_28_1", "dataset": "digits", "params": 1}
+    make_run(tmp_path, "old", **common, share=False, seed=0, final_top1=4.0)  # before --val-split existed
+    make_run(tmp_path, "split", **common, share=True, seed=0, final_top1=3.0, val_split=100)
+    make_run(tmp_path, "untested", **common, share=True, seed=1, final_top1=9.0, val_split=100, tested=False)
+    make_run(tmp_path, "none", **common, share=True, seed=2, final_top1=6.0, val_split=0)
+    report = write_report([tmp_path], tmp_path / "out")
+    runs = {r.path.name: r for r in report.runs}
+    assert runs["split"].final_test() == 3.0 and runs["split"].final["val_top1_err"] == 4.0
+    assert runs["old"].final_test() == 4.0 and runs["none"].final_test() == 6.0
+    # The split run's error in the tables is its test error, not the split's; the untested one waits.
+    by_label = {r.label: r for r in report.results}
+    assert by_label["WRN-28-1 Share"].top1.values == (3.0, 6.0)
+    assert by_label["WRN-28-1 Share"].best_chosen_on == "a held-out split of 100 training images; the test set"
+    assert not runs["untested"].complete
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "* a held-out split of 100 training images: 2 runs (the test set evaluated once" in md
+    assert "* the test set: 2 runs (an optimistic choice" in md
+    assert "untested`: 3/3 epochs, the test set not yet evaluated (--resume evaluates it)" in md
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["best_chosen_on"][str(tmp_path / "split")] == "a held-out split of 100 training images"

@@ -4,6 +4,7 @@ settings and tampered run files in one line, bad flags and a full disk are one l
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from test_train_imagenet import (
     RECIPE,
     ROOT,
+    kill_a_loader_worker,
     kill_on_line,
     load_recipe,
     make_image_folder,
@@ -297,3 +299,73 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(data: Path, tmp_path: P
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"error: [Errno 27] File too large: '{output / 'checkpoint-last.epoch1.state.pt'}'\n"
     assert not [p for p in output.iterdir() if p.name.endswith(TMP_SUFFIX)]
+
+
+# ------------------------------------------------------------------------------------------ a loader worker killed
+
+
+def test_a_killed_loader_worker_is_one_line_and_the_checkpoint_resumes(reference: Path, data: Path, tmp_path: Path):
+    output = tmp_path / "run"
+    argv = deterministic(data, output, "--workers", "1")
+    rc, out = kill_a_loader_worker(RECIPE, argv, r"^epoch 2/2 \[")
+    assert rc == 2 and "Traceback" not in out, out
+    (error,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert error == (
+        "error: a data loader worker (pid PID) was killed by SIGKILL; out of memory is the usual cause (the "
+        "kernel's OOM killer sends SIGKILL): lower --workers or --batch-size; the last checkpoint, "
+        f"{output / 'checkpoint-last.safetensors'} (epoch 1), is kept: continue with --resume"
+    )
+    assert file_epoch(output, "last") == state_of(output, "last")["epoch"] == 1
+    resumed = run_script([*argv, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    # The worker's death cost nothing: the run ends as the uninterrupted one.
+    got, want = tensors(output / "checkpoint-last.safetensors"), tensors(reference / "checkpoint-last.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ------------------------------------------------------------------------- --resume without run.json, or emptied
+
+
+@pytest.mark.parametrize("how", ["removed", "emptied", "an empty object"])
+def test_resume_checks_the_checkpoints_record_when_run_json_is_gone(
+    how: str, reference: Path, recipe: ModuleType, data: Path, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "run"
+    shutil.copytree(reference, output)
+    run_json = (output / "run.json").read_text()
+    if how == "removed":
+        (output / "run.json").unlink()
+    else:
+        (output / "run.json").write_text("" if how == "emptied" else "{}")
+    before = files(output)
+    rc, _, err = run_inprocess(recipe, deterministic(data, output, "--resume", "--lr", "5", "--seed", "3"), capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --resume: {output} was trained with --lr 0.8, this command gives --lr 5.0;"), err
+    assert files(output) == before  # nothing written, run.json not recreated with flags training would not use
+
+    # The same command as the run's: it resumes, and run.json is the run's record again.
+    rc, out, err = run_inprocess(recipe, deterministic(data, output, "--resume"), capsys)
+    assert rc == 0, err
+    if how == "removed":
+        assert f"note: {output / 'run.json'} was missing" in out
+    expected = json.loads(run_json)
+    expected["args"] |= {"resume": True, "output": str(output)}
+    assert json.loads((output / "run.json").read_text()) == expected
+
+
+def test_resume_refuses_when_nothing_records_the_runs_flags(
+    reference: Path, recipe: ModuleType, data: Path, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "run"
+    shutil.copytree(reference, output)
+    (output / "run.json").unlink()
+    state = torch.load(output / "checkpoint-last.state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "run"}, output / "checkpoint-last.state.pt")  # older
+    before = files(output)
+    rc, _, err = run_inprocess(recipe, deterministic(data, output, "--resume"), capsys)
+    assert rc == 2 and err == (
+        f"error: --resume: {output} records no flags to check this command against (run.json is missing or "
+        "empty, and checkpoint-last.state.pt predates recording them); restore run.json, or start a new run in "
+        "another --output\n"
+    )
+    assert files(output) == before

@@ -122,6 +122,34 @@ def kill_on_line(script: Path, argv: list[str], pattern: str, *, timeout: float 
     return proc.returncode, "".join(lines)
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def kill_a_loader_worker(script: Path, args: list[str], pattern: str) -> tuple[int, str]:
+    """Run ``script``; when it prints a line matching ``pattern``, SIGKILL one of its DataLoader workers (as the
+    kernel's OOM killer would); return ``(returncode, stdout and stderr)``, the worker's pid written ``PID``."""
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    lines, killed = [], None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if killed is None and re.search(pattern, line):
+                killed = _children(proc.pid)[0]
+                os.kill(killed, signal.SIGKILL)
+        rc = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert killed is not None, "".join(lines)
+    return rc, "".join(lines).replace(str(killed), "PID")
+
+
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
@@ -219,6 +247,10 @@ def test_two_epochs_end_to_end(reference: tuple[Path, subprocess.CompletedProces
     assert share_transform.count_parameters(model) == run["unique_params"]
     groups = share_transform.get_plan(model).groups
     assert groups and all(len(g.members) >= 2 for g in groups)
+    # Trained at --img-size 32: both checkpoints say so (sharetx inspect shows it, export uses it), not the plan's 224.
+    assert share_transform.get_plan(model).input_size == (3, 224, 224)
+    for tag in ("last", "best"):
+        assert share_transform.read_info(output / f"checkpoint-{tag}.safetensors").input_size == (3, 32, 32)
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(

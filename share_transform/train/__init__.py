@@ -10,6 +10,7 @@ Entry points, in the order a recipe's ``main`` uses them:
 * :func:`world_from_env`, :func:`per_rank_batch`, :func:`init_distributed` (``distributed``,
   ``trainer``): torchrun/DDP set-up, NCCL on GPUs, gloo on CPUs; :func:`print0` prints on rank 0 only;
 * :func:`check_output`: fail fast, before any work, on an output directory the run cannot use;
+  :func:`locked_output`: hold the run directory's lock (rank 0) around every write into it;
 * :func:`setup_runtime`, :func:`seed_all`: deterministic kernels or cuDNN autotuning + TF32;
 * :func:`init_weights` (:mod:`share_transform.init`, re-exported): fb.resnet.torch ("fan_out") or WRN
   ("fan_in") initialisation, before ``share_transform.apply``;
@@ -38,6 +39,8 @@ from .trainer import (
     build_recipe_model,
     check_output,
     fit,
+    is_shared,
+    locked_output,
     per_rank_batch,
     run_info,
     run_recipe,
@@ -66,7 +69,9 @@ __all__ = [
     "fit",
     "init_distributed",
     "init_weights",
+    "is_shared",
     "load_run_checkpoint",
+    "locked_output",
     "make_loader",
     "per_rank_batch",
     "plot_curves",

@@ -5,10 +5,9 @@ protocol defaults (docs/design.md, Training protocols), and :func:`resolve_args`
 
 Flags: ``--arch``, ``--model-kwargs``, ``--share/--no-share``, ``--policy``, the sharing options
 ``--group-size``, ``--scope``, ``--templates``, ``--budget``, ``--exclude`` (see :func:`share_transform.plan`),
-``--init``,
-``--epochs``,
-``--batch-size`` (global), ``--lr`` (per ``--lr-reference-batch`` images), ``--momentum``,
-``--weight-decay``, ``--lr-milestones``, ``--lr-gamma``, ``--workers``, ``--loader``, ``--output``, ``--resume``,
+``--init``, ``--classifier-init``, ``--epochs``, ``--batch-size`` (global), ``--lr`` (per
+``--lr-reference-batch`` images), ``--momentum``,
+``--weight-decay``, ``--lr-milestones``, ``--lr-gamma``, ``--workers``, ``--output``, ``--resume``,
 ``--device``, ``--amp/--no-amp``, ``--channels-last/--no-channels-last``, ``--compile``,
 ``--synthetic``, ``--deterministic``, ``--seed``, ``--print-freq``.
 
@@ -37,6 +36,9 @@ from ..init import MODES
 from ..policies import SharingOptions
 from .errors import ConfigError
 
+#: ``--classifier-init`` choices: torch's default draw of a linear layer, or He-normal (the soft-sharing WRN's).
+CLASSIFIER_INITS = ("uniform", "he")
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """The recipes' ``--help``: each default stated once.
@@ -47,13 +49,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        unstated = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unstated or not action.option_strings:  # `is False`: a default of 0 is stated
             return text
-        return super()._get_help_string(action)
-
-
-#: The ``--loader`` choices (:mod:`share_transform.train.data.imagenet`, :mod:`share_transform.train.data.dali`).
-LOADERS = ("torch", "pil", "dali")
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def add_training_args(
@@ -121,6 +120,13 @@ def add_training_args(
         help="module path or glob (stages.2.*) whose spatial convs keep their own weights; repeatable",
     )
     g.add_argument("--init", default=init, choices=MODES, help="conv init, He et al.")
+    g.add_argument(
+        "--classifier-init",
+        default=None,
+        choices=CLASSIFIER_INITS,
+        help="linear classifier's weight: uniform (torch's and Torch7's U(-1/sqrt(in), 1/sqrt(in))) or he "
+        "(He-normal, N(0, sqrt(2/in))); default: uniform, he under the CIFAR recipe's --policy swrn",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=epochs, help="epochs to train")
@@ -158,13 +164,6 @@ def add_training_args(
     g.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
     g.add_argument("--workers", type=int, default=workers, help="data loader processes per rank")
     g.add_argument(
-        "--loader",
-        default="torch",
-        choices=LOADERS,
-        help="input pipeline: torch (decode_jpeg, colour augmentation on the device; default), pil (the "
-        "reference, all on the host with PIL), dali (NVIDIA DALI, GPU JPEG decoding; extra [dali])",
-    )
-    g.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         choices=("cuda", "cpu"),
@@ -191,7 +190,7 @@ def add_training_args(
         action="store_true",
         help="deterministic kernels: bit-reproducible runs and resumes",
     )
-    g.add_argument("--seed", type=int, default=0, help="default 0")
+    g.add_argument("--seed", type=int, default=0, help="seeds the model's init, the data order and augmentation")
     g.add_argument("--print-freq", type=int, default=20, help="steps between progress updates and NaN checks")
     return parser
 
@@ -215,6 +214,8 @@ def resolve_args(args: argparse.Namespace, *, recipe: str) -> argparse.Namespace
     """
     if args.amp is None:
         args.amp = args.device == "cuda"
+    if args.classifier_init is None:
+        args.classifier_init = "uniform"
     if args.channels_last is None:
         args.channels_last = args.device == "cuda"
     if args.output is None:
@@ -231,7 +232,8 @@ def resolve_args(args: argparse.Namespace, *, recipe: str) -> argparse.Namespace
 
 
 #: Flag -> (low, high, whether low itself is allowed); every value must be finite and at most high, except
-#: momentum, which is Nesterov's: 0 < momentum < 1. ``img_size`` is the ImageNet recipe's.
+#: momentum, which is Nesterov's: 0 < momentum < 1. ``img_size`` is the ImageNet recipe's, ``val_split`` and
+#: ``cutout`` the CIFAR recipe's.
 RANGES: dict[str, tuple[float, float, bool]] = {
     "epochs": (1, math.inf, True),
     "batch_size": (1, math.inf, True),
@@ -243,6 +245,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "weight_decay": (0, math.inf, True),
     "lr_gamma": (0, math.inf, False),
     "img_size": (1, math.inf, True),
+    "val_split": (0, math.inf, True),
+    "cutout": (0, math.inf, True),
     "seed": (0, 2**63 - 1, True),
 }
 

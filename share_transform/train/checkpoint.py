@@ -6,8 +6,10 @@ output directory:
 * ``checkpoint-TAG.safetensors``: the model, each shared weight stored once, loadable on its own with
   ``share_transform.load`` (which rebuilds the architecture and re-ties the shared convs); its
   metadata carries ``epoch``;
-* ``checkpoint-TAG.state.pt``: optimizer and scheduler state, epochs done, global step, best error and
-  the metrics history; read back only with ``torch.load(..., weights_only=True)``.
+* ``checkpoint-TAG.state.pt``: optimizer and scheduler state, epochs done, global step, best error, the
+  metrics history and the run's record (``run.json``'s content, so a resume checks its flags against what the
+  checkpoint was trained with even when ``run.json`` is gone); read back only with
+  ``torch.load(..., weights_only=True)``.
 
 Each file is written to a temporary name beside it, fsynced, then renamed over the old one
 (``share_transform.fs.atomic_write``), so a kill at any moment leaves the previous complete file. The two
@@ -74,14 +76,23 @@ def has_checkpoint(output: Path, tag: str = "last") -> bool:
     return weights_path(output, tag).exists() or state_path(output, tag).exists()
 
 
-def save_checkpoint(output: Path, tag: str, model: nn.Module, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    output: Path,
+    tag: str,
+    model: nn.Module,
+    state: dict[str, Any],
+    *,
+    input_size: tuple[int, int, int] | None = None,
+) -> None:
     """Write checkpoint ``tag``: ``model`` (unwrapped: no DDP, no compile) and ``state`` (needs ``"epoch"``).
 
-    A kill at any point leaves a pair :func:`load_run_checkpoint` resumes from: this epoch's or the previous one's.
+    ``input_size``: the ``(C, H, W)`` the model trains at (the ImageNet recipe's ``--img-size``), recorded in the
+    weights file for ``sharetx inspect`` and ``export``. A kill at any point leaves a pair
+    :func:`load_run_checkpoint` resumes from: this epoch's or the previous one's.
     """
     epoch = int(state["epoch"])
     _write_state(output, tag, state)
-    _write_weights(output, tag, model, epoch)
+    _write_weights(output, tag, model, epoch, input_size)
     _commit_state(output, tag, epoch)
 
 
@@ -97,8 +108,11 @@ def _write_state(output: Path, tag: str, state: dict[str, Any]) -> None:
     atomic_write(epoch_state_path(output, tag, int(state["epoch"])), write)
 
 
-def _write_weights(output: Path, tag: str, model: nn.Module, epoch: int) -> None:
-    save(model, weights_path(output, tag), metadata={"epoch": str(epoch), "checkpoint": tag})
+def _write_weights(
+    output: Path, tag: str, model: nn.Module, epoch: int, input_size: tuple[int, int, int] | None
+) -> None:
+    metadata = {"epoch": str(epoch), "checkpoint": tag}
+    save(model, weights_path(output, tag), metadata=metadata, input_size=input_size)
 
 
 def _commit_state(output: Path, tag: str, epoch: int) -> None:
@@ -122,7 +136,9 @@ def best_epoch(history: list[dict[str, Any]]) -> int | None:
     return None if best is None else best[1]
 
 
-def repair_checkpoints(output: Path, model: nn.Module, state: dict[str, Any]) -> None:
+def repair_checkpoints(
+    output: Path, model: nn.Module, state: dict[str, Any], *, input_size: tuple[int, int, int] | None = None
+) -> None:
     """After :func:`load_run_checkpoint` of ``last`` into ``model``: finish the saves a kill interrupted (rank 0).
 
     ``last``'s pair is committed under its own names; when the history's best epoch is ``last``'s epoch, ``best``
@@ -134,9 +150,31 @@ def repair_checkpoints(output: Path, model: nn.Module, state: dict[str, Any]) ->
         _commit_state(output, "last", epoch)
     _remove_strays(output, "last")
     if best_epoch(state["history"]) == epoch:
-        save_checkpoint(output, "best", model, state)
+        save_checkpoint(output, "best", model, state, input_size=input_size)
     else:
         _remove_strays(output, "best")  # a save of best killed before its weights: its old pair stands
+
+
+def read_run_record(output: Path, tag: str = "last") -> dict[str, Any] | None:
+    """The ``run.json`` record the state of checkpoint ``tag`` carries (``fit`` stores it with every epoch), or
+    None when the state is missing, unreadable or older than the record.
+
+    Reads the state file memory-mapped, without its tensors' bytes, so a resume can check its flags against the
+    checkpoint before building anything. The checkpoint's record, not ``run.json`` (which a user may delete or
+    edit), is what the checkpoint was trained with.
+    """
+    candidates = sorted(Path(output).glob(f"checkpoint-{tag}.epoch*.state.pt")) + [state_path(output, tag)]
+    for path in reversed(candidates):  # a kill between the weights and the rename leaves the newer one stamped
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001  missing or tampered: the resume's own checks name the problem later
+            continue
+        record = state.get("run") if isinstance(state, dict) else None
+        if isinstance(record, dict) and isinstance(record.get("args"), dict):
+            return record
+    return None
 
 
 def load_run_checkpoint(

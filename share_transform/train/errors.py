@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from ..errors import ShareError
 
-__all__ = ["ConfigError", "DataError", "NonFiniteLossError", "OutputLockedError", "ReportError", "TrainingError"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "LoaderWorkerError",
+    "NonFiniteLossError",
+    "OutputLockedError",
+    "ReportError",
+    "TrainingError",
+]
 
 
 class TrainingError(ShareError):
@@ -37,6 +45,11 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
         super().__init__(message)
         self.epoch = epoch
         self.step = step
+
+
+class LoaderWorkerError(TrainingError, RuntimeError):
+    """A data loader worker process died (killed by a signal, often the out-of-memory killer); the run stopped,
+    its last checkpoint kept."""
 
 
 class ReportError(TrainingError, ValueError):

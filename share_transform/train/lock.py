@@ -28,12 +28,16 @@ LOCK_FILE = ".sharetx.lock"
 # Lock descriptors this process holds; a forked child (a DataLoader worker) closes its copies, so the lock
 # stays the parent's alone and dies with it (an flock belongs to the open file, which a fork shares).
 _HELD: set[int] = set()
+# Directory (resolved) -> how many nested run_lock blocks of this process hold it: a recipe locks its run
+# directory before its first write, and fit, inside, finds the lock already its own.
+_DEPTH: dict[Path, int] = {}
 
 
 def _close_held_in_child() -> None:
     for fd in _HELD:
         os.close(fd)
     _HELD.clear()
+    _DEPTH.clear()
 
 
 os.register_at_fork(after_in_child=_close_held_in_child)
@@ -81,11 +85,21 @@ def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` (which must exist) for the ``with`` block.
 
     The lock is an ``flock`` on ``directory/.sharetx.lock``, which records the holder's PID. The kernel
-    releases it when the process exits or is killed; processes forked inside the block do not keep it.
+    releases it when the process exits or is killed; processes forked inside the block do not keep it. A block
+    nested in another of the same process on the same directory holds the lock already and just runs (the lock
+    is released when the outermost block ends).
 
     Raises:
         OutputLockedError: another process holds the lock; the message names its PID.
     """
+    key = Path(directory).resolve()
+    if _DEPTH.get(key):
+        _DEPTH[key] += 1
+        try:
+            yield
+        finally:
+            _DEPTH[key] -= 1
+        return
     path = Path(directory) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
     try:
@@ -97,10 +111,12 @@ def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
             raise
         raise _locked(directory, pid) from None
     _HELD.add(fd)
+    _DEPTH[key] = 1
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        _DEPTH.pop(key, None)
         _HELD.discard(fd)
         os.close(fd)

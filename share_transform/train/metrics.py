@@ -5,12 +5,17 @@ here once, for the trainer that writes them and :mod:`share_transform.train.repo
 :func:`read_metrics` is the one reader of ``metrics.jsonl``.
 
 ``metrics.jsonl`` keys (errors in percent): ``epoch`` (1-based), ``lr``, ``train_loss``,
-``train_top1_err``, ``train_top5_err``, ``val_loss``, ``val_top1_err``, ``val_top5_err``,
-``images_per_s`` (training, all ranks), ``unique_params``, ``shared``.
+``train_top1_err``, ``train_top5_err``, ``val_loss``, ``val_top1_err``, ``val_top5_err`` (the held-out set
+that chooses ``checkpoint-best``: a split of the training set, or the test set when the run holds none out),
+``train_images``, ``val_images`` (images each pass saw, all ranks), ``images_per_s`` (training, all ranks),
+``unique_params``, ``shared``; with a held-out split, the final and the best epochs' lines also carry
+``test_loss``, ``test_top1_err``, ``test_top5_err`` (:data:`TEST_KEYS`), the test set's only evaluations.
+Lines written before ``train_images``/``val_images`` existed lack them.
 
-``curves.png`` redraws, after every epoch, the training loss and the test error per epoch, as the
+``curves.png`` redraws, after every epoch, the training loss and the held-out error per epoch, as the
 paper's Figure 4 does for CIFAR. Drawing uses matplotlib's Agg canvas directly, so it needs no display
-and leaves the global backend alone. Only rank 0 calls these.
+and leaves the global backend alone; without matplotlib (an optional extra) the curves are skipped. Only
+rank 0 calls these.
 
 Example:
     >>> append_metrics(out / "metrics.jsonl", record)
@@ -46,10 +51,14 @@ METRIC_KEYS = (
     "val_loss",
     "val_top1_err",
     "val_top5_err",
+    "train_images",
+    "val_images",
     "images_per_s",
     "unique_params",
     "shared",
 )
+#: The test set's figures, on the lines of the epochs it was evaluated at (runs with a held-out split).
+TEST_KEYS = ("test_loss", "test_top1_err", "test_top5_err")
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -106,27 +115,64 @@ def curves_title(info: dict[str, Any]) -> str:
 
     >>> curves_title({"arch": "wrn_40_4", "dataset": "cifar10", "share": True})
     'wrn_40_4 on CIFAR-10, ShaResNet'
+
+    ``share`` is whether the model is shared (``run.json``'s): a ``--share`` that shared nothing is titled
+    ``original``.
     """
     return f"{info['arch']} on {dataset_name(info['dataset'])}, {'ShaResNet' if info['share'] else 'original'}"
 
 
-def plot_curves(path: Path, history: Sequence[dict[str, Any]], *, title: str = "") -> None:
-    """Draw training loss (left) and test top-1/top-5 error (right) per epoch into ``path``, atomically."""
+def matplotlib_missing() -> bool:
+    """True when matplotlib (the ``[train]`` extra), which draws ``curves.png``, cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def curves_figure(history: Sequence[dict[str, Any]], *, title: str = "", held_out: str = "test") -> Any:
+    """The figure of :func:`plot_curves`: training loss (left); held-out and training top-1/top-5 error (right).
+
+    Every series has markers, so a one-epoch run shows each as a point, and the epoch axes have integer ticks.
+    ``held_out`` names what ``val_*`` holds: ``"test"``, or ``"val"`` (a split of the training set; the test
+    figures of the epochs the test set was evaluated at are then drawn as single points).
+    """
+    fig = new_figure((10, 4), dpi=100, layout="constrained")  # first: without matplotlib, MissingExtraError
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
-    fig = new_figure((10, 4), dpi=100, layout="constrained")
     ax_loss, ax_err = fig.subplots(1, 2)
     # Training loss alone, as Figure 4: an early test loss of an untrained BatchNorm can be 1000x larger.
     ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
-    ax_err.plot(epochs, [r["val_top1_err"] for r in history], marker=".", label="test top-1")
-    ax_err.plot(epochs, [r["val_top5_err"] for r in history], marker=".", linestyle="--", label="test top-5")
-    ax_err.plot(epochs, [r["train_top1_err"] for r in history], linestyle=":", label="train top-1")
-    ax_err.set(xlabel="epoch", ylabel="error (%)", title="test error")
+    ax_err.plot(epochs, [r["val_top1_err"] for r in history], marker=".", label=f"{held_out} top-1")
+    ax_err.plot(epochs, [r["val_top5_err"] for r in history], marker=".", linestyle="--", label=f"{held_out} top-5")
+    ax_err.plot(epochs, [r["train_top1_err"] for r in history], marker=".", linestyle=":", label="train top-1")
+    tested = [r for r in history if r.get("test_top1_err") is not None]
+    if tested:
+        ax_err.plot(
+            [r["epoch"] for r in tested],
+            [r["test_top1_err"] for r in tested],
+            marker="*",
+            markersize=10,
+            linestyle="none",
+            label="test top-1 (final, best)",
+        )
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title=f"{'validation' if held_out == 'val' else 'test'} error")
     for ax in (ax_loss, ax_err):
+        # min_n_ticks=1: with the default 2, a one-epoch axis falls back to fractional ticks.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_curves(path: Path, history: Sequence[dict[str, Any]], *, title: str = "", held_out: str = "test") -> None:
+    """Draw :func:`curves_figure` into ``path``, atomically."""
+    fig = curves_figure(history, title=title, held_out=held_out)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 

@@ -2,34 +2,52 @@
 
 Run directory (``--output``), written by rank 0 only:
 
-* ``run.json`` at the start of a run (``--resume`` checks it is the same run, then rewrites it):
-  ``recipe``, ``arch``, ``dataset``, ``share``, ``policy``, ``sharing`` (``group_size``, ``scope``,
-  ``templates``, ``budget`` as given; None for an unshared run),
+* ``run.json`` at the start of a run: ``recipe``, ``arch``, ``dataset``, ``share`` (whether the model
+  trained is shared: false for ``--share`` with a policy that finds nothing to share), ``policy``,
+  ``sharing`` (``group_size``, ``scope``, ``templates``, ``budget`` as given; None for an unshared run),
   ``seed``, ``epochs``, ``batch_size``, ``lr`` (the optimizer's initial lr, after batch scaling),
-  ``params_unshared``, ``unique_params``, ``args`` (every CLI argument);
-* ``metrics.jsonl``, one line per finished epoch, and ``curves.png`` (see :mod:`.metrics`);
-* ``checkpoint-last.*`` after every epoch and ``checkpoint-best.*`` at the best test top-1 error
-  (see :mod:`.checkpoint`).
+  ``params_unshared``, ``unique_params``, recipe extras (the CIFAR recipe's ``val_split``), ``args`` (every
+  CLI argument, with the defaults a recipe resolved);
+* ``metrics.jsonl``, one line per finished epoch, and ``curves.png`` (see :mod:`.metrics`; skipped, with a
+  one-line note, where matplotlib is not installed);
+* ``checkpoint-last.*`` after every epoch and ``checkpoint-best.*`` at the best held-out top-1 error
+  (see :mod:`.checkpoint`); each state carries the ``run.json`` record.
+
+Model selection: ``val_loader`` is the held-out set evaluated after every epoch, whose top-1 error chooses
+``checkpoint-best``. Given a ``test_loader`` as well, ``val_loader`` is a split held out of the training set
+and the test set is evaluated once, after the last epoch, on the final and the best checkpoints only (their
+epochs' lines in ``metrics.jsonl`` gain ``test_loss``, ``test_top1_err``, ``test_top5_err``). Without one,
+the held-out set is the test set itself, and the best checkpoint is chosen on it (an optimistic choice).
 
 A fresh run refuses a directory that already holds a checkpoint (``--resume`` continues it), so
-nothing written is ever overwritten by accident. On a non-finite loss ``fit`` stops before writing
-anything from the bad epoch and says which step and which checkpoint is the last good one.
+nothing written is ever overwritten by accident. ``--resume`` checks the command's flags against the run's
+record in the checkpoint (``run.json`` for checkpoints older than that record; it refuses when neither
+exists) and rewrites ``run.json``. Nothing is written into ``--output`` before its lock is held
+(:func:`locked_output`; a recipe takes it before its own first write). On a non-finite loss, or a data loader
+worker killed by a signal, ``fit`` stops before writing anything from the bad epoch and names the last good
+checkpoint.
 
 Example (what a recipe's ``main`` does):
     >>> info = init_distributed(args.device)
     >>> setup_runtime(deterministic=args.deterministic)
-    >>> fit(model, train_loader, val_loader, config=TrainConfig(...), dist_info=info, output=args.output,
-    ...     resume=args.resume, run_info=run_info, train_preprocess=norm, eval_preprocess=norm)
+    >>> with locked_output(args.output, resume=args.resume, dist_info=info, args=args):
+    ...     fit(model, train_loader, val_loader, config=TrainConfig(...), dist_info=info, output=args.output,
+    ...         resume=args.resume, run_info=run_info, train_preprocess=norm, eval_preprocess=norm)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
+import math
 import os
 import random
+import re
+import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,14 +62,18 @@ from torch.utils.data import DataLoader
 
 from ..build import build_model
 from ..errors import CheckpointError, MissingFileError, OutputExistsError, ShareError, debug_requested
-from ..figure import require_matplotlib
+from ..files import read_info
 from ..init import init_weights
+from ..planning import SharePlan, plan as make_plan
+from ..policies import POLICIES, SharingOptions
 from ..tie import PLAIN_ATTR, alias_groups, apply, count_parameters, get_plan, keep_ties
 from .args import SHARING_FLAGS, sharing_options
 from .checkpoint import (
+    best_epoch,
     check_training_state,
     has_checkpoint,
     load_run_checkpoint,
+    read_run_record,
     repair_checkpoints,
     save_checkpoint,
     state_path,
@@ -59,7 +81,7 @@ from .checkpoint import (
 )
 from .data.sampling import sample_seed, set_epoch
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error, share_verdict
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError, LoaderWorkerError, NonFiniteLossError
 from .lock import check_unlocked, run_lock
 from .loop import EpochStats, Preprocess, evaluate, train_one_epoch
 from .metrics import (
@@ -68,6 +90,7 @@ from .metrics import (
     RUN_FILE,
     ProgressBar,
     append_metrics,
+    matplotlib_missing,
     plot_curves,
     write_metrics,
     write_text,
@@ -119,6 +142,10 @@ def build_recipe_model(
 ) -> tuple[nn.Module, int, int]:
     """Build ``--arch`` with the recipe's init, share it when ``--share``; also the unshared and unique counts.
 
+    A ``--share`` whose policy finds nothing to share in ``--arch`` (WRN-16-k under ``cifar``: one block a
+    stage, and the policy keeps each stage's first block) leaves the model unshared, with no plan recorded,
+    and says so in one line on stderr; :func:`is_shared` then tells the recipe not to call the run shared.
+
     Raises:
         ConfigError: ``--no-share`` with a network shared by construction (``sharesnet18``).
         PlanMismatchError: ``--share`` with options other than those a network shared by construction has.
@@ -131,11 +158,51 @@ def build_recipe_model(
             f"--arch {getattr(model, PLAIN_ATTR, 'the network it shares')}"
         )
     init_weights(model, args.init)
+    init_classifier(model, getattr(args, "classifier_init", None) or "uniform")
     params_unshared = built.params_before if built is not None else count_parameters(model)
     options = sharing_options(args)
-    if options is not None:
-        apply(model, args.policy, input_size=input_size, options=options)
+    if options is not None and built is not None:
+        apply(model, args.policy, input_size=input_size, options=options)  # its own plan, or the re-apply refusal
+    elif options is not None:
+        share_plan = make_plan(model, args.policy, input_size=input_size, options=options)
+        if share_plan.groups:
+            apply(model, plan=share_plan)
+        else:
+            print0(f"note: {_nothing_shared(args, share_plan, params_unshared)}", file=sys.stderr)
     return model, params_unshared, count_parameters(model)
+
+
+def _nothing_shared(args: argparse.Namespace, share_plan: SharePlan, params: int) -> str:
+    reasons = sorted({c.kept_because for c in share_plan.spatial_convs if c.kept_because})
+    why = f" (every spatial conv keeps its own weight: {'; '.join(reasons)})" if reasons else ""
+    return (
+        f"--share: policy {args.policy} shares nothing in {args.arch}{why}; training the original network, "
+        f"{params:,} parameters, recorded as unshared"
+    )
+
+
+def is_shared(model: nn.Module) -> bool:
+    """True when ``model`` carries a share plan with at least one group (what ``run.json``'s ``share`` records)."""
+    plan = get_plan(model)
+    return plan is not None and bool(plan.groups)
+
+
+@torch.no_grad()
+def init_classifier(model: nn.Module, mode: str) -> nn.Module:
+    """``"he"``: every linear layer's weight He-normal, ``N(0, sqrt(2 / in_features))``, as the soft-sharing
+    reference initialises its classifier (``kaiming_normal_``); ``"uniform"``: left as built (torch's default).
+    Biases are zeroed by :func:`share_transform.init.init_weights`.
+
+    Raises:
+        ConfigError: an unknown ``mode``.
+    """
+    if mode not in ("uniform", "he"):
+        raise ConfigError(f"unknown classifier init {mode!r}; choose uniform or he")
+    if mode == "he":
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, math.sqrt(2.0 / m.in_features))
+    return model
 
 
 def run_info(
@@ -146,16 +213,23 @@ def run_info(
     config: TrainConfig,
     params_unshared: int,
     unique_params: int,
+    shared: bool | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The ``run.json`` record both recipes write (the report reads it)."""
+    """The ``run.json`` record both recipes write (the report reads it).
+
+    ``shared``: whether the model trained is shared (:func:`is_shared`); default ``args.share``. A ``--share``
+    that shared nothing is recorded as an unshared run: no policy, no sharing options.
+    """
+    share = args.share if shared is None else shared
+    options = sharing_options(args) if share else None
     return {
         "recipe": recipe,
         "arch": args.arch,
         "dataset": dataset,
-        "share": args.share,
-        "policy": args.policy if args.share else None,
-        "sharing": options.to_dict() if (options := sharing_options(args)) is not None else None,
+        "share": share,
+        "policy": args.policy if share else None,
+        "sharing": options.to_dict() if options is not None else None,
         "seed": args.seed,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -205,10 +279,27 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
 #: The optimisation flags a resume must repeat: the checkpoint's optimizer and schedule carry the run's values,
 #: so a new value would be recorded in run.json but not used. ``--epochs`` may change (grow) on resume.
 PROTOCOL_FLAGS = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
+#: The flags that made the run's model and data stream (``img_size`` is the ImageNet recipe's; ``dataset``,
+#: ``preprocess``, ``val_split``, ``cutout``, ``pad``, ``hflip`` the CIFAR recipe's).
+RUN_FLAGS = (
+    "arch",
+    "batch_size",
+    "seed",
+    "img_size",
+    "init",
+    "classifier_init",
+    "policy",
+    "model_kwargs",
+    "dataset",
+    "synthetic",
+    "preprocess",
+    "val_split",
+    "cutout",
+    "pad",
+    "hflip",
+)
 #: Why a resume refuses a changed flag: the checkpoint's optimizer and schedule carry the optimisation flags,
-#: and its tensors are the model the sharing flags built.
-#: The flags that made the run's model and data stream (``img_size`` is the ImageNet recipe's).
-RUN_FLAGS = ("seed", "img_size", "init", "policy", "model_kwargs")
+#: its tensors are the model the sharing flags built, and the run flags made that model and its data.
 _RESUME_REASONS = {
     **dict.fromkeys(PROTOCOL_FLAGS, "the run's optimizer and schedule keep its values"),
     **dict.fromkeys(SHARING_FLAGS, "its checkpoint holds the model these sharing options built"),
@@ -233,9 +324,9 @@ def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[
             metrics).
         OutputLockedError: another process is running in ``output`` (the message names its PID).
         MissingFileError: ``resume`` without a checkpoint.
-        CheckpointError: ``resume`` with another value of an optimisation or sharing flag, or of
-            :data:`RUN_FLAGS`, than the run's; a ``run.json`` that is not a JSON object.
-        ConfigError: matplotlib, needed for ``curves.png``, is missing.
+        CheckpointError: ``resume`` with another effective value of an optimisation or sharing flag, or of
+            :data:`RUN_FLAGS`, than the run's (as the checkpoint records it; ``run.json`` for older checkpoints);
+            a ``run.json`` that is not a JSON object; no record of the run's flags at all.
     """
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"--output {output} is a file, not a directory")
@@ -252,16 +343,17 @@ def check_output(output: Path, *, resume: bool, args: argparse.Namespace | dict[
         raise MissingFileError(f"--resume: {output} holds no checkpoint-last to continue from")
     if resume and args is not None:
         _check_same_protocol(output, vars(args) if isinstance(args, argparse.Namespace) else args)
-    require_matplotlib()  # curves.png is part of the output contract
 
 
 def _read_run_json(output: Path) -> dict[str, Any]:
-    """The run's ``run.json`` (empty when there is none); a tampered one is a :class:`CheckpointError`."""
+    """The run's ``run.json`` (empty when there is none, or it is empty); a tampered one is a
+    :class:`CheckpointError`."""
     path = output / RUN_FILE
     if not path.is_file():
         return {}
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        run = json.loads(text) if text.strip() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"--resume: {path} is not valid JSON ({e}); it was not written by a run") from None
     if not isinstance(run, dict) or not isinstance(run.get("args", {}), dict):
@@ -269,16 +361,62 @@ def _read_run_json(output: Path) -> dict[str, Any]:
     return run
 
 
+def run_record(output: Path) -> dict[str, Any]:
+    """What the run in ``output`` was trained with: the record its ``checkpoint-last`` state carries, else (a
+    checkpoint older than that record) its ``run.json``.
+
+    Raises:
+        CheckpointError: ``run.json`` is malformed, or neither the checkpoint nor ``run.json`` records the run's
+            flags, so a resume could not be checked.
+    """
+    from_json = _read_run_json(output)  # read even when the checkpoint has the record: tampering is refused
+    record = read_run_record(output, "last")
+    if record is not None:
+        return record
+    if not from_json.get("args"):
+        raise CheckpointError(
+            f"--resume: {output} records no flags to check this command against ({RUN_FILE} is missing or empty, "
+            f"and {state_path(output, 'last').name} predates recording them); restore {RUN_FILE}, or start a new "
+            "run in another --output"
+        )
+    return from_json
+
+
 def _check_same_protocol(output: Path, args: dict[str, Any]) -> None:
-    before = _read_run_json(output).get("args", {})
+    before = run_record(output)["args"]
     for key, reason in _RESUME_REASONS.items():
-        if key in before and key in args and before[key] != args[key]:
+        if key not in before or key not in args:
+            continue
+        was, now = effective_flag(before, key), effective_flag(args, key)
+        if was != now:
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(
-                f"--resume: {output} was trained with {flag} {_flag_text(before[key])}, this command gives "
-                f"{flag} {_flag_text(args[key])}; {reason}, so resume "
+                f"--resume: {output} was trained with {flag} {_flag_text(was)}, this command gives "
+                f"{flag} {_flag_text(now)}; {reason}, so resume "
                 f"with the same {flag} or start a new run in another --output"
             )
+
+
+def effective_flag(args: dict[str, Any], key: str) -> Any:
+    """The value flag ``key`` of a command (``vars(args)``, or a ``run.json`` ``args``) has in effect.
+
+    Sharing options are resolved by the policy (``--scope`` None under ``swrn`` is ``all``) and are None, like
+    ``--policy``, for an unshared run; any other flag is its value (a tuple as a list, as JSON stores it).
+    """
+    value = args.get(key)
+    shared = bool(args.get("share", True))
+    if key == "policy":
+        return value if shared else None
+    if key in SHARING_FLAGS:
+        if not shared:
+            return None
+        options = SharingOptions.from_dict({f: args.get(f) for f in SHARING_FLAGS})
+        rule = POLICIES.get(str(args.get("policy")))
+        if rule is not None:
+            with contextlib.suppress(ShareError):  # a value the plan refuses: compared as given
+                options = options.check(str(args.get("arch")), rule)
+        return getattr(options, key)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _flag_text(value: Any) -> str:
@@ -286,13 +424,18 @@ def _flag_text(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
+def json_record(run_info: dict[str, Any]) -> dict[str, Any]:
+    """``run_info`` as ``run.json`` holds it: paths and other non-JSON values as strings, tuples as lists."""
+    return cast(dict[str, Any], json.loads(json.dumps(run_info, default=str)))
+
+
 def write_run_json(output: Path, run_info: dict[str, Any]) -> None:
     """Write ``run.json`` atomically (paths and other non-JSON values become strings)."""
-    write_text(output / RUN_FILE, json.dumps(run_info, indent=2, default=str) + "\n")
+    write_text(output / RUN_FILE, json.dumps(json_record(run_info), indent=2) + "\n")
 
 
 def _check_same_run(output: Path, run_info: dict[str, Any]) -> None:
-    before = _read_run_json(output)
+    before = run_record(output)
     for key in ("arch", "share", "policy", "dataset", "batch_size"):
         if key in before and before[key] != run_info.get(key):
             raise CheckpointError(
@@ -314,6 +457,10 @@ class _Run:
     output: Path
     steps: int
     shared: bool
+    record: dict[str, Any]  # run.json's content, stored with every checkpoint
+    held_out: str  # what val_loader holds: "val" (a split of the training set) or "test"
+    draw_curves: bool
+    input_size: tuple[int, int, int] | None = None  # recorded in the checkpoints' weights files
     history: list[dict[str, Any]] = field(default_factory=list)
     best_err: float = float("inf")
     start_epoch: int = 0
@@ -332,13 +479,18 @@ def fit(
     train_preprocess: Preprocess | None = None,
     eval_preprocess: Preprocess | None = None,
     title: str = "",
+    test_loader: DataLoader | None = None,
+    input_size: tuple[int, int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for ``config.epochs`` epochs (from the last checkpoint with ``resume``).
 
     Args:
         model: built, initialised and shared on the CPU; ``fit`` moves it to the device (keeping its
             ties), wraps it in DDP when the world size is above 1 and compiles it on request.
-        train_loader, val_loader: from :func:`share_transform.train.data.sampling.make_loader`.
+        train_loader, val_loader: from :func:`share_transform.train.data.sampling.make_loader`; ``val_loader``
+            is evaluated after every epoch and its top-1 error chooses ``checkpoint-best``.
+        test_loader: the test set, when ``val_loader`` is a split held out of the training set: evaluated once
+            after the last epoch, on the final and the best checkpoints (see the module docstring).
         config: the optimisation protocol.
         dist_info: from :func:`init_distributed`.
         output: the run directory.
@@ -346,6 +498,8 @@ def fit(
         run_info: the ``run.json`` record (checked against the old one on resume, then rewritten).
         train_preprocess, eval_preprocess: device-side input transforms.
         title: heading of ``curves.png``.
+        input_size: ``(C, H, W)`` the model trains at, recorded in every checkpoint's weights file (``sharetx
+            inspect`` shows it, ``sharetx export`` uses it); default: the share plan's.
 
     Returns:
         The metrics history, one record per epoch (also in ``metrics.jsonl``).
@@ -355,29 +509,168 @@ def fit(
         CheckpointError: an unreadable checkpoint, or ``resume`` with other settings than the run's (arch,
             share, policy, dataset, batch size, or a :data:`PROTOCOL_FLAGS` value; ``epochs`` may grow).
         NonFiniteLossError: the loss became NaN/inf; nothing from that epoch was written.
+        LoaderWorkerError: a data loader worker died (killed by a signal); the last checkpoint is kept.
     """
     output = Path(output)
     with locked_output(output, resume=resume, dist_info=dist_info, args=run_info.get("args")):
-        run = _start_run(model, config, dist_info, output, run_info=run_info, steps=len(train_loader))
+        run = _start_run(
+            model, config, dist_info, output, run_info=run_info, steps=len(train_loader), split=test_loader is not None
+        )
+        run.input_size = input_size
         if resume:
             _resume(run, run_info)
         if dist_info.is_main:
-            write_run_json(run.output, run_info)  # on resume too: --epochs may have grown
-        for epoch in range(run.start_epoch, config.epochs):
-            lr = run.optimizer.param_groups[0]["lr"]
-            bar = ProgressBar(run.steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
-            train = _train_epoch(run, epoch, train_loader, val_loader, train_preprocess, bar)
-            val = _evaluate_epoch(run, val_loader, eval_preprocess)
-            record = _epoch_record(run, epoch, lr, train, val)
-            is_best = val.top1_err < run.best_err
-            run.best_err = min(run.best_err, val.top1_err)
-            run.history.append(record)
-            if bar is not None:
-                bar.close(_epoch_summary(record))
-            if dist_info.is_main:
-                _save_epoch(run, record, is_best=is_best, title=title)
+            if not (run.output / RUN_FILE).is_file() and resume:
+                print0(
+                    f"note: {run.output / RUN_FILE} was missing; this command was checked against the run's record in "
+                    "its checkpoint, and run.json is written again"
+                )
+            write_run_json(run.output, run.record)  # on resume too: --epochs may have grown
+        try:
+            for epoch in range(run.start_epoch, config.epochs):
+                lr = run.optimizer.param_groups[0]["lr"]
+                bar = ProgressBar(run.steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
+                train = _train_epoch(run, epoch, train_loader, val_loader, train_preprocess, bar)
+                val = _evaluate_epoch(run, val_loader, eval_preprocess)
+                record = _epoch_record(run, epoch, lr, train, val)
+                is_best = val.top1_err < run.best_err
+                run.best_err = min(run.best_err, val.top1_err)
+                run.history.append(record)
+                if bar is not None:
+                    bar.close(_epoch_summary(record))
+                if dist_info.is_main:
+                    _save_epoch(run, record, is_best=is_best, title=title)
+            barrier()
+            if test_loader is not None and run.history:
+                _test_final_and_best(run, test_loader, eval_preprocess, title)
+        except (RuntimeError, OSError, EOFError) as e:
+            death = _loader_failure(e, [train_loader, val_loader, test_loader])
+            if death is None:
+                raise
+            raise LoaderWorkerError(f"{death}; {_last_checkpoint(run.output)}") from None
         barrier()
     return run.history
+
+
+#: torch's words for a loader worker that died: the SIGCHLD handler's, and the fetch timeout's.
+_WORKER_DEATH = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited unexpectedly)"
+)
+
+
+def _loader_failure(error: BaseException, loaders: Sequence[object]) -> str | None:
+    """:func:`_worker_death` of ``error``; when a worker died, the loaders' workers are stopped too. torch's SIGCHLD
+    handler is set aside meanwhile, so it cannot raise in the middle; back, it finds no dead worker registered."""
+    with _sigchld_held():
+        death = _worker_death(error, loaders)
+        if death is not None:
+            _stop_workers(loaders)
+    return death
+
+
+@contextmanager
+def _sigchld_held() -> Iterator[None]:
+    """SIGCHLD handled by a no-op for the block (a signal received before it starts runs the no-op too)."""
+    try:
+        before = signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    except (AttributeError, ValueError):  # not the main thread, or no SIGCHLD: nothing to set aside
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+
+
+def _worker_death(error: BaseException, loaders: Sequence[object]) -> str | None:
+    """One line for a DataLoader worker's death, or None when ``error`` has another cause.
+
+    torch says so with a RuntimeError from its SIGCHLD handler (raised anywhere in the main thread), but the
+    dead worker's socket or queue often fails first (ConnectionResetError, EOFError); then the kernel is asked,
+    for up to a second while the worker's exit reaches it, whether a worker of ``loaders`` died.
+    """
+    # torch's own check of its workers' exit status, the one its SIGCHLD handler calls (private).
+    from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+    match = _WORKER_DEATH.search(str(error))
+    with_workers = any(getattr(loader, "num_workers", 0) for loader in loaders)
+    # Until the kernel names the signal ("exited unexpectedly" is torch's word when a fetch found the worker gone).
+    for _ in range(20 if with_workers and (match is None or match.group(2) is None) else 0):
+        try:
+            _error_if_any_worker_fails()
+        except RuntimeError as e:
+            match = _WORKER_DEATH.search(str(e)) or match
+            if match is not None and match.group(2) is not None:
+                break
+        time.sleep(0.05)
+    if match is None:
+        return None
+    pids, how = match.group(1).strip(), match.group(2)
+    if how is not None:
+        names = {signal.strsignal(s): s.name for s in signal.Signals}  # "Killed" -> SIGKILL
+        how = f"was killed by {names.get(how.strip(), 'signal ' + how.strip())}"
+    else:  # the fetch reaped the worker: its exit code, a negative signal number, is the Process object's
+        workers = [w for loader in loaders for w in getattr(getattr(loader, "_iterator", None), "_workers", ())]
+        codes = [w.exitcode for w in workers if str(w.pid) in pids.split(", ") and w.exitcode is not None]
+        how = f"was killed by {signal.Signals(-codes[0]).name}" if codes and codes[0] < 0 else "exited unexpectedly"
+    return (
+        f"a data loader worker (pid {pids}) {how}; out of memory is the usual cause (the kernel's OOM killer "
+        "sends SIGKILL): lower --workers or --batch-size"
+    )
+
+
+def _stop_workers(loaders: Sequence[object]) -> None:
+    """Shut the loaders' workers down now, while the process can still say why it stops: left to the interpreter's
+    exit, a persistent iterator with a dead worker prints a traceback, and torch's SIGCHLD handler raises again
+    until the dead worker's pid is unregistered (which the shutdown does)."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # DataLoader's persistent-workers iterator (private)
+        stop = getattr(iterator, "_shutdown_workers", None)
+        for _ in range(3):  # the SIGCHLD handler may interrupt the shutdown itself
+            try:
+                if stop is not None:
+                    stop()
+                break
+            except (RuntimeError, OSError, EOFError):
+                continue
+
+
+def _last_checkpoint(output: Path) -> str:
+    path = weights_path(output, "last")
+    if not path.is_file():
+        return "no checkpoint had been written yet"
+    epoch = read_info(path).user.get("epoch", "?")
+    return f"the last checkpoint, {path} (epoch {epoch}), is kept: continue with --resume"
+
+
+def _test_final_and_best(run: _Run, test_loader: DataLoader, preprocess: Preprocess | None, title: str) -> None:
+    """Evaluate the test set on the final model and the best checkpoint (chosen on the held-out split) only;
+    their epochs' records gain the test figures, and rank 0 rewrites ``metrics.jsonl`` and the curves."""
+    final, best = run.history[-1]["epoch"], best_epoch(run.history)
+    device, amp = run.dist_info.device, run.config.amp
+    results = {final: evaluate(run.model, test_loader, device=device, preprocess=preprocess, amp=amp)}
+    if best is not None and best != final:
+        best_model = copy.deepcopy(run.model)  # the returned model stays the final one
+        load_run_checkpoint(run.output, "best", best_model, device=device)
+        results[best] = evaluate(best_model, test_loader, device=device, preprocess=preprocess, amp=amp)
+        del best_model
+    for record in run.history:
+        stats = results.get(record["epoch"])
+        if stats is not None:
+            record.update(test_loss=stats.loss, test_top1_err=stats.top1_err, test_top5_err=stats.top5_err)
+    print0(
+        "test set, evaluated once: "
+        + "; ".join(
+            f"{'final' if e == final else 'best'}{' and best' if e == final == best else ''} (epoch {e}) "
+            f"top-1 err {s.top1_err:.2f}%  top-5 err {s.top5_err:.2f}%"
+            for e, s in sorted(results.items(), key=lambda item: item[0] != final)
+        )
+        + f"; checkpoint-best was chosen on the held-out split (epoch {best})"
+    )
+    if run.dist_info.is_main:
+        write_metrics(run.output / METRICS_FILE, run.history)
+        if run.draw_curves:
+            plot_curves(run.output / CURVES_FILE, run.history, title=title, held_out=run.held_out)
 
 
 @contextmanager
@@ -421,6 +714,7 @@ def _start_run(
     *,
     run_info: dict[str, Any],
     steps: int,
+    split: bool = False,
 ) -> _Run:
     """Move the model to the device, ties kept; build the optimizer; wrap."""
     device = dist_info.device
@@ -441,7 +735,27 @@ def _start_run(
     if config.compile:
         train_model = cast(nn.Module, torch.compile(train_model))
     shared = bool(run_info.get("share", False))
-    return _Run(model, train_model, optimizer, scheduler, config, dist_info, output, steps, shared)
+    draw = not matplotlib_missing()
+    if not draw:
+        print0(
+            "note: matplotlib is not installed, so curves.png is not drawn (pip install 'share-transform[train]' "
+            "draws it); metrics.jsonl has every figure",
+            file=sys.stderr,
+        )
+    return _Run(
+        model,
+        train_model,
+        optimizer,
+        scheduler,
+        config,
+        dist_info,
+        output,
+        steps,
+        shared,
+        record=json_record(run_info),
+        held_out="val" if split else "test",
+        draw_curves=draw,
+    )
 
 
 def _resume(run: _Run, run_info: dict[str, Any]) -> None:
@@ -464,7 +778,7 @@ def _resume(run: _Run, run_info: dict[str, Any]) -> None:
     run.history, run.best_err = list(state["history"]), float(state["best_top1_err"])
     run.start_epoch = int(state["epoch"])
     if run.dist_info.is_main:
-        repair_checkpoints(run.output, run.model, state)
+        repair_checkpoints(run.output, run.model, state, input_size=run.input_size)
         # Rewritten from the checkpoint: drops the line of an epoch that was not checkpointed.
         write_metrics(run.output / METRICS_FILE, run.history)
     print0(f"resumed from {weights_path(run.output, 'last')} after epoch {run.start_epoch}")
@@ -524,6 +838,8 @@ def _epoch_record(run: _Run, epoch: int, lr: float, train: EpochStats, val: Epoc
         "val_loss": val.loss,
         "val_top1_err": val.top1_err,
         "val_top5_err": val.top5_err,
+        "train_images": train.images,
+        "val_images": val.images,
         "images_per_s": train.images_per_s,
         "unique_params": count_parameters(run.model),
         "shared": run.shared,
@@ -548,14 +864,16 @@ def _save_epoch(run: _Run, record: dict[str, Any], *, is_best: bool, title: str)
         "scheduler": run.scheduler.state_dict(),
         "best_top1_err": run.best_err,
         "history": run.history,
+        "run": run.record,
     }
     # Checkpoint before the metrics line: a kill in between is repaired from the history on resume. Last before
     # best: a kill between them leaves the best epoch in last, which the resume copies to best.
     for tag in ("last", "best") if is_best else ("last",):
-        save_checkpoint(run.output, tag, run.model, state)
+        save_checkpoint(run.output, tag, run.model, state, input_size=run.input_size)
         print0(f"saved {weights_path(run.output, tag).name} (epoch {epoch})")
     append_metrics(run.output / METRICS_FILE, record)
-    plot_curves(run.output / CURVES_FILE, run.history, title=title)
+    if run.draw_curves:
+        plot_curves(run.output / CURVES_FILE, run.history, title=title, held_out=run.held_out)
 
 
 def run_recipe(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
@@ -572,6 +890,15 @@ def run_recipe(main: Callable[[argparse.Namespace], object], args: argparse.Name
         if debug_requested():
             traceback.print_exception(e, file=sys.stderr)
         print_error(str(e))
+        return 2
+    except RuntimeError as e:
+        if _WORKER_DEATH.search(str(e)) is None:
+            raise
+        # torch's SIGCHLD handler, raised outside fit's handling (in the instant before it sets the handler aside).
+        with _sigchld_held():
+            output = getattr(args, "output", None)
+            where = _last_checkpoint(Path(output)) if output is not None else "continue with --resume"
+            print_error(f"{_worker_death(e, [])}; {where}")
         return 2
     except KeyboardInterrupt:
         print_error("interrupted")

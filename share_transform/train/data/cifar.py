@@ -12,7 +12,11 @@
     pylearn2's ``make_cifar10_gcn_whitened`` recipe, i.e. global contrast normalisation (each image minus
     its mean, scaled to L2 norm 55) then ZCA whitening with ``filter_bias`` 0.1.
   - ``"meanstd"``: the WRN authors' default: per-channel mean/std, 4-pixel reflection pad, random 32x32
-    crop, horizontal flip.
+    crop, horizontal flip; or, as the soft-sharing reference (lolemacs/soft-sharing), a pad of black pixels
+    (``pad="zero"``) and Cutout (DeVries & Taylor 2017: one ``cutout`` x ``cutout`` square, centred anywhere
+    in the image and clipped at its border, set to 0 after normalisation, i.e. to the mean colour).
+* A held-out split (``val_split``): that many training images, chosen from the seed, kept out of training
+  and out of the preprocessing fit, to choose the best checkpoint on instead of the test set.
 
 Papers:
 * `ShaResNet: reducing residual network parameter number by sharing weights` - https://arxiv.org/abs/1702.08782
@@ -48,6 +52,8 @@ from torch.utils.data import Dataset
 from share_transform.fs import atomic_write
 from share_transform.train.errors import DataError
 
+from .sampling import sample_seeds, splitmix64
+
 __all__ = [
     "CIFAR_DIRS",
     "ZCA",
@@ -61,6 +67,7 @@ __all__ = [
     "download_cifar",
     "fit_preprocessing",
     "global_contrast_normalize",
+    "holdout_indices",
     "load_cifar",
     "load_preprocessing",
     "read_cifar",
@@ -85,6 +92,12 @@ _IMAGE_BYTES = 3 * 32 * 32
 #: pylearn2's CIFAR whitening constants (``CIFAR10(gcn=55.)`` then ``ZCA(filter_bias=0.1)``).
 GCN_SCALE = 55.0
 ZCA_FILTER_BIAS = 0.1
+#: How the random crop pads: mirrored pixels (the WRN code) or black pixels (torchvision's RandomCrop(32,
+#: padding=4), the soft-sharing reference's).
+PADS = ("reflect", "zero")
+#: The stream of :func:`sample_seeds` that orders the training images for :func:`holdout_indices` (epochs are >= 0;
+#: -1 is the synthetic images').
+_HOLDOUT_STREAM = -2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,15 +433,20 @@ def fit_preprocessing(kind: str, images: torch.Tensor) -> Preprocessing:
     return _PREPROCESSING[kind].fit(images)
 
 
-def zca_cache_path(root: str | os.PathLike[str], dataset: str) -> Path:
+def zca_cache_path(
+    root: str | os.PathLike[str], dataset: str, held_out: np.ndarray | torch.Tensor | None = None
+) -> Path:
     """Where :func:`load_cifar` caches the ZCA fitted on ``dataset``'s training files under ``root``.
 
-    The name holds a SHA-256 of those files' bytes and of the ZCA constants, so any change to the
-    training data (or to the constants) misses the cache and refits.
+    The name holds a SHA-256 of those files' bytes and of the ZCA constants (and of the ``held_out`` indices
+    left out of the fit, when a split is held out), so any change to the training data (or to the constants)
+    misses the cache and refits.
     """
     name = _check_name(dataset)
     folder = find_cifar_dir(root, name)
     digest = hashlib.sha256(f"zca {ZCA_FILTER_BIAS!r} {GCN_SCALE!r}".encode())
+    if held_out is not None and len(held_out):
+        digest.update(b"held out" + np.asarray(held_out, dtype=np.int64).tobytes())
     for file in _TRAIN_FILES[name]:
         with open(folder / file, "rb") as f:
             while chunk := f.read(1 << 22):
@@ -436,11 +454,14 @@ def zca_cache_path(root: str | os.PathLike[str], dataset: str) -> Path:
     return folder / f"zca-{digest.hexdigest()[:16]}.safetensors"
 
 
-def _fit_or_cached(kind: str, images: np.ndarray, root: str | os.PathLike[str], dataset: str) -> Preprocessing:
-    """Fit ``kind`` on the training images (uint8 HWC); a ZCA is read from, or written to, its cache beside them."""
+def _fit_or_cached(
+    kind: str, images: np.ndarray, root: str | os.PathLike[str], dataset: str, held_out: np.ndarray | None = None
+) -> Preprocessing:
+    """Fit ``kind`` on the training images (uint8 HWC, the ``held_out`` ones already left out); a ZCA is read
+    from, or written to, its cache beside them."""
     if kind != "zca":
         return fit_preprocessing(kind, _to_float(images))
-    path = zca_cache_path(root, dataset)
+    path = zca_cache_path(root, dataset, held_out)
     if path.is_file():
         try:
             cached = load_preprocessing(path)
@@ -488,12 +509,15 @@ def load_preprocessing(path: str | os.PathLike[str]) -> Preprocessing:
 class CifarDataset(Dataset[tuple[torch.Tensor, ...]]):
     """Images (N, C, H, W) held in memory, augmented a batch at a time.
 
-    ``crop``: 4-pixel reflection pad + random crop back to H x W. ``flip``: horizontal flip with p=0.5.
-    Both off for evaluation. A sample's crop offsets and flip are bits of its 63-bit seed
-    (:meth:`augmented_batch`, which the recipes' loaders call with seeds of ``(seed, epoch, index)``);
-    plain indexing draws that seed from torch's global generator. ``flip_on_device``: the flips are not
-    applied but returned, ``(images, flips (B, 1) float, labels)``, for :class:`CifarInput` to apply after
-    whitening on the device.
+    ``crop``: 4-pixel pad + random crop back to H x W; the pad mirrors the image (``pad="reflect"``) or is
+    ``pad_fill`` per channel (``pad="zero"``: the value a black pixel has in the images' units). ``flip``:
+    horizontal flip with p=0.5. ``cutout``: a ``cutout`` x ``cutout`` square set to 0, its centre anywhere in
+    the image and clipped at the border, as the soft-sharing reference's ``Cutout(n_holes=1, length)``. All off
+    for evaluation. A sample's crop offsets and flip are bits of its 63-bit seed, its Cutout centre bits of
+    that seed's SplitMix64 hash (:meth:`augmented_batch`, which the recipes' loaders call with seeds of
+    ``(seed, epoch, index)``); plain indexing draws that seed from torch's global generator.
+    ``flip_on_device``: the flips are not applied but returned, ``(images, flips (B, 1) float, labels)``, for
+    :class:`CifarInput` to apply after whitening on the device (Cutout then needs host flips).
     """
 
     #: Crop offsets per axis: 0..8 into the 4-pixel padded image.
@@ -507,12 +531,22 @@ class CifarDataset(Dataset[tuple[torch.Tensor, ...]]):
         crop: bool = False,
         flip: bool = False,
         flip_on_device: bool = False,
+        pad: str = "reflect",
+        pad_fill: torch.Tensor | None = None,
+        cutout: int = 0,
     ) -> None:
+        if pad not in PADS:
+            raise DataError(f"unknown pad {pad!r}; choose one of {', '.join(PADS)}")
+        if cutout and flip_on_device:
+            raise DataError("Cutout needs the flips on the host (flip_on_device=False): it is drawn after them")
         self.images = images
         self.labels = labels
         self.crop = crop
         self.flip = flip
         self.flip_on_device = flip_on_device
+        self.pad = pad
+        self.pad_fill = pad_fill if pad_fill is not None else torch.zeros(images.shape[1], dtype=images.dtype)
+        self.cutout = cutout
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -530,7 +564,11 @@ class CifarDataset(Dataset[tuple[torch.Tensor, ...]]):
         x = self.images[indices]
         if self.crop:
             n, c, h, w = x.shape
-            padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+            if self.pad == "reflect":
+                padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+            else:
+                padded = self.pad_fill.to(x.dtype).view(1, c, 1, 1).expand(n, c, h + 8, w + 8).clone()
+                padded[:, :, 4:-4, 4:-4] = x
             rows = ((seeds >> 1) & 0x3FFFFFFF) % self.OFFSETS
             cols = (seeds >> 32) % self.OFFSETS
             x = padded[
@@ -544,7 +582,25 @@ class CifarDataset(Dataset[tuple[torch.Tensor, ...]]):
         if self.flip:
             flipped = (seeds & 1).bool()
             x[flipped] = x[flipped].flip(-1)
+        if self.cutout:
+            x = self._cut_out(x, seeds)
         return x, self.labels[indices]
+
+    def _cut_out(self, x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Zero one ``cutout``-square per image: rows ``[y - L//2, y + L//2)`` clipped to the image, as the
+        reference's ``Cutout`` (its centre ``y``, ``x`` uniform over the image)."""
+        n, _, h, w = x.shape
+        mixed = torch.from_numpy(splitmix64(seeds.numpy().astype(np.uint64)).view(np.int64))
+        y = (mixed & 0xFFFFFFFF) % h
+        cx = ((mixed >> 32) & 0x7FFFFFFF) % w
+        half = self.cutout // 2
+        rows, cols = torch.arange(h), torch.arange(w)
+        inside_rows = (rows >= (y - half)[:, None]) & (rows < (y + half)[:, None])  # (n, h)
+        inside_cols = (cols >= (cx - half)[:, None]) & (cols < (cx + half)[:, None])  # (n, w)
+        hole = inside_rows[:, :, None] & inside_cols[:, None, :]
+        if x.is_floating_point():
+            return x * (~hole)[:, None].to(x.dtype)
+        return x.masked_fill(hole[:, None], 0)
 
 
 class CifarInput:
@@ -579,12 +635,17 @@ class CifarInput:
 
 @dataclass
 class CifarData:
-    """What :func:`load_cifar` returns: both splits, ready for a DataLoader, and the fitted transform."""
+    """What :func:`load_cifar` returns: the splits, ready for a DataLoader, and the fitted transform.
+
+    ``val`` is the test split (the set's test files); ``holdout``, when a ``val_split`` was asked for, the
+    training images held out of training (the held-out set that chooses the best checkpoint).
+    """
 
     train: CifarDataset
     val: CifarDataset
     preprocessing: Preprocessing
     classes: tuple[str, ...]
+    holdout: CifarDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -602,6 +663,10 @@ def load_cifar(
     *,
     hflip: bool = True,
     download: bool = False,
+    val_split: int = 0,
+    seed: int = 0,
+    pad: str = "reflect",
+    cutout: int = 0,
 ) -> CifarData:
     """Read ``dataset`` under ``root`` and preprocess both splits with statistics of the training split.
 
@@ -610,6 +675,14 @@ def load_cifar(
     transform (e.g. :func:`load_preprocessing` of the run's file on ``--resume``), used as is. The test split
     is always transformed with the training split's statistics. ``hflip=False`` drops the flips (for data
     where a mirror image changes the class, such as digits). ``download`` fetches the set first if absent.
+    ``val_split``: hold that many training images out (:func:`holdout_indices` of ``seed``), out of training
+    and of the transform's fit, as ``holdout``. ``pad`` and ``cutout``: the crop's padding (:data:`PADS`) and
+    the Cutout size (0: none) of the training split's augmentation (``meanstd`` only: ZCA inputs train without
+    crops).
+
+    Raises:
+        DataError: missing or malformed files, a ``val_split`` that leaves no training image, or Cutout or a
+            ``pad`` other than reflect with ZCA inputs.
     """
     name = _check_name(dataset)
     if download:
@@ -618,7 +691,10 @@ def load_cifar(
         except DataError:
             download_cifar(root, name)
     train, test = read_cifar(root, name, train=True), read_cifar(root, name, train=False)
-    return _preprocessed(name, train, test, preprocess, hflip=hflip, cache_root=root)
+    return _preprocessed(
+        name, train, test, preprocess, hflip=hflip, cache_root=root, val_split=val_split, seed=seed, pad=pad,
+        cutout=cutout,
+    )  # fmt: skip
 
 
 def synthetic_cifar(
@@ -629,6 +705,9 @@ def synthetic_cifar(
     test_size: int,
     seed: int = 0,
     hflip: bool = True,
+    val_split: int = 0,
+    pad: str = "reflect",
+    cutout: int = 0,
 ) -> CifarData:
     """Random uint8 images with random labels, in ``dataset``'s shape and classes, preprocessed as :func:`load_cifar`
     does: the recipe's whole pipeline without files, for ``--synthetic`` timing runs. A function of ``seed``.
@@ -645,7 +724,24 @@ def synthetic_cifar(
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         return CifarSplit(images, rng.integers(0, len(classes), n, dtype=np.int64), classes)
 
-    return _preprocessed(name, split(train_size), split(test_size), preprocess, hflip=hflip, cache_root=None)
+    return _preprocessed(
+        name, split(train_size), split(test_size), preprocess, hflip=hflip, cache_root=None, val_split=val_split,
+        seed=seed, pad=pad, cutout=cutout,
+    )  # fmt: skip
+
+
+def holdout_indices(count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, held_out)``: indices of ``count`` training images, ``size`` of them held out, both ascending.
+
+    The images are ordered by the SplitMix64 hash of ``(seed, index)`` (:func:`sample_seeds`, a stream of its
+    own) and the first ``size`` held out: a function of the seed alone, the same on every machine and rank.
+
+    >>> kept, held_out = holdout_indices(10, 3, seed=0)
+    >>> len(kept), len(held_out), sorted([*kept, *held_out]) == list(range(10))
+    (7, 3, True)
+    """
+    order = np.argsort(sample_seeds(seed, _HOLDOUT_STREAM, np.arange(count)).numpy(), kind="stable")
+    return np.sort(order[size:]), np.sort(order[:size])
 
 
 def _preprocessed(
@@ -656,31 +752,64 @@ def _preprocessed(
     *,
     hflip: bool,
     cache_root: str | os.PathLike[str] | None,
+    val_split: int = 0,
+    seed: int = 0,
+    pad: str = "reflect",
+    cutout: int = 0,
 ) -> CifarData:
-    """Both splits transformed with the training split's statistics: fitted now (a ZCA cached under
-    ``cache_root``, when given), or ``preprocess`` as given."""
+    """The splits transformed with the training split's statistics: fitted now (a ZCA cached under
+    ``cache_root``, when given), or ``preprocess`` as given; ``val_split`` training images held out first."""
+    kind = preprocess if isinstance(preprocess, str) else preprocess.kind
+    if kind == "zca" and (cutout or pad != "reflect"):
+        raise DataError(
+            "ZCA inputs train with flips only (the paper's): Cutout and --pad need --preprocess meanstd, whose "
+            "training images are cropped"
+        )
+    if val_split < 0 or val_split >= len(train.labels):
+        raise DataError(
+            f"a held-out split of {val_split:,} images (--val-split) leaves no training image: the training split "
+            f"holds {len(train.labels):,}"
+        )
+    holdout: CifarSplit | None = None
+    held_out_indices = None
+    if val_split:
+        kept, held_out_indices = holdout_indices(len(train.labels), val_split, seed)
+        holdout = CifarSplit(train.images[held_out_indices], train.labels[held_out_indices], train.classes)
+        train = CifarSplit(train.images[kept], train.labels[kept], train.classes)
     if not isinstance(preprocess, str):
         transform = preprocess
     elif cache_root is None:
         transform = fit_preprocessing(preprocess, _to_float(train.images))
     else:
-        transform = _fit_or_cached(preprocess, train.images, cache_root, name)
+        transform = _fit_or_cached(preprocess, train.images, cache_root, name, held_out_indices)
     if transform.mean.numel() not in (3, train.images[0].size):
         raise DataError(
             f"the saved {transform.kind} transform has {transform.mean.numel()} features; "
             f"{name} images have {train.images[0].size}"
         )
-    labels = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    splits = [train, test] if holdout is None else [train, test, holdout]
+    labels = [torch.from_numpy(s.labels) for s in splits]
     if isinstance(transform, ZCA):
         # Whitening is a (3072 x 3072) product per image: the device does it per batch (CifarInput), so the
         # datasets keep the bytes and start-up skips whitening 60,000 images on the host.
-        raw = [torch.from_numpy(s.images).permute(0, 3, 1, 2).contiguous() for s in (train, test)]
+        raw = [torch.from_numpy(s.images).permute(0, 3, 1, 2).contiguous() for s in splits]
         train_set = CifarDataset(raw[0], labels[0], crop=transform.crop, flip=hflip, flip_on_device=True)
-        val_set = CifarDataset(raw[1], labels[1])
+        others = [CifarDataset(x, y) for x, y in zip(raw[1:], labels[1:])]
     else:
-        train_set = CifarDataset(transform(_to_float(train.images)), labels[0], crop=transform.crop, flip=hflip)
-        val_set = CifarDataset(transform(_to_float(test.images)), labels[1])
-    return CifarData(train=train_set, val=val_set, preprocessing=transform, classes=train.classes)
+        # A black pixel in the normalised units: what the reference's zero padding becomes after Normalize.
+        black = transform(torch.zeros(1, train.images.shape[-1], 1, 1)).flatten()
+        normalised = [transform(_to_float(s.images)) for s in splits]
+        train_set = CifarDataset(
+            normalised[0], labels[0], crop=transform.crop, flip=hflip, pad=pad, pad_fill=black, cutout=cutout
+        )
+        others = [CifarDataset(x, y) for x, y in zip(normalised[1:], labels[1:])]
+    return CifarData(
+        train=train_set,
+        val=others[0],
+        preprocessing=transform,
+        classes=train.classes,
+        holdout=others[1] if holdout is not None else None,
+    )
 
 
 def _to_float(images: np.ndarray) -> torch.Tensor:

@@ -40,7 +40,7 @@ from ..errors import ConfigError, DataError
 _M64 = (1 << 64) - 1
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """One step of Steele et al.'s SplitMix64 on uint64s: a bijective, well-mixing map (arithmetic wraps)."""
     z = x + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -57,9 +57,9 @@ def sample_seeds(seed: int, epoch: int, indices: np.ndarray | torch.Tensor) -> t
         >>> sample_seeds(0, 1, np.arange(3)).tolist() == [sample_seed(0, 1, i) for i in range(3)]
         True
     """
-    h = _splitmix64(np.array([seed & _M64], dtype=np.uint64))
-    h = _splitmix64(h ^ np.uint64(epoch & _M64))
-    h = _splitmix64(h ^ np.asarray(indices).astype(np.uint64))
+    h = splitmix64(np.array([seed & _M64], dtype=np.uint64))
+    h = splitmix64(h ^ np.uint64(epoch & _M64))
+    h = splitmix64(h ^ np.asarray(indices).astype(np.uint64))
     return torch.from_numpy((h >> np.uint64(1)).astype(np.int64))
 
 

@@ -13,7 +13,7 @@ from ...fs import atomic_write
 from ...paper import TABLE1, TABLE3
 from .results import Result, Table2Entry, _paper_table2_row, dataset_name, paper_model_name
 
-__all__ = ["FIGURE4_FILE", "FIGURE5_FILE", "plot_figure4", "plot_figure5"]
+__all__ = ["FIGURE4_FILE", "FIGURE5_FILE", "figure4", "figure5", "plot_figure4", "plot_figure5"]
 
 FIGURE4_FILE = "figure4_curves.png"
 FIGURE5_FILE = "figure5_error_vs_params.png"
@@ -50,10 +50,16 @@ def _setting(result: Result) -> str:
 
 
 def plot_figure5(results: Sequence[Result], path: str | os.PathLike[str]) -> Path:
+    """Draw :func:`figure5` into ``path``, atomically."""
+    return _save_png(figure5(results), path)
+
+
+def figure5(results: Sequence[Result]) -> Any:
     """Top-1 error against millions of parameters, one panel per dataset.
 
     Each architecture is one curve over its settings (original, shared, and any other sharing options),
-    ordered by parameters; hollow markers on dashed lines are the paper's figures.
+    ordered by parameters, labelled ``<model> (measured)``; hollow markers on dashed lines are the paper's
+    figures, labelled ``ResNet (paper)`` and ``ShaResNet (paper)``.
     """
     datasets = sorted({r.config.dataset for r in results})
     fig = new_figure((6 * len(datasets), 4.5))
@@ -87,7 +93,7 @@ def plot_figure5(results: Sequence[Result], path: str | os.PathLike[str]) -> Pat
         ax.legend(fontsize=8)
     fig.suptitle("Figure 5: top-1 error against model size")
     fig.tight_layout()
-    return _save_png(fig, path)
+    return fig
 
 
 def _curve(result: Result, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -99,14 +105,26 @@ def _curve(result: Result, key: str) -> tuple[list[int], list[float], list[float
 
 
 def plot_figure4(table2: Sequence[Table2Entry], path: str | os.PathLike[str]) -> Path:
-    """For each original/shared pair: training loss (left) and test accuracy (right) per epoch."""
+    """Draw :func:`figure4` into ``path``, atomically."""
+    return _save_png(figure4(table2), path)
+
+
+def figure4(table2: Sequence[Table2Entry]) -> Any:
+    """For each original/shared pair: training loss (left) and held-out accuracy (right) per epoch, the mean over
+    seeds (a band from min to max with several), labelled ``<result label> (n=<seeds>)``.
+
+    The held-out set is the test set, or for runs with a held-out split (``--val-split``) that split: the panel's
+    title says which.
+    """
+    rows = len(table2)
+    fig = new_figure((11, 3.6 * rows))  # first: without matplotlib, MissingExtraError
     from matplotlib.ticker import MaxNLocator
 
-    rows = len(table2)
-    fig = new_figure((11, 3.6 * rows))
     axes = fig.subplots(rows, 2, squeeze=False)
     for (ax_loss, ax_acc), entry in zip(axes, table2):
         title = f"{paper_model_name(entry.original.config.arch)}, {dataset_name(entry.original.config.dataset)}"
+        split = any(r.val_split for result in (entry.original, entry.shared) for r in result.runs)
+        held_out = "validation" if split else "test"
         for result, colour in ((entry.original, _ORIGINAL_COLOUR), (entry.shared, _SHARED_COLOUR)):
             label = f"{result.label} (n={len(result.runs)})"
             for ax, key, to_acc in ((ax_loss, "train_loss", False), (ax_acc, "val_top1_err", True)):
@@ -117,11 +135,11 @@ def plot_figure4(table2: Sequence[Table2Entry], path: str | os.PathLike[str]) ->
                 if len(result.runs) > 1:
                     ax.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
         ax_loss.set(title=f"{title}: training loss", xlabel="epoch", ylabel="loss")
-        ax_acc.set(title=f"{title}: test accuracy", xlabel="epoch", ylabel="top-1 accuracy (%)")
+        ax_acc.set(title=f"{title}: {held_out} accuracy", xlabel="epoch", ylabel="top-1 accuracy (%)")
         for ax in (ax_loss, ax_acc):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle("Figure 4: training loss and test accuracy, original against shared")
+    fig.suptitle("Figure 4: training loss and held-out accuracy, original against shared")
     fig.tight_layout()
-    return _save_png(fig, path)
+    return fig

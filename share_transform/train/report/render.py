@@ -122,11 +122,34 @@ class Report:
             out += ["## Figures", ""]
             out += [f"* {name}: `{file}`" for name, file in self.figures.items()]
             out.append("")
+        out += ["## Model selection", "", self.markdown_selection(), ""]
         if unfinished:
             out += ["## Unfinished runs (left out of the tables)", ""]
-            out += [f"* `{r.path}`: {len(r.metrics)}/{r.epochs} epochs" for r in unfinished]
+            out += [
+                f"* `{r.path}`: {len(r.metrics)}/{r.epochs} epochs"
+                + ("" if len(r.metrics) < r.epochs else ", the test set not yet evaluated (--resume evaluates it)")
+                for r in unfinished
+            ]
             out.append("")
         return "\n".join(out)
+
+    def markdown_selection(self) -> str:
+        """Which held-out set chose each run's ``checkpoint-best``."""
+        counts: dict[str, int] = {}
+        for r in self.runs:
+            counts[r.best_chosen_on] = counts.get(r.best_chosen_on, 0) + 1
+        lines = [
+            "The tables report each run's final model on the test set. Its `checkpoint-best` was chosen on:",
+            "",
+        ]
+        for chosen_on, n in sorted(counts.items()):
+            note = (
+                " (an optimistic choice: the same images then judge it; train with `--val-split N`)"
+                if chosen_on == "the test set"
+                else " (the test set evaluated once, on the final and the best checkpoints)"
+            )
+            lines.append(f"* {chosen_on}: {n} run{'s' if n != 1 else ''}{note}")
+        return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -139,6 +162,7 @@ class Report:
                 if not r.complete
             ],
             "figures": self.figures,
+            "best_chosen_on": {str(r.path): r.best_chosen_on for r in self.runs},
         }
 
 

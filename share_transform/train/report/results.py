@@ -91,13 +91,18 @@ class Result:
         return Stat(tuple(float(v) for v in values)) if None not in values else None
 
     def _final(self, key: str) -> list[Any]:
-        """``key`` of every run's last epoch (None where a run lacks it)."""
+        """Every run's final test figure ``key`` (``val_top1_err`` style; None where a run lacks it)."""
         values = []
         for r in self.runs:
             if r.final is None:
                 raise ReportError(f"{r.path}: the run has no finished epoch to report")
-            values.append(r.final.get(key))
+            values.append(r.final_test(key.removeprefix("val_")))
         return values
+
+    @property
+    def best_chosen_on(self) -> str:
+        """What chose the runs' ``checkpoint-best`` (their final errors are reported either way)."""
+        return "; ".join(sorted({r.best_chosen_on for r in self.runs}))
 
     @property
     def seeds(self) -> list[int | None]:
@@ -126,6 +131,7 @@ class Result:
             "top5_err": top5.to_json() if top5 else None,
             "seeds": self.seeds,
             "runs": [str(r.path) for r in self.runs],
+            "best_chosen_on": self.best_chosen_on,
         }
 
 

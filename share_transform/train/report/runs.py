@@ -33,6 +33,7 @@ class Run:
     unique_params: int
     params_unshared: int | None
     metrics: tuple[dict[str, Any], ...]  # one per finished epoch, in epoch order
+    val_split: int = 0  # training images held out to choose checkpoint-best on; 0: the test set chose it
 
     @property
     def final(self) -> dict[str, Any] | None:
@@ -41,7 +42,24 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        return len(self.metrics) >= self.epochs
+        """Every planned epoch done, and, with a held-out split, the test set evaluated on the final model."""
+        if len(self.metrics) < self.epochs:
+            return False
+        return not self.val_split or (self.final or {}).get("test_top1_err") is not None
+
+    @property
+    def best_chosen_on(self) -> str:
+        """What chose ``checkpoint-best``: ``"a held-out split of N training images"`` or ``"the test set"``."""
+        return f"a held-out split of {self.val_split:,} training images" if self.val_split else "the test set"
+
+    def final_test(self, key: str = "top1_err") -> Any:
+        """The final model's test figure ``key`` (``top1_err``, ``top5_err``, ``loss``), None where missing.
+
+        A run with a held-out split evaluated the test set once, at the end (``test_*``); any other run evaluated
+        it after every epoch (``val_*``, its held-out set being the test set).
+        """
+        final = self.final or {}
+        return final.get(f"test_{key}" if self.val_split else f"val_{key}")
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
@@ -74,6 +92,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         unique_params=int(info["unique_params"]),
         params_unshared=info.get("params_unshared"),
         metrics=tuple(metrics),
+        val_split=int(info.get("val_split") or 0),  # runs written before the split existed held none out
     )
 
 
