@@ -40,6 +40,7 @@ _API = (
     "files",
     "checkpoints",
     "export",
+    "swrn",
     "models",
 )
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # the same modules, for type checkers and IDEs (tests/test_pa
     from .policies import *  # noqa: F403
     from .signature import *  # noqa: F403
     from .summary import *  # noqa: F403
+    from .swrn import *  # noqa: F403
     from .tie import *  # noqa: F403
     from .trace import *  # noqa: F403
     from .warmstart import *  # noqa: F403

@@ -33,7 +33,7 @@ from .checkpoints import load_weights
 from .errors import CheckpointError
 from .tie import apply, get_plan
 
-__all__ = ["SwrnLayout", "import_swrn", "swrn_layout"]
+__all__ = ["import_swrn"]  # the package exports it; SwrnLayout and swrn_layout are imported from here
 
 _BANK = re.compile(r"bank_([123])\.templates")
 _STAGE = re.compile(r"stage_([123])\.(\d+)\.(.+)")
