@@ -1,25 +1,40 @@
-"""The sharing dial on real data, on a CPU: one WRN trained at five sharing settings on scikit-learn's digits.
+"""The sharing dial on real data, on a CPU: two residual nets at their sharing settings on scikit-learn's digits.
 
 The digits of ``digits_experiment.py`` (1,797 8x8 images upsampled to 32x32 RGB, CIFAR-10 format, 1,347 train /
-450 test), trained with ``train_cifar.py`` (the WRN protocol, epochs scaled down), three seeds per setting:
+450 test), trained with ``train_cifar.py`` (the WRN protocol, epochs scaled down), three seeds per setting.
+
+A wide ResNet (basic blocks: two 3x3s a block), at five settings:
 
 * ``original``: no sharing;
 * ``paper``: ShaResNet, policy ``cifar`` (blocks 2..n of a stage share their last 3x3);
 * ``group2``: the same convs, shared in runs of two (``--group-size 2``);
-* ``all``: both 3x3s of blocks 2..n share one weight per stage (``--scope all``);
+* ``all``: both 3x3s of blocks 2..n share one weight per stage (``--scope all``; ``--scope block`` is the same
+  on basic blocks);
 * ``soft2``: the soft-sharing WRN, those convs mixing a bank of two templates (``--policy swrn --templates 2``).
 
+A bottleneck ResNet (pre-activation, 1x1-3x3-1x1: two thirds of a block are its 1x1s), at four settings:
+
+* ``original``: no sharing;
+* ``last``: ShaResNet, policy ``cifar`` (blocks 2..n of a stage share their 3x3);
+* ``block``: every conv of blocks 2..n shares with its peers of the stage (``--scope block``);
+* ``block-soft2``: those convs mixing one bank of two templates per group (``--scope block --templates 2``).
+
 WRN-28-1 is the smallest WRN on which the five differ (4 blocks a stage; WRN-22 has 3, where group size 2 is
-the paper's sharing). It prints "run k of N" with an ETA for the whole command, then writes the report
-(``OUT/report``: Tables 2-3, Figure 5 with the architecture's curve over its settings) and ``OUT/report/
-sharing.md``, the table of settings. Re-running continues: finished runs are kept, interrupted ones resumed.
+the paper's sharing). The bottleneck net is a pre-act ResNet-38 (4 blocks a stage, the fewest where two
+templates save parameters over three members) at base width 8 (stage outputs 32/64/128), which costs about
+one WRN-28-1 step. The command prints "run k of N" with an ETA for all runs, then writes the report
+(``OUT/report``: Tables 2-3, Figure 5 with one curve per architecture over its settings) and ``OUT/report/
+sharing.md``, a table of settings per architecture. Re-running continues: finished runs are kept, interrupted
+ones resumed.
 
     python recipes/sharing_experiment.py --out runs/sharing --figure docs/sharing/figure5_error_vs_params.png
+    python recipes/sharing_experiment.py --out /tmp/smoke --epochs 1 --seeds 0   # a smoke run: 9 runs of 1 epoch
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -28,16 +43,19 @@ from pathlib import Path
 import digits_experiment  # the sibling recipe: the digits as CIFAR files, the scaled-down schedule
 import train_cifar
 
+from share_transform.build import check_model_kwargs
 from share_transform.fs import atomic_write
 from share_transform.train import run_recipe
 from share_transform.train.args import HelpFormatter
 from share_transform.train.checkpoint import has_checkpoint
+from share_transform.train.errors import ConfigError
 from share_transform.train.metrics import RUN_FILE
 from share_transform.train.report import load_run, write_report
 from share_transform.train.report.figures import FIGURE5_FILE
 from share_transform.train.report.render import Report
+from share_transform.train.report.results import paper_model_name
 
-#: (name, flags) of each setting, in the order they are trained and tabulated.
+#: (name, flags) of each setting of the wide ResNet, in the order they are trained and tabulated.
 SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("original", ("--no-share",)),
     ("paper", ("--share", "--policy", "cifar")),
@@ -51,16 +69,43 @@ SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
         + ("--classifier-init", "uniform"),
     ),
 )
+#: (name, flags) of each setting of the bottleneck ResNet.
+BOTTLENECK_SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("original", ("--no-share",)),
+    ("last", ("--share", "--policy", "cifar")),
+    ("block", ("--share", "--policy", "cifar", "--scope", "block")),
+    ("block-soft2", ("--share", "--policy", "cifar", "--scope", "block", "--templates", "2")),
+)
 TABLE_FILE = "sharing.md"
+
+
+def _listed(settings: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+    """``original (--no-share), paper (--share --policy cifar), ...`` for ``--help``."""
+    return ", ".join(f"{name} ({' '.join(flags)})" for name, flags in settings)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="One WRN at five sharing settings on scikit-learn's digits (32x32, CIFAR format), on a CPU.",
+        description="A WRN at five sharing settings (original, paper, group2, all, soft2) and a bottleneck ResNet at "
+        "four (original, last, block, block-soft2: --scope block with and without --templates 2) on "
+        "scikit-learn's digits (32x32, CIFAR format), three seeds each, on a CPU.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("runs/sharing"), help="data, runs and report go here")
-    parser.add_argument("--arch", default="wrn_28_1", help="the WRN trained at every setting")
+    parser.add_argument(
+        "--arch", default="wrn_28_1", help=f"the WRN, trained at {len(SETTINGS)} settings: {_listed(SETTINGS)}"
+    )
+    parser.add_argument(
+        "--bottleneck",
+        default="preact_resnet38",
+        help=f"the bottleneck ResNet, trained at {len(BOTTLENECK_SETTINGS)} settings: "
+        f"{_listed(BOTTLENECK_SETTINGS)}; '' leaves it out",
+    )
+    parser.add_argument(
+        "--bottleneck-kwargs",
+        default='{"base_width": 8}',
+        help="its constructor arguments, JSON (base width 8: stage outputs 32/64/128)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run of each setting per seed")
     parser.add_argument("--epochs", type=int, default=8, help="the WRN schedule's drops scale to them")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch")
@@ -72,7 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def settings_table(report: Report, arch: str) -> str:
-    """Markdown: each setting's unique parameters, decrease and top-1 error per seed, in :data:`SETTINGS` order."""
+    """Markdown: each setting's unique parameters, decrease and top-1 error per seed, most parameters first."""
     results = {r.label: r for r in report.results if r.config.arch == arch}
     original = next((r for r in results.values() if not r.config.share), None)
     lines = [
@@ -86,28 +131,51 @@ def settings_table(report: Report, arch: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heading(arch: str, args: argparse.Namespace) -> str:
+    """The table heading of one architecture: its paper name, and the constructor arguments it was given."""
+    name = paper_model_name(arch)
+    if arch != args.bottleneck:
+        return name
+    kwargs = json.loads(args.bottleneck_kwargs)
+    given = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in kwargs.items())
+    return f"{name} (pre-act bottleneck{', ' + given if given else ''})"
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.bottleneck:  # before any training: a typo here would otherwise stop the command after the WRN runs
+        try:
+            check_model_kwargs(json.loads(args.bottleneck_kwargs), where="--bottleneck-kwargs", error=ConfigError)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--bottleneck-kwargs is not JSON ({e}): {args.bottleneck_kwargs!r}") from None
     data_root = args.out / "data"
     digits_experiment.digits_as_cifar(data_root)
-    plan = [(seed, name, flags) for seed in args.seeds for name, flags in SETTINGS]
+    archs = [(args.arch, SETTINGS, [])]
+    if args.bottleneck:
+        archs.append((args.bottleneck, BOTTLENECK_SETTINGS, ["--model-kwargs", args.bottleneck_kwargs]))
+    plan = [
+        (seed, arch, name, [*flags, *extra])
+        for arch, settings, extra in archs
+        for seed in args.seeds
+        for name, flags in settings
+    ]
     start, trained = time.monotonic(), 0
-    for k, (seed, name, flags) in enumerate(plan, start=1):
-        output = args.out / "runs" / f"{args.arch}-{name}-seed{seed}"
+    for k, (seed, arch, name, flags) in enumerate(plan, start=1):
+        output = args.out / "runs" / f"{arch}-{name}-seed{seed}"
         if (output / RUN_FILE).exists():
             done = load_run(output)
             if done.complete and done.epochs == args.epochs:
-                print(f"run {k} of {len(plan)}: {name}, seed {seed}: done before", flush=True)
+                print(f"run {k} of {len(plan)}: {arch} {name}, seed {seed}: done before", flush=True)
                 continue
         # The ETA assumes the runs still to go take as long as the ones this command trained so far.
         eta = (time.monotonic() - start) / trained * (len(plan) - k + 1) if trained else None
         print(
-            f"run {k} of {len(plan)}: {args.arch} {name}, seed {seed}; ETA for all runs "
+            f"run {k} of {len(plan)}: {arch} {name}, seed {seed}; ETA for all runs "
             + (f"{eta / 60:.1f} min" if eta is not None else "after the first run"),
             flush=True,
         )
         argv = [
             "--dataset", "cifar10", "--dataset-name", "digits", "--data", str(data_root),
-            "--preprocess", "meanstd", "--no-hflip", "--arch", args.arch, *flags,
+            "--preprocess", "meanstd", "--no-hflip", "--arch", arch, *flags,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--lr-milestones", *map(str, digits_experiment.milestones(args.epochs)), "--seed", str(seed),
             "--workers", str(args.workers), "--device", args.device, "--output", str(output),
@@ -119,7 +187,7 @@ def main(args: argparse.Namespace) -> None:
         trained += 1
     print(f"trained {trained} runs in {(time.monotonic() - start) / 60:.1f} min")
     report = write_report([args.out / "runs"], args.out / "report")
-    table = settings_table(report, args.arch)
+    table = "\n".join(f"### {heading(arch, args)}\n\n{settings_table(report, arch)}" for arch, _, _ in archs)
     atomic_write(args.out / "report" / TABLE_FILE, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
     print(table)
     if args.figure is not None:

@@ -130,6 +130,7 @@ MODEL_KWARGS = frozenset(
         "down_kernel_size", "avg_down", "output_stride", "global_pool",  # timm ResNets
         "groups", "width_per_group", "replace_stride_with_dilation",  # torchvision ResNets
         "depth", "widen_factor",  # the CIFAR networks (wrn_<depth>_<k>, preact_resnet<depth>)
+        "depths", "dims",  # timm ConvNeXt
         "drop_rate", "drop_path_rate", "drop_block_rate", "dropout",
     }
 )  # fmt: skip

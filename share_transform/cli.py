@@ -26,7 +26,7 @@ import click
 from .build import SOURCES, build_model, list_model_names, split_name
 from .errors import ExportError, MissingFileError, ShareError, ShareOptionError, debug_requested
 from .fs import check_writable, existing_file
-from .policies import ALLOCATIONS, INITS, POLICIES, SharingOptions
+from .policies import ALLOCATIONS, INITS, POLICIES, SCOPES, SharingOptions
 from .text import format_columns
 from .version import __version__
 
@@ -185,7 +185,8 @@ def _sharing_options(f: F) -> F:
             "--scope",
             default=None,
             help="last: each block's last spatial conv (the paper); all: every spatial conv of the residual "
-            "branch [default: the policy's].",
+            "branch; block: every conv and linear layer of it (1x1, depthwise, SE, MLP), weight and bias "
+            "[default: the policy's].",
         ),
         click.option(
             "--templates",
@@ -362,6 +363,7 @@ def convert(
       sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
       sharetx convert --model resnet101 --budget 0.75
       sharetx convert --model wrn_28_10 --policy swrn --templates 2
+      sharetx convert --model resnet50 --scope block
       sharetx convert --model resnet50 --exclude 'layer4.*'
     """
     arch = split_name(name, source)[1]
@@ -423,6 +425,7 @@ def plan_command(
       sharetx plan --model resnet50
       sharetx plan --model wrn_28_10 --policy cifar --num-classes 100 --json
       sharetx plan --model resnet34 --scope all --group-size 2
+      sharetx plan --model convnext_tiny --scope block
       sharetx plan --model resnet50 --exclude 'layer4.*' --exclude layer3.5
     """
     from .planning import plan
@@ -448,6 +451,13 @@ def plan_command(
 @main.command("sweep")
 @_model_options
 @click.option(
+    "--scope",
+    "scopes",
+    type=click.Choice(SCOPES),
+    multiple=True,
+    help="Only this scope (repeatable) [default: last, all and block].",
+)
+@click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -461,6 +471,7 @@ def sweep_command(
     source: str | None,
     policy: str,
     num_classes: int | None,
+    scopes: tuple[str, ...],
     plot: Path | None,
     force: bool,
     exclude: tuple[str, ...],
@@ -473,6 +484,7 @@ def sweep_command(
     \b
     Examples:
       sharetx sweep --model resnet50
+      sharetx sweep --model convnext_tiny --scope block
       sharetx sweep --model wrn_28_10 --policy cifar --json
       sharetx sweep --model resnet101 --plot resnet101-sweep.png
       sharetx sweep --model resnet50 --exclude 'layer4.*'
@@ -485,7 +497,7 @@ def sweep_command(
 
         require_matplotlib()  # before the build: a missing [train] extra costs nothing
     model = _build(name, source, num_classes)
-    plans = sweep(model, policy, exclude=exclude)
+    plans = sweep(model, policy, scopes=scopes or SCOPES, exclude=exclude)
     rows: list[dict[str, Any]] = [
         {
             "scope": p.scope,

@@ -56,7 +56,9 @@ class OnnxExport:
     conv_weight_initializers: int  # distinct initializers the Conv nodes read their weight from
     distinct_conv_weights: int  # distinct nn.Conv2d weights of the exported (baked) PyTorch model
     max_abs_diff: float  # onnxruntime vs PyTorch on the check batch
-    baked_convs: int = 0  # soft-shared convs exported with their effective weight, one initializer each
+    baked_convs: int = (
+        0  # soft-shared layers (convs, linear) exported with their effective weight, one initializer each
+    )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -167,7 +169,7 @@ def export_onnx(
     name = model_name(model)
     onnx, ort = _onnx_modules()
     recorded = get_plan(model)
-    baked = sum(isinstance(m, nn.Conv2d) and is_soft(m) for m in model.modules())
+    baked = sum(isinstance(m, nn.Conv2d | nn.Linear) and is_soft(m) for m in model.modules())
     if baked:
         model = bake(copy.deepcopy(model))  # the caller's model keeps its templates
     own = recorded.input_size if recorded is not None else default_input_size(model)

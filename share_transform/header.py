@@ -164,7 +164,18 @@ def _json(text: str, key: str) -> Any:
 # ------------------------------------------------------------------------------------------------------- the plan
 
 
-def _signature(value: object, where: str) -> None:
+def _signature(value: object, where: str) -> tuple[int, ...]:
+    """Check a conv's or (tagged ``"kind": "linear"``, scope "block") a linear layer's signature; its weight shape."""
+    if isinstance(value, dict) and "kind" in value:
+        if value["kind"] != "linear":
+            _fail(f"{where}.kind", "'linear' (a conv's signature has no kind)", value["kind"])
+        sig = _object(value, where, ("kind", "layer_class", "in_features", "out_features", "bias"), closed=True)
+        _str(sig["layer_class"], f"{where}.layer_class")
+        _bool(sig["bias"], f"{where}.bias")
+        return (
+            _int(sig["out_features"], f"{where}.out_features", 1),
+            _int(sig["in_features"], f"{where}.in_features", 1),
+        )
     keys = ("conv_class", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
             "bias", "padding_mode")  # fmt: skip
     sig = _object(value, where, keys, closed=True)
@@ -185,6 +196,7 @@ def _signature(value: object, where: str) -> None:
     _bool(sig["bias"], f"{where}.bias")
     if sig["padding_mode"] not in PADDING_MODES:
         _fail(f"{where}.padding_mode", f"one of {', '.join(PADDING_MODES)}", sig["padding_mode"])
+    return (cout, cin // groups, *sig["kernel_size"])
 
 
 def _options(plan: dict[str, Any]) -> None:
@@ -249,21 +261,30 @@ def check_plan(value: object) -> SharePlan:
     members_seen: set[str] = set()
     for i, g in enumerate(groups):
         where = f"plan.groups[{i}]"
-        group = _object(g, where, ("stage", "resolution", "signature", "members", "numel"), ("templates",), closed=True)
+        group = _object(
+            g,
+            where,
+            ("stage", "resolution", "signature", "members", "numel"),
+            ("templates", "shares_bias"),
+            closed=True,
+        )
         _int(group["stage"], f"{where}.stage", 1, max(len(stages), 1))
         _pair(group["resolution"], f"{where}.resolution", 1)
-        _signature(group["signature"], f"{where}.signature")
+        shape = _signature(group["signature"], f"{where}.signature")
         members = [_str(m, f"{where}.members[{j}]") for j, m in enumerate(_list(group["members"], f"{where}.members"))]
         if len(members) < 2 or len(set(members)) != len(members) or members_seen & set(members):
             raise SchemaError(f"{where}.members must be two or more convs of no other group, got {members[:4]}")
         members_seen |= set(members)
-        sig = group["signature"]
-        shape = (sig["out_channels"], sig["in_channels"] // sig["groups"], *sig["kernel_size"])
         if _int(group["numel"], f"{where}.numel", 1, MAX_COUNT) != math.prod(shape):
             raise SchemaError(f"{where}.numel must be {math.prod(shape)} (its weight is {shape}), got {group['numel']}")
         templates = _optional_int(group.get("templates"), f"{where}.templates", 1)
         if templates != plan.get("templates"):
             raise SchemaError(f"{where}.templates ({templates}) differs from the plan's ({plan.get('templates')})")
+        # Only hard sharing at scope "block" ties a bias, and only a layer that has one.
+        if "shares_bias" in group and _bool(group["shares_bias"], f"{where}.shares_bias") != (
+            plan.get("scope") == "block" and templates is None and group["signature"]["bias"]
+        ):
+            raise SchemaError(f"{where}.shares_bias must be true exactly for a hard group at scope block with a bias")
     for i, s in enumerate(stages):
         for j, c in enumerate(s["spatial_convs"]):
             if c["group"] is not None and c["path"] not in groups[c["group"]]["members"]:
@@ -299,6 +320,15 @@ def check_plan_tensors(
             if name != stored[0] and aliases.get(name) != stored[0]:
                 raise SchemaError(f"{where}: {name} must be an alias of {stored[0]}, got {aliases.get(name)!r}")
         shared_names[stored[0]] = set(names)
+        if g.shares_bias:  # the bias is one tensor too, stored the same way
+            biases = [m + ".bias" for m in g.members]
+            kept = [n for n in biases if n in tensors]
+            if len(kept) != 1 or tuple(tensors[kept[0]][1]) != (g.signature.bias_numel,):
+                raise SchemaError(f"{where}: its shared bias must be stored once, of {g.signature.bias_numel} elements")
+            for name in biases:
+                if name != kept[0] and aliases.get(name) != kept[0]:
+                    raise SchemaError(f"{where}: {name} must be an alias of {kept[0]}, got {aliases.get(name)!r}")
+            shared_names[kept[0]] = set(biases)
         if g.templates is not None:
             for m in g.members:
                 coefficients = tensors.get(m + COEFFICIENTS_SUFFIX)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
 from .errors import InputSizeError, NotAModuleError
@@ -98,19 +99,27 @@ def distinct_conv_weights(model: nn.Module) -> int:
     return len({key for m in model.modules() if isinstance(m, nn.Conv2d) for key in conv_weight_keys(m)})
 
 
-def conv_weight_keys(conv: nn.Conv2d) -> set[tuple[int, int]]:
-    """Identities of the weights behind ``conv``: its Parameter, or each template of the bank it mixes.
+def conv_weight_keys(layer: nn.Module) -> set[tuple[int, int]]:
+    """Identities of the weights behind a conv or linear ``layer``: its Parameter, or each template of the bank
+    it mixes.
 
     A soft member's ``weight`` is recomputed on every access, so its identity is its bank's.
     """
-    bank = bank_of(conv)
-    return {(id(bank), i) for i in range(bank.k)} if bank is not None else {(id(conv.weight), 0)}
+    bank = bank_of(layer)
+    return {(id(bank), i) for i in range(bank.k)} if bank is not None else {(id(layer.weight), 0)}
 
 
-def weight_storage(conv: nn.Conv2d) -> dict[int, int]:
-    """The tensors that hold ``conv``'s weight, ``{id: numel}``: its Parameter, or its coefficients and bank."""
-    bank = bank_of(conv)
+def weight_storage(layer: nn.Module, *, bias: bool = False) -> dict[int, int]:
+    """The tensors that hold a conv or linear ``layer``'s weight, ``{id: numel}``: its Parameter, or its
+    coefficients and bank; with ``bias``, its bias Parameter too (when it has one)."""
+    bank = bank_of(layer)
     if bank is None:
-        return {id(conv.weight): conv.weight.numel()}
-    coefficients = coefficients_of(conv)
-    return {id(coefficients): coefficients.numel(), id(bank.templates): bank.templates.numel()}
+        weight = cast(torch.Tensor, layer.weight)
+        storage = {id(weight): weight.numel()}
+    else:
+        coefficients = coefficients_of(layer)
+        storage = {id(coefficients): coefficients.numel(), id(bank.templates): bank.templates.numel()}
+    layer_bias = getattr(layer, "bias", None)
+    if bias and isinstance(layer_bias, torch.Tensor):
+        storage[id(layer_bias)] = layer_bias.numel()
+    return storage

@@ -1,4 +1,4 @@
-"""The share plan: which spatial convs of which stage share one weight (analysis, never mutation).
+"""The share plan: which layers of which stage share one weight (analysis, never mutation).
 
 ``plan(model)`` runs trace -> shapes -> blocks/stages and returns a :class:`SharePlan`, a plain dataclass
 that prints as a per-stage table and converts to and from JSON-ready dicts. ``apply`` (in
@@ -10,7 +10,8 @@ input resolution and the same conv signature, and stride 1, point at one shared 
 
 Options turn that one operating point into a dial: ``group_size`` cuts a stage's sharable convs into runs
 that each share one weight, ``scope="all"`` shares every spatial conv of the residual branch (both 3x3s of a
-basic block), ``templates=k`` makes each run a soft-shared group (a bank of k templates mixed by per-conv
+basic block), ``scope="block"`` every conv and linear layer of it (1x1s, depthwise convs, squeeze-excitation,
+an MLP), weight and bias, ``templates=k`` makes each run a soft-shared group (a bank of k templates mixed by per-conv
 coefficients; Savarese & Maire, ICLR 2019) and ``budget`` picks the least sharing that fits a parameter budget.
 ``exclude`` names layers whose convs keep their own weights whatever the rest of the options say.
 """
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from .allocate import allocate_runs, gram, run_errors, run_saving
-from .blocks import BranchConv, ResidualBlock, find_blocks, lost_reductions
+from .blocks import BranchLayer, ResidualBlock, find_blocks, lost_reductions
 from .errors import InputSizeError, NoSpatialConvError, ShareOptionError, UnknownPolicyError
 from .modelinfo import (
     check_input_size,
@@ -40,7 +41,7 @@ from .modelinfo import (
     weight_storage,
 )
 from .policies import POLICIES, SCOPES, Policy, SharingOptions
-from .signature import ConvSignature
+from .signature import ConvSignature, Signature, signature_from_dict
 from .text import format_columns
 from .trace import propagate_shapes, trace_model
 
@@ -48,7 +49,7 @@ __all__ = ["ShareGroup", "SharePlan", "SpatialConv", "StagePlan", "plan", "sweep
 
 KEPT_STRIDE = "strided"
 KEPT_FIRST_BLOCK = "first block of the stage (policy cifar)"
-KEPT_UNIQUE = "no other spatial conv of this stage and signature"
+KEPT_UNIQUE = "no other layer of this stage and signature"
 KEPT_RUN = "alone in its run of group_size"
 KEPT_ALLOCATED = "alone in its run (allocated by weights)"
 KEPT_EXCLUDED = "excluded"
@@ -56,40 +57,47 @@ KEPT_EXCLUDED = "excluded"
 
 @dataclass(frozen=True)
 class SpatialConv:
-    """The spatial conv of one residual block and what the plan does with it."""
+    """A layer the scope lets share and what the plan does with it: a block's spatial conv (scopes ``"last"``,
+    ``"all"``), or any conv or linear layer of its residual branch (scope ``"block"``)."""
 
-    path: str  # module path of the conv
+    path: str  # module path of the layer
     block: str  # name of its residual block
     stage: int  # 1-based stage index
     position: int  # 0-based position of its block in the stage
-    resolution: tuple[int, int]  # spatial size of the conv's input
-    signature: ConvSignature
+    resolution: tuple[int, int]  # spatial size of the layer's input
+    signature: Signature
     group: int | None  # index into SharePlan.groups, None when the conv keeps its own weight
     kept_because: str | None  # why it keeps its own weight (None when it shares)
 
 
 @dataclass(frozen=True)
 class ShareGroup:
-    """Spatial convs of one stage that point at one shared weight."""
+    """Layers of one stage that point at one shared weight (and, at scope ``"block"``, one shared bias)."""
 
     stage: int
     resolution: tuple[int, int]  # spatial size of the members' input
-    signature: ConvSignature
+    signature: Signature
     members: tuple[str, ...]  # module paths, in the order the model computes them
     numel: int  # elements of the shared weight (of one template)
     templates: int | None = None  # soft sharing: a bank of this many templates; None = one hard-shared weight
+    shares_bias: bool = False  # the members' biases are one Parameter too (hard sharing at scope "block")
+
+    @property
+    def bias_numel(self) -> int:
+        """Elements of the shared bias (0 when the members keep their own or have none)."""
+        return self.signature.bias_numel if self.shares_bias else 0
 
     @property
     def unique(self) -> int:
-        """Parameters the group holds: the shared weight, or the bank plus each member's coefficients."""
+        """Parameters the group holds: the shared weight (and bias), or the bank plus each member's coefficients."""
         if self.templates is None:
-            return self.numel
+            return self.numel + self.bias_numel
         return self.templates * (self.numel + len(self.members))
 
     @property
     def saved(self) -> int:
         """Parameters the group saves against a model in which every member has its own weight (< 0: adds)."""
-        return self.numel * len(self.members) - self.unique
+        return (self.numel + self.bias_numel) * len(self.members) - self.unique
 
     @property
     def weights(self) -> int:
@@ -97,9 +105,11 @@ class ShareGroup:
         return self.templates or 1
 
     def describe(self) -> str:
-        """``one 64x64x3x3 weight`` or ``2 templates 64x64x3x3``."""
+        """``one 64x64x3x3 weight``, ``one 384x96 weight and bias`` or ``2 templates 64x64x3x3``."""
         shape = self.signature.describe()
-        return f"one {shape} weight" if self.templates is None else f"{self.templates} templates {shape}"
+        if self.templates is not None:
+            return f"{self.templates} templates {shape}"
+        return f"one {shape} weight" + (" and bias" if self.shares_bias else "")
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,8 @@ class SharePlan:
     """What ``apply`` will do to a model, and what it saves.
 
     ``params_*`` count unique parameters (a shared weight once) and ``convs_*`` count distinct
-    ``nn.Conv2d`` weights, before and after applying the plan to the model as it was planned.
+    ``nn.Conv2d`` weights (linear layers not included), before and after applying the plan to the model as it
+    was planned.
     """
 
     model_name: str
@@ -167,7 +178,7 @@ class SharePlan:
 
     @property
     def spatial_convs_removed(self) -> int:
-        """Spatial convs that lose their own weight: sum over groups of (members - 1)."""
+        """Layers that lose their own weight: sum over groups of (members - 1)."""
         return sum(len(g.members) - 1 for g in self.groups)
 
     @property
@@ -179,6 +190,12 @@ class SharePlan:
 
         def conv(c: SpatialConv) -> dict[str, Any]:
             return {**c.__dict__, "signature": c.signature.to_dict()}
+
+        def group(g: ShareGroup) -> dict[str, Any]:
+            d = {**g.__dict__, "signature": g.signature.to_dict(), "members": list(g.members)}
+            if not g.shares_bias:
+                del d["shares_bias"]  # a plan without bias sharing writes what it wrote before scope "block"
+            return d
 
         return {
             "model_name": self.model_name,
@@ -193,9 +210,7 @@ class SharePlan:
                 }
                 for s in self.stages
             ],
-            "groups": [
-                {**g.__dict__, "signature": g.signature.to_dict(), "members": list(g.members)} for g in self.groups
-            ],
+            "groups": [group(g) for g in self.groups],
             "params_before": self.params_before,
             "params_after": self.params_after,
             "convs_before": self.convs_before,
@@ -207,7 +222,7 @@ class SharePlan:
     def from_dict(cls, d: dict[str, Any]) -> SharePlan:
         def conv(c: dict[str, Any]) -> SpatialConv:
             return SpatialConv(
-                **{**c, "resolution": tuple(c["resolution"]), "signature": ConvSignature.from_dict(c["signature"])}
+                **{**c, "resolution": tuple(c["resolution"]), "signature": signature_from_dict(c["signature"])}
             )
 
         return cls(
@@ -227,10 +242,11 @@ class SharePlan:
                 ShareGroup(
                     stage=g["stage"],
                     resolution=tuple(g["resolution"]),
-                    signature=ConvSignature.from_dict(g["signature"]),
+                    signature=signature_from_dict(g["signature"]),
                     members=tuple(g["members"]),
                     numel=g["numel"],
                     templates=g.get("templates"),
+                    shares_bias=g.get("shares_bias", False),  # absent before scope "block"
                 )
                 for g in d["groups"]
             ),
@@ -379,8 +395,10 @@ def plan(
         group_size: the sharable spatial convs of a stage, in the order the model computes them, are cut
             into consecutive runs of this many; each run shares one weight. None (default) = the whole
             stage, as the paper; 1 = no sharing.
-        scope: ``"last"`` (the block's last spatial conv, as the paper) or ``"all"`` (every spatial conv on
-            the residual branch, e.g. both 3x3s of a basic block); default: the policy's (``"last"``
+        scope: ``"last"`` (the block's last spatial conv, as the paper), ``"all"`` (every spatial conv on
+            the residual branch, e.g. both 3x3s of a basic block) or ``"block"`` (every ``nn.Conv2d`` and
+            ``nn.Linear`` on the residual branch: 1x1s, depthwise, squeeze-excitation, MLP; weight and bias
+            under hard sharing); each shares a superset of the one before. Default: the policy's (``"last"``
             except for ``swrn``).
         templates: None (default) = hard sharing, one Parameter per run; ``k >= 1`` = soft sharing: each
             run owns a bank of k templates and each member k coefficients.
@@ -405,7 +423,7 @@ def plan(
         NotAModuleError, UnknownPolicyError, ShareOptionError (an option out of range, ``budget`` with
         ``group_size``, ``swrn`` without ``templates``, an unreachable budget, an ``exclude`` pattern that
         matches no module of the model, ``allocate="weights"`` without a budget or on a model without data),
-        TraceError, InputSizeError, NoSpatialConvError.
+        TraceError, InputSizeError, NoSpatialConvError (no residual block holds a layer the scope shares).
 
     Example:
         >>> import timm, share_transform
@@ -416,6 +434,8 @@ def plan(
         4
         >>> share_transform.plan(timm.create_model("resnet50"), exclude=["layer4.*"]).params_after
         22829096
+        >>> share_transform.plan(timm.create_model("resnet50"), scope="block").params_after  # 42.9% fewer
+        14587944
     """
     model = check_model(model)
     name = model_name(model)
@@ -445,9 +465,11 @@ def sweep(
 ) -> list[SharePlan]:
     """Plans of ``model`` over the dial: every scope x group size x templates, tracing the model once.
 
-    Group sizes are 1, 2, 4, ... below the longest run of sharable convs of the scope, then None (the whole
+    Group sizes are 1, 2, 4, ... below the longest run of sharable layers of the scope, then None (the whole
     stage); group size 1 (no sharing) comes once per scope. ``templates=None`` (hard sharing) is skipped for a
-    policy that needs templates (``swrn``). ``exclude`` (as :func:`plan`'s) holds for every plan.
+    policy that needs templates (``swrn``). ``exclude`` (as :func:`plan`'s) holds for every plan. A scope under
+    which no residual block holds a layer is left out (a block of 1x1 convs has nothing at ``"last"``);
+    NoSpatialConvError when every scope is.
 
     Example:
         >>> for p in share_transform.sweep(timm.create_model("resnet50")):
@@ -459,10 +481,14 @@ def sweep(
     excluded = sharing_options(None, exclude=exclude).exclude
     analysis = _analyse(model, name, input_size)
     plans = []
+    nothing: list[NoSpatialConvError] = []
     for scope in scopes:
         SharingOptions(scope=scope, templates=1, exclude=excluded).check(name, rule)  # an unknown scope fails here
-        # Hard, whole stages: the longest runs.
-        stage = _make_plan(analysis, rule, SharingOptions(scope=scope, exclude=excluded))
+        try:  # hard, whole stages: the longest runs
+            stage = _make_plan(analysis, rule, SharingOptions(scope=scope, exclude=excluded))
+        except NoSpatialConvError as e:
+            nothing.append(e)
+            continue
         longest = max((len(g.members) for g in stage.groups), default=1)
         sizes: list[int | None] = [2**i for i in range(longest.bit_length()) if 2**i < longest] + [None]
         for group_size in sizes:
@@ -475,23 +501,44 @@ def sweep(
                 options = SharingOptions(group_size=group_size, scope=scope, templates=k, exclude=excluded)
                 options = options.check(name, rule)
                 plans.append(_make_plan(analysis, rule, options))
+    if nothing and not plans:
+        raise nothing[0]
     return plans
 
 
-#: A candidate list: the stage, the input resolution and the signature its sharable convs have in common.
-Key = tuple[int, tuple[int, int], ConvSignature]
+#: A candidate list: the stage, the input resolution and the signature its sharable layers have in common.
+Key = tuple[int, tuple[int, int], Signature]
 
 
 @dataclass(frozen=True)
 class _Analysis:
-    """What tracing a model tells every plan of it: its stages of residual blocks and its counts."""
+    """What tracing a model tells every plan of it: its residual blocks and its counts."""
 
     model: nn.Module
     name: str
     input_size: tuple[int, int, int]
-    stages: list[list[ResidualBlock]]
+    blocks: list[ResidualBlock]  # every block with a conv or linear layer on its residual branch
     params_before: int
     convs_before: int
+
+    def stages(self, scope: str) -> list[list[ResidualBlock]]:
+        """The stages the scope sees: at ``"last"`` and ``"all"`` the blocks with a spatial conv, as the paper
+        counts blocks; at ``"block"`` every block with a conv or linear layer.
+
+        Raises:
+            NoSpatialConvError: no block holds a layer the scope shares.
+        """
+        blocks = self.blocks if scope == "block" else [b for b in self.blocks if b.spatial_conv is not None]
+        if not blocks:
+            what = "a conv or linear layer on its residual branch" if scope == "block" else "a spatial conv"
+            raise NoSpatialConvError(
+                f"{self.name}: found no residual block with {what}, so there is nothing to share"
+                + (" at scope block" if scope == "block" else "")
+                + ". share_transform works on residual CNNs (ResNet, Wide-ResNet, ResNeXt"
+                + (", RegNet, ConvNeXt, EfficientNet, MobileNet" if scope == "block" else "")
+                + " and their timm variants)."
+            )
+        return _stages(blocks)
 
 
 def _analyse(model: nn.Module, name: str, input_size: Sequence[int] | None) -> _Analysis:
@@ -504,15 +551,24 @@ def _analyse(model: nn.Module, name: str, input_size: Sequence[int] | None) -> _
             f"{name}: input size {'x'.join(map(str, size))} is too small to tell the stages apart (the input of "
             f"the strided conv {lost[0]} is 1 pixel wide). Pass a larger input_size=(C, H, W)."
         )
-    blocks = find_blocks(graph, model)
-    if not blocks:
-        raise NoSpatialConvError(
-            f"{name}: found no residual block with a spatial conv, so there is nothing to share. "
-            "share_transform works on residual CNNs (ResNet, Wide-ResNet, ResNeXt and their timm variants)."
-        )
     return _Analysis(
-        model, name, size, _stages(blocks), sum(p.numel() for p in model.parameters()), distinct_conv_weights(model)
+        model,
+        name,
+        size,
+        find_blocks(graph, model),
+        sum(p.numel() for p in model.parameters()),
+        distinct_conv_weights(model),
     )
+
+
+def _scope_layers(block: ResidualBlock, scope: str) -> tuple[BranchLayer, ...]:
+    """The layers of ``block`` that ``scope`` lets share, in compute order."""
+    if scope == "block":
+        return block.branch_layers
+    if scope == "all":
+        return block.branch_convs
+    assert block.spatial_conv is not None and block.signature is not None and block.conv_input is not None
+    return (BranchLayer(block.spatial_conv, block.signature, block.conv_input),)
 
 
 def _excluded_by(patterns: Sequence[str], paths: Iterable[str], name: str) -> Callable[[str], bool]:
@@ -542,21 +598,27 @@ def _excluded_by(patterns: Sequence[str], paths: Iterable[str], name: str) -> Ca
 
 def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> SharePlan:
     """The plan of ``options`` (checked, scope resolved) on the traced model."""
-    name, stage_blocks = analysis.name, analysis.stages
-    scope, group_size, templates, budget = options.scope, options.group_size, options.templates, options.budget
+    scope = options.scope or "last"
+    group_size, templates, budget = options.group_size, options.templates, options.budget
     allocate = options.allocate
+    name, stage_blocks = analysis.name, analysis.stages(scope)
     params_before, convs_before = analysis.params_before, analysis.convs_before
     modules = dict(analysis.model.named_modules())
     is_excluded = _excluded_by(options.exclude, (p for p in modules if p), name)
+    # Hard sharing at scope "block" ties whole layers, bias included; soft members keep their own bias.
+    shares_bias = scope == "block" and templates is None
 
-    # Candidates: stride-1 spatial convs not kept by the policy, grouped by (stage, input resolution, signature),
+    # Candidates: stride-1 layers not kept by the policy, grouped by (stage, input resolution, signature),
     # each list in the order the model computes them.
     candidates: dict[Key, list[str]] = {}
-    placed: list[tuple[int, int, ResidualBlock, BranchConv, str | None]] = []
+    placed: list[tuple[int, int, ResidualBlock, BranchLayer, str | None]] = []
+    seen: set[str] = set()
     for s, stage in enumerate(stage_blocks, start=1):
         for position, b in enumerate(stage):
-            convs = b.branch_convs if scope == "all" else (BranchConv(b.spatial_conv, b.signature, b.conv_input),)
-            for c in convs:
+            for c in _scope_layers(b, scope):
+                if c.path in seen:
+                    continue  # a block nested in another's branch: its layers are planned once, with it
+                seen.add(c.path)
                 kept = None
                 if is_excluded(c.path):  # the caller's word first: it holds whatever else is true of the conv
                     kept = KEPT_EXCLUDED
@@ -565,10 +627,10 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                 elif rule.keep_first_block and position == 0:
                     kept = KEPT_FIRST_BLOCK
                 else:
-                    candidates.setdefault((s, c.conv_input, c.signature), []).append(c.path)
+                    candidates.setdefault((s, c.resolution, c.signature), []).append(c.path)
                 placed.append((s, position, b, c, kept))
 
-    def numel_of(sig: ConvSignature) -> int:
+    def numel_of(sig: Signature) -> int:
         numel = 1
         for d in sig.weight_shape:
             numel *= d
@@ -587,15 +649,18 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
                 start += length
                 if len(members) < 2:
                     continue
-                group = ShareGroup(stage_index, resolution, sig, tuple(members), numel_of(sig), templates)
+                group = ShareGroup(
+                    stage_index, resolution, sig, tuple(members), numel_of(sig), templates, shares_bias and sig.bias
+                )
                 # What the members hold now (they may be tied already): each tensor once.
                 storage: dict[int, int] = {}
                 keys: set[tuple[int, int]] = set()
                 for m in members:
-                    storage.update(weight_storage(modules[m]))
+                    storage.update(weight_storage(modules[m], bias=group.shares_bias))
                     keys |= conv_weight_keys(modules[m])
                 saved += sum(storage.values()) - group.unique
-                removed += len(keys) - group.weights
+                if isinstance(sig, ConvSignature):  # the counts of distinct weights are of convs
+                    removed += len(keys) - group.weights
                 groups.append(group)
         return groups, saved, removed
 
@@ -640,7 +705,7 @@ def _make_plan(analysis: _Analysis, rule: Policy, options: SharingOptions) -> Sh
             group = group_of.get(c.path)
             if group is None and kept is None:
                 kept = KEPT_UNIQUE if peers[c.path] == 1 else KEPT_ALLOCATED if allocate == "weights" else KEPT_RUN
-            spatial.append(SpatialConv(c.path, b.name, s, position, c.conv_input, c.signature, group, kept))
+            spatial.append(SpatialConv(c.path, b.name, s, position, c.resolution, c.signature, group, kept))
         stages.append(StagePlan(s, stage[0].output, tuple(b.name for b in stage), tuple(spatial)))
 
     share_plan = SharePlan(
@@ -688,6 +753,8 @@ def _allocate_by_weights(
         numel = 1
         for d in key[2].weight_shape:
             numel *= d
+        if scope == "block" and templates is None:
+            numel += key[2].bias_numel  # a hard run at scope "block" shares the bias too (the error is the weights')
         lists.append((run_errors(gram(weights), templates), numel))
     required = math.ceil(before - budget * before)  # the budget is params_after <= budget * before
     chosen = allocate_runs(lists, templates, required)

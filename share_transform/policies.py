@@ -15,8 +15,10 @@ from .errors import RegistrationError, ShareOptionError
 
 __all__ = ["POLICIES", "Policy", "SharingOptions", "register_policy"]
 
-#: Which spatial convs of a block may share: the block's last one (the paper), or all of its residual branch.
-SCOPES = ("last", "all")
+#: Which layers of a block may share, narrowest first: the block's last spatial conv (the paper), every spatial
+#: conv of its residual branch, or every conv and linear layer of its residual branch. Each shares a superset
+#: of the one before (docs/design.md, Scopes).
+SCOPES = ("last", "all", "block")
 #: How a budget is spread over a stage: runs of one length (``uniform``), or the runs whose trained weights lose
 #: least when shared (``weights``, share_transform.allocate).
 ALLOCATIONS = ("uniform", "weights")

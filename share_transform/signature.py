@@ -1,14 +1,19 @@
-"""The conv signature: what two spatial convs must have in common to share one weight."""
+"""Layer signatures: what two layers must have in common to share their parameters.
+
+A 2-D conv's signature is its class and every hyper-parameter that shapes its weight or its output
+(:class:`ConvSignature`); a linear layer's is its class, weight shape and bias presence
+(:class:`LinearSignature`, scope ``"block"`` only).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["ConvSignature"]
+__all__ = ["ConvSignature", "LinearSignature"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,7 @@ class ConvSignature:
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvSignature:
-        t = type(conv)
-        if parametrize.is_parametrized(conv):  # parametrize swaps in a subclass; the conv is still its base
-            t = t.__bases__[0]
+        t = _base_class(conv)
         padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
         return cls(
             conv_class=f"{t.__module__}.{t.__qualname__}",
@@ -48,6 +51,11 @@ class ConvSignature:
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def bias_numel(self) -> int:
+        """Elements of the bias: one per output channel, 0 without a bias."""
+        return self.out_channels if self.bias else 0
 
     @property
     def is_stride_one(self) -> bool:
@@ -69,6 +77,82 @@ class ConvSignature:
         if not isinstance(d["padding"], str):
             d["padding"] = _pair(d["padding"])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class LinearSignature:
+    """What two ``nn.Linear`` layers must have in common to share their weight and bias: class, weight shape
+    and bias presence (docs/design.md, Scopes)."""
+
+    layer_class: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    #: ``to_dict``'s tag: a plan's signatures without it are convs (files written before linear layers shared).
+    KIND = "linear"
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> LinearSignature:
+        t = _base_class(linear)
+        return cls(
+            layer_class=f"{t.__module__}.{t.__qualname__}",
+            in_features=linear.in_features,
+            out_features=linear.out_features,
+            bias=linear.bias is not None,
+        )
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def bias_numel(self) -> int:
+        return self.out_features if self.bias else 0
+
+    @property
+    def is_stride_one(self) -> bool:
+        """A linear layer has no stride: it never reduces the resolution."""
+        return True
+
+    def describe(self) -> str:
+        """The weight shape as the report prints it: ``384x96`` (a 1x1 conv of that shape reads ``384x96x1x1``)."""
+        return "x".join(str(s) for s in self.weight_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LinearSignature:
+        d = {k: v for k, v in d.items() if k != "kind"}
+        return cls(**d)
+
+
+#: The signature of a layer that may share: a 2-D conv's or a linear layer's.
+Signature: TypeAlias = ConvSignature | LinearSignature
+
+
+def signature_of(module: nn.Module) -> Signature | None:
+    """The signature of a shareable layer (``nn.Conv2d``, ``nn.Linear`` and their subclasses), else None."""
+    if isinstance(module, nn.Conv2d):
+        return ConvSignature.of(module)
+    if isinstance(module, nn.Linear):
+        return LinearSignature.of(module)
+    return None
+
+
+def signature_from_dict(d: dict[str, Any]) -> Signature:
+    """The signature :meth:`to_dict` wrote; a dict without ``kind`` is a conv's (every plan file before scope
+    ``"block"``)."""
+    if d.get("kind") == LinearSignature.KIND:
+        return LinearSignature.from_dict(d)
+    return ConvSignature.from_dict(d)
+
+
+def _base_class(module: nn.Module) -> type:
+    """The module's class; parametrize swaps in a subclass of it, which is still the same layer."""
+    t = type(module)
+    return t.__bases__[0] if parametrize.is_parametrized(module) else t
 
 
 def _pair(value: tuple[int, ...] | list[int]) -> tuple[int, int]:

@@ -1,14 +1,16 @@
-"""Soft sharing: each member conv's weight is a learned mix of its group's template bank.
+"""Soft sharing: each member layer's weight is a learned mix of its group's template bank.
 
 Savarese & Maire, "Learning Implicitly Recurrent CNNs Through Parameter Sharing" (ICLR 2019): a group of
-convs owns a bank of ``k`` templates of the conv weight's shape, each member owns ``k`` coefficients, and its
-weight is ``sum_i coeff_i * template_i``. ``k = 1`` is hard sharing up to one scale per member.
+layers owns a bank of ``k`` templates of their weight's shape, each member owns ``k`` coefficients, and its
+weight is ``sum_i coeff_i * template_i``. ``k = 1`` is hard sharing up to one scale per member. Members are
+``nn.Conv2d`` or, at scope ``"block"``, ``nn.Linear`` layers; a member's bias (when it has one) stays its own,
+as each block's norms do.
 
-The member stays an ``nn.Conv2d``: :func:`torch.nn.utils.parametrize.register_parametrization` replaces its
-``weight`` by :class:`TemplateMix`, whose stored tensor (``parametrizations.weight.original``) is the member's
-``k`` coefficients and whose forward is one ``tensordot`` with the bank (no Python loop over templates, so the
-step costs about what a plain conv costs). ``state_dict``, ``torch.compile``, DDP and ``deepcopy`` keep working;
-the bank is one module held by reference by every member's parametrization, so it survives ``to_empty``.
+The member stays an ``nn.Conv2d`` (or ``nn.Linear``): :func:`torch.nn.utils.parametrize.register_parametrization`
+replaces its ``weight`` by :class:`TemplateMix`, whose stored tensor (``parametrizations.weight.original``) is the
+member's ``k`` coefficients and whose forward is one ``tensordot`` with the bank (no Python loop over templates,
+so the step costs about what a plain conv costs). ``state_dict``, ``torch.compile``, DDP and ``deepcopy`` keep
+working; the bank is one module held by reference by every member's parametrization, so it survives ``to_empty``.
 
 Memory: a soft model holds its bank and each member's k coefficients, nothing else. The coefficients own a
 storage of k elements (never a view of a larger buffer), the members' old weights are dropped, and the bank's
@@ -46,7 +48,8 @@ __all__ = [
 
 
 class TemplateBank(nn.Module):
-    """``k`` templates of one conv weight shape, in one ``nn.Parameter`` of shape ``(k, out, in, kh, kw)``.
+    """``k`` templates of one weight shape, in one ``nn.Parameter`` of shape ``(k, *weight.shape)``: ``(k, out,
+    in, kh, kw)`` for a conv, ``(k, out, in)`` for a linear layer.
 
     Each template is He-normal (``kaiming_normal_``, fan-in), as the reference code initialises them.
     """
@@ -73,7 +76,7 @@ class TemplateBank(nn.Module):
 
 
 class TemplateMix(nn.Module):
-    """The parametrization of a member conv's weight: its coefficients (the stored tensor) mix ``bank``.
+    """The parametrization of a member layer's weight: its coefficients (the stored tensor) mix ``bank``.
 
     ``coefficients``, when given, is what the first ``right_inverse`` call returns: ``register_parametrization``
     calls it on the conv's weight, and a member starts from the coefficients it is given, not from a fit of a
@@ -119,7 +122,7 @@ def _mix(conv: nn.Module) -> TemplateMix | None:
 
 
 def is_soft(conv: nn.Module) -> bool:
-    """True when ``conv.weight`` is a mix of a template bank."""
+    """True when ``conv.weight`` (a conv's or a linear layer's) is a mix of a template bank."""
     return _mix(conv) is not None
 
 
@@ -137,7 +140,8 @@ def coefficients_of(conv: nn.Module) -> nn.Parameter:
 
 
 def _soft_convs(model: nn.Module) -> Iterator[nn.Module]:
-    return (m for m in model.modules() if isinstance(m, nn.Conv2d) and is_soft(m))
+    """The soft members of ``model``: convs and linear layers whose weight mixes a bank."""
+    return (m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear) and is_soft(m))
 
 
 def soft_coefficients(model: nn.Module) -> list[nn.Parameter]:
@@ -173,8 +177,9 @@ def _parametrize(conv: nn.Module, mix: TemplateMix) -> None:
     type(conv).__reduce_ex__ = _pickle_member  # type: ignore[assignment,method-assign]  # this conv's own class
 
 
-def share_softly(convs: Sequence[nn.Conv2d], templates: int) -> TemplateBank:
-    """Make ``convs`` (one weight shape) mix one new bank of ``templates`` templates; returns the bank.
+def share_softly(convs: Sequence[nn.Module], templates: int) -> TemplateBank:
+    """Make ``convs`` (convs or linear layers of one weight shape) mix one new bank of ``templates`` templates;
+    returns the bank. Their biases are left alone: each member keeps its own.
 
     Coefficients are initialised as the reference code does: the (members x k) matrix of the group is
     orthogonal (``nn.init.orthogonal_``), row j for member j in the order given. The members' old weights are
@@ -187,11 +192,11 @@ def share_softly(convs: Sequence[nn.Conv2d], templates: int) -> TemplateBank:
     """
     if not convs:
         raise PlanMismatchError("share_softly needs at least one conv")
-    weight = convs[0].weight
+    weight = cast(torch.Tensor, convs[0].weight)
     for conv in convs:
         if is_soft(conv):
             raise PlanMismatchError(f"{type(conv).__name__} is soft-shared already")
-        w = conv.weight
+        w = cast(torch.Tensor, conv.weight)
         if (w.shape, w.dtype, w.device) != (weight.shape, weight.dtype, weight.device):
             raise PlanMismatchError(
                 f"soft-shared convs need one weight shape, dtype and device: {tuple(weight.shape)} {weight.dtype} "
@@ -201,7 +206,7 @@ def share_softly(convs: Sequence[nn.Conv2d], templates: int) -> TemplateBank:
     init = torch.empty(len(convs), templates)
     nn.init.orthogonal_(init)
     for conv, row in zip(convs, init):
-        requires_grad = conv.weight.requires_grad
+        requires_grad = cast(torch.Tensor, conv.weight).requires_grad
         # A new Parameter per member: register_parametrization keeps the Parameter it finds as the stored tensor
         # (set_ to what right_inverse returns), so members hard-tied to one Parameter would share coefficients.
         # ``row`` is cloned: a view would keep the whole (members x k) matrix alive.

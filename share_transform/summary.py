@@ -18,6 +18,7 @@ from torch import nn
 
 from .modelinfo import build_spec
 from .planning import KEPT_EXCLUDED, ShareGroup, SharePlan
+from .signature import ConvSignature
 from .soft import bank_of
 from .text import format_columns
 from .warmstart import RECONSTRUCTION_ATTR, Reconstruction
@@ -37,7 +38,7 @@ class StageSummary:
     label: str  # "1", "2", ... for stages; "rest"; "total"
     resolution: tuple[int, int] | None  # the stage's output size; None for rest and total
     blocks: int
-    spatial_convs: int  # spatial convs of its residual blocks
+    spatial_convs: int  # layers the scope lets share in its residual blocks (spatial convs at "last", "all")
     spatial_shared: int  # of which point at a shared weight
     params_before: int
     params_after: int
@@ -100,6 +101,7 @@ class ShareSummary:
                     "shape": g.signature.describe(),
                     "numel": g.numel,
                     "templates": g.templates,
+                    "shares_bias": g.shares_bias,
                     "members": list(g.members),
                     "relative_error": self.group_error(i),
                 }
@@ -150,7 +152,8 @@ class ShareSummary:
             members = g.members if len(g.members) <= 3 else (g.members[0], "...", g.members[-1])
             error = self.group_error(i)
             lost = f", relative error {error:.4f}" if error is not None else ""
-            lines.append(f"stage {g.stage}: {g.describe()} for {len(g.members)} convs ({', '.join(members)}){lost}")
+            kind = "convs" if isinstance(g.signature, ConvSignature) else "linear layers"
+            lines.append(f"stage {g.stage}: {g.describe()} for {len(g.members)} {kind} ({', '.join(members)}){lost}")
         if self.reconstruction is not None:
             lines.append(
                 f"reconstruction error (init {self.reconstruction.init}): {self.reconstruction.total:.4f} "
@@ -193,10 +196,10 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             convs[_owner(name, owners)] += 1
-            bank = bank_of(m)
-            if bank is not None:
-                params[_owner(name, owners)] += bank.templates[0].numel()
-                nbytes[_owner(name, owners)] += bank.templates[0].numel() * bank.templates.element_size()
+        bank = bank_of(m) if isinstance(m, nn.Conv2d | nn.Linear) else None
+        if bank is not None:
+            params[_owner(name, owners)] += bank.templates[0].numel()
+            nbytes[_owner(name, owners)] += bank.templates[0].numel() * bank.templates.element_size()
 
     modules = dict(model.named_modules())
     saved = dict.fromkeys(labels, 0)
@@ -206,7 +209,8 @@ def summarize(model: nn.Module, share_plan: SharePlan, *, file: str | os.PathLik
         label = str(g.stage)
         saved[label] += g.saved
         saved_bytes[label] += g.saved * modules[g.members[0]].weight.element_size()
-        removed[label] += len(g.members) - g.weights
+        if isinstance(g.signature, ConvSignature):  # the conv weights column counts convs
+            removed[label] += len(g.members) - g.weights
 
     def row(label: str, resolution: tuple[int, int] | None, blocks: int, spatial: tuple[int, int]) -> StageSummary:
         return StageSummary(

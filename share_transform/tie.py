@@ -1,4 +1,5 @@
-"""The one mutation step: tie the spatial convs of each share group to one ``nn.Parameter``.
+"""The one mutation step: tie the layers of each share group to one ``nn.Parameter`` (and, at scope
+``"block"``, one bias).
 
 Autograd then sums the members' gradients into the shared weight (paper eq. 5), and an optimizer sees
 the weight once, so weight decay and momentum act once per shared weight. A soft-shared group
@@ -16,7 +17,7 @@ same treatment.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from .errors import CheckpointError, PlanMismatchError, UnknownInitError, WarmSt
 from .modelinfo import BUILD_ATTR, build_spec, check_model, model_name
 from .planning import ShareGroup, SharePlan, check_policy, check_templates, plan as make_plan, sharing_options
 from .policies import INITS, SharingOptions
-from .signature import ConvSignature
+from .signature import ConvSignature, signature_of
 from .soft import TemplateBank, bake, bank_of, coefficients_of, is_soft, share_softly
 from .warmstart import (
     RECONSTRUCTION_ATTR,
@@ -287,7 +288,8 @@ def install_tie_hooks(model: nn.Module) -> nn.Module:
     return model
 
 
-def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Conv2d]]:
+def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Module]]:
+    """Each group's member layers (convs, or linear layers at scope "block"), checked against the plan."""
     modules = dict(model.named_modules())
     name = model_name(model)
     out = []
@@ -295,9 +297,10 @@ def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Conv2d]]:
         convs = []
         for path in g.members:
             conv = modules.get(path)
-            if not isinstance(conv, nn.Conv2d) or ConvSignature.of(conv) != g.signature:
+            if conv is None or signature_of(conv) != g.signature:
+                kind = "conv" if isinstance(g.signature, ConvSignature) else "linear layer"
                 raise PlanMismatchError(
-                    f"{name}: the plan (made for {plan.model_name}) expects a conv "
+                    f"{name}: the plan (made for {plan.model_name}) expects a {kind} "
                     f"{g.signature.describe()} at {path!r}; plan this model with share_transform.plan(model)"
                 )
             convs.append(conv)
@@ -305,7 +308,12 @@ def _group_convs(model: nn.Module, plan: SharePlan) -> list[list[nn.Conv2d]]:
     return out
 
 
-def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Conv2d]]) -> None:
+def _distinct(layers: Sequence[nn.Module], attr: str) -> int:
+    """How many distinct tensors ``layers`` hold under ``attr``."""
+    return len({id(getattr(m, attr)) for m in layers})
+
+
+def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Module]]) -> None:
     """Raise unless ``plan`` was made for ``model``'s architecture: same name and same parameter count before
     sharing (a ResNet-18 plan's member paths and signatures all exist in a ResNet-34, so they are not enough)."""
     name = model_name(model)
@@ -317,7 +325,8 @@ def _check_made_for(model: nn.Module, plan: SharePlan, groups: list[list[nn.Conv
         return  # a soft-shared model's count is its banks': the members' paths and signatures matched above
     # The count before sharing, whether the groups are tied yet or not (retie, apply twice).
     before = count_parameters(model) + sum(
-        g.numel * (len(convs) - len({id(c.weight) for c in convs})) for g, convs in zip(plan.groups, groups)
+        g.numel * (len(convs) - _distinct(convs, "weight")) + g.bias_numel * (len(convs) - _distinct(convs, "bias"))
+        for g, convs in zip(plan.groups, groups)
     )
     if before != plan.params_before:
         raise PlanMismatchError(
@@ -362,7 +371,7 @@ def _refuse_replan(net: nn.Module, recorded: SharePlan, requested: str) -> PlanM
     )
 
 
-def _check_ties(net: nn.Module, plan: SharePlan, groups: list[list[nn.Conv2d]]) -> None:
+def _check_ties(net: nn.Module, plan: SharePlan, groups: list[list[nn.Module]]) -> None:
     """Raise, before anything changes, when the model is tied otherwise than ``plan`` can share it.
 
     A group may be untied, hard-tied, or (for a soft group) mixing one bank of its templates already. Convs
@@ -386,8 +395,9 @@ def _check_ties(net: nn.Module, plan: SharePlan, groups: list[list[nn.Conv2d]]) 
         )
     group_of = {path: i for i, g in enumerate(plan.groups) for path in g.members}
     holders: dict[int, list[str]] = {}
+    bias_holders: dict[int, list[str]] = {}
     for path, m in net.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d | nn.Linear):
             bank = bank_of(m)
             if bank is not None and path not in group_of:
                 raise PlanMismatchError(
@@ -395,16 +405,22 @@ def _check_ties(net: nn.Module, plan: SharePlan, groups: list[list[nn.Conv2d]]) 
                     "call share_transform.untie(model) first"
                 )
             holders.setdefault(id(bank if bank is not None else m.weight), []).append(path)
-    for paths in holders.values():
-        groups_held = {group_of.get(path) for path in paths}
-        if len(paths) > 1 and (None in groups_held or len(groups_held) > 1):  # the plan is what save records
-            raise PlanMismatchError(
-                f"{name}: {paths[0]} and {paths[1]} share one weight, which the plan does not say; "
-                "call share_transform.untie(model) first"
-            )
+            if isinstance(m.bias, torch.Tensor):
+                bias_holders.setdefault(id(m.bias), []).append(path)
+    shares_bias = {i for i, g in enumerate(plan.groups) if g.shares_bias}
+    for what, held, allowed in (("weight", holders, None), ("bias", bias_holders, shares_bias)):
+        for paths in held.values():
+            groups_held = {group_of.get(path) for path in paths}
+            if len(paths) > 1 and (  # the plan is what save records
+                None in groups_held or len(groups_held) > 1 or (allowed is not None and not groups_held <= allowed)
+            ):
+                raise PlanMismatchError(
+                    f"{name}: {paths[0]} and {paths[1]} share one {what}, which the plan does not say; "
+                    "call share_transform.untie(model) first"
+                )
 
 
-def _check_init(net: nn.Module, init: str, todo: list[tuple[int, ShareGroup, list[nn.Conv2d]]]) -> dict[int, nn.Module]:
+def _check_init(net: nn.Module, init: str, todo: list[tuple[int, ShareGroup, list[nn.Module]]]) -> dict[int, nn.Module]:
     """Refuse an init that does not fit the groups, before anything changes; for ``"mean-scaled"``, the
     BatchNorm reading each member's output (by ``id`` of the member)."""
     name = model_name(net)
@@ -431,13 +447,13 @@ def _check_init(net: nn.Module, init: str, todo: list[tuple[int, ShareGroup, lis
                 f"{name}: init='mean-scaled' folds each member's scales into the BatchNorm that reads its output, "
                 f"but {norm}; use init='mean'"
             )
-        check_foldable(norm, conv.weight.shape[0], f"{name}: {path}")
+        check_foldable(norm, cast(torch.Tensor, conv.weight).shape[0], f"{name}: {path}")
         norms[id(conv)] = norm
     return norms
 
 
 @torch.no_grad()
-def _set_bank(convs: list[nn.Conv2d], bank: TemplateBank, templates: torch.Tensor, coefficients: torch.Tensor) -> None:
+def _set_bank(convs: list[nn.Module], bank: TemplateBank, templates: torch.Tensor, coefficients: torch.Tensor) -> None:
     """Overwrite a new bank and its members' coefficients with the members' best rank-k approximation; templates
     beyond the members' count keep their He-normal draw, with coefficients 0."""
     r = templates.shape[0]
@@ -465,8 +481,9 @@ def apply(
 ) -> nn.Module:
     """Turn ``model`` into its ShaResNet in place and return the same object.
 
-    Within each stage, the spatial convs of a share group point at one ``nn.Parameter`` (or, with
-    ``templates=k``, mix one bank of k templates); the model keeps its class and methods.
+    Within each stage, the layers of a share group point at one ``nn.Parameter`` (at scope ``"block"``, one
+    weight and one bias; with ``templates=k``, their weights mix one bank of k templates and each keeps its
+    bias); the model keeps its class and methods.
 
     The re-apply rule: a shared model keeps its plan until it is untied. Applying the plan it records again
     (the same policy and options, or an equal plan) changes nothing but re-tying what a move untied; any other
@@ -485,7 +502,9 @@ def apply(
             (:func:`get_reconstruction`): ``"mean"`` (hard) averages the members' weights; ``"mean-scaled"``
             (hard) shares a kernel compared up to a per-channel scale and folds each member's scales into the
             BatchNorm that reads its output; ``"svd"`` (soft) sets each bank and its coefficients to the
-            members' best rank-k approximation (exact when k >= members).
+            members' best rank-k approximation (exact when k >= members). A group that shares its bias (hard,
+            scope ``"block"``) keeps the first member's bias under ``"first"`` and the members' mean bias
+            otherwise; the reconstruction error measures the weights.
         input_size: ``(C, H, W)`` for planning; defaults to the model's own.
         options, group_size, scope, templates, budget, exclude, allocate: the sharing options of
             :func:`share_transform.plan` (a :class:`~share_transform.SharingOptions`, or keywords); ignored when
@@ -542,18 +561,20 @@ def apply(
         groups = _group_convs(net, plan)
         _check_made_for(net, plan, groups)
     _check_ties(net, plan, groups)
-    todo: list[tuple[int, ShareGroup, list[nn.Conv2d]]] = []  # the groups not shared yet
+    todo: list[tuple[int, ShareGroup, list[nn.Module]]] = []  # the groups not shared yet
     for index, (group, convs) in enumerate(zip(plan.groups, groups)):
         if any(is_soft(c) for c in convs):
             continue  # mixing this group's bank already (_check_ties)
-        if group.templates is None and all(c.weight is convs[0].weight for c in convs):
-            continue  # already shared: keep the Parameter so optimizers holding it stay valid
+        if group.templates is None and all(
+            c.weight is convs[0].weight and (not group.shares_bias or c.bias is convs[0].bias) for c in convs
+        ):
+            continue  # already shared: keep the Parameters so optimizers holding them stay valid
         todo.append((index, group, convs))
     norms = _check_init(net, init, todo)
     measured = []
     for index, group, convs in todo:
-        real = not convs[0].weight.is_meta
-        weights = [c.weight for c in convs]
+        weights = [cast(torch.Tensor, c.weight) for c in convs]
+        real = not weights[0].is_meta
         if group.templates is not None:
             # The members' weights before the bank replaces them.
             start = svd_weights(index, group.members, weights, group.templates) if init == "svd" and real else None
@@ -582,11 +603,29 @@ def apply(
             )
         for c in convs:
             c.weight = shared
+        if group.shares_bias:  # after mean-scaled's fold, which rescales each member's bias
+            _tie(convs, "bias", init)
     if measured:
         setattr(net, RECONSTRUCTION_ATTR, Reconstruction(init, tuple(measured)))
     setattr(net, PLAN_ATTR, plan)
     install_tie_hooks(net)
     return model
+
+
+def _tie(layers: Sequence[nn.Module], attr: str, init: str) -> None:
+    """Make ``layers`` hold one Parameter under ``attr``: the first one's (``init="first"``), or a new one
+    holding their mean (the warm starts)."""
+    tensors = [getattr(m, attr) for m in layers]
+    if all(t is tensors[0] for t in tensors):
+        return  # already shared: keep the Parameter so optimizers holding it stay valid
+    if init == "first":
+        shared = tensors[0]
+    else:
+        with torch.no_grad():
+            mean = torch.stack([t.detach() for t in tensors]).mean(dim=0)
+        shared = nn.Parameter(mean, requires_grad=tensors[0].requires_grad)
+    for m in layers:
+        setattr(m, attr, shared)
 
 
 def retie(model: nn.Module) -> nn.Module:
@@ -607,9 +646,10 @@ def retie(model: nn.Module) -> nn.Module:
 
 
 def untie(model: nn.Module) -> nn.Module:
-    """Give every conv its own copy of its weight again (the inverse of ``apply``), in place.
+    """Give every conv and linear layer its own copy of its weight and bias again (the inverse of ``apply``),
+    in place.
 
-    A soft-shared conv becomes a plain conv holding its current effective weight (its mix of the templates).
+    A soft-shared layer becomes a plain one holding its current effective weight (its mix of the templates).
     A model shared by construction (``sharesnet18``, ``wrn_40_4_share``) takes the name of the network it
     shared (``resnet18``, ``wrn_40_4``): an untied model never calls itself shared, and ``save`` records the
     network that rebuilds it.
@@ -621,12 +661,15 @@ def untie(model: nn.Module) -> nn.Module:
     net = check_model(model)
     seen: set[int] = set()
     for m in bake(net).modules():
-        if isinstance(m, nn.Conv2d):
-            w = m.weight
-            if id(w) in seen:
-                m.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-            else:
-                seen.add(id(w))
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            for attr in ("weight", "bias"):
+                t = getattr(m, attr)
+                if t is None:
+                    continue
+                if id(t) in seen:
+                    setattr(m, attr, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+                else:
+                    seen.add(id(t))
     for attr in (PLAN_ATTR, RECONSTRUCTION_ATTR):
         if hasattr(net, attr):
             delattr(net, attr)
@@ -651,7 +694,8 @@ def _rename(net: nn.Module, name: str) -> None:
 
 
 def is_tied(model: nn.Module, plan: SharePlan | None = None) -> bool:
-    """True when every group of ``plan`` (default: the recorded one) holds one Parameter (or mixes one bank)."""
+    """True when every group of ``plan`` (default: the recorded one) holds one Parameter (one weight, and one
+    bias where the group shares it) or mixes one bank."""
     net = check_model(model)
     plan = plan or get_plan(net)
     if plan is None:
@@ -659,6 +703,7 @@ def is_tied(model: nn.Module, plan: SharePlan | None = None) -> bool:
     for group, convs in zip(plan.groups, _group_convs(net, plan)):
         if group.templates is None:
             tied = all(not is_soft(c) and c.weight is convs[0].weight for c in convs)
+            tied = tied and (not group.shares_bias or all(c.bias is convs[0].bias for c in convs))
         else:
             bank = bank_of(convs[0])
             tied = bank is not None and bank.k == group.templates and all(bank_of(c) is bank for c in convs)

@@ -350,3 +350,24 @@ def test_every_public_name_is_in_the_api_reference() -> None:
     api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     missing = [name for name in share_transform.__all__ if not re.search(rf"`[\w.]*\b{name}\b", api)]
     assert missing == []
+
+
+def test_the_readme_beyond_resnets_table_is_measured() -> None:
+    """Every row of the README's "Beyond ResNets" table, planned again on the meta device."""
+    import re
+
+    import timm
+    import torch
+
+    import share_transform
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Beyond ResNets", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\w+) \| ([\d,]+) \| ([\d.]+)% \| ([\d.]+)% \|$", text, re.M)
+    assert len(rows) == 5
+    for name, params, last, block in rows:
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        plans = {s: share_transform.plan(model, scope=s) for s in ("last", "block")}
+        assert plans["last"].params_before == int(params.replace(",", "")), name
+        assert f"{100 * plans['last'].decrease:.1f}" == last, name
+        assert f"{100 * plans['block'].decrease:.1f}" == block, name

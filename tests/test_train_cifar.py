@@ -23,6 +23,7 @@ from share_transform.errors import ModelArgumentError, OutputExistsError
 from share_transform.files import read_info
 from share_transform.train import METRIC_KEYS, resolve_args
 from share_transform.train.data import ZCA, load_preprocessing, read_cifar, write_cifar
+from share_transform.train.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_cifar.py"
@@ -300,14 +301,18 @@ def test_sharing_experiment_reports_progress_and_the_settings_table(tmp_path, mo
 
     def fake_train(args):
         """Stands in for a training run: writes the run directory train_cifar.py would, with a made-up error."""
-        # The setting's index in sharing.SETTINGS, read back from the parsed flags.
-        if not args.share:
-            index = 0
-        elif args.policy == "swrn":
-            index = 4
+        # The setting's index in sharing.SETTINGS (WRN) or sharing.BOTTLENECK_SETTINGS, read back from the flags.
+        if args.arch == "wrn_28_1":
+            if not args.share:
+                index = 0
+            elif args.policy == "swrn":
+                index = 4
+            else:
+                index = 3 if args.scope == "all" else 2 if args.group_size == 2 else 1
         else:
-            index = 3 if args.scope == "all" else 2 if args.group_size == 2 else 1
-        trained.append((index, args.seed))
+            assert args.model_kwargs == {"base_width": 8}
+            index = 0 if not args.share else 1 if args.scope is None else 2 if args.templates is None else 3
+        trained.append((args.arch, index, args.seed))
         make_run(
             args.output.parent, args.output.name, arch=args.arch, dataset="digits", share=args.share, seed=args.seed,
             params=1000 - 100 * index, final_top1=index + args.seed, epochs=args.epochs, policy=args.policy,
@@ -319,19 +324,40 @@ def test_sharing_experiment_reports_progress_and_the_settings_table(tmp_path, mo
     sharing.main(sharing.get_args_parser().parse_args(argv))
     out = capsys.readouterr().out
     progress = [line for line in out.splitlines() if line.startswith("run ")]
-    assert progress[0] == "run 1 of 10: wrn_28_1 original, seed 0; ETA for all runs after the first run"
-    assert all(line.startswith(f"run {k} of 10: ") and line.endswith(" min") for k, line in enumerate(progress[1:], 2))
-    assert trained == [(i, seed) for seed in (0, 1) for i in range(5)]
-    table = (tmp_path / "out" / "report" / "sharing.md").read_text().splitlines()
+    assert progress[0] == "run 1 of 18: wrn_28_1 original, seed 0; ETA for all runs after the first run"
+    assert progress[10].startswith("run 11 of 18: preact_resnet38 original, seed 0; ETA for all runs ")
+    assert all(line.startswith(f"run {k} of 18: ") and line.endswith(" min") for k, line in enumerate(progress[1:], 2))
+    assert trained == [("wrn_28_1", i, seed) for seed in (0, 1) for i in range(5)] + [
+        ("preact_resnet38", i, seed) for seed in (0, 1) for i in range(4)
+    ]
+    text = (tmp_path / "out" / "report" / "sharing.md").read_text()
+    wrn, bottleneck = text.split("\n### ")[0], text.split("\n### ")[1]
+    assert wrn.startswith("### WRN-28-1\n\n")
+    assert bottleneck.startswith("ResNet-38 (pre-act bottleneck, base width 8)\n\n")
+    table = wrn.splitlines()[2:]
     assert [row.split(" | ")[0] for row in table[2:]] == [
         "| WRN-28-1", "| WRN-28-1 Share", "| WRN-28-1 Share (group size 2)", "| WRN-28-1 Share (scope all)",
         "| WRN-28-1 Share (swrn, 2 templates)",
     ]  # fmt: skip
     assert table[4].split(" | ")[1:] == ["800", "20.0%", "2.00 / 3.00", "2.50 ± 0.71 |"]
+    rows = bottleneck.splitlines()[4:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| ResNet-38", "| ResNet-38 Share", "| ResNet-38 Share (scope block)",
+        "| ResNet-38 Share (scope block, 2 templates)",
+    ]  # fmt: skip
+    assert rows[2].split(" | ")[1:] == ["800", "20.0%", "2.00 / 3.00", "2.50 ± 0.71 |"]
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second call trains nothing: every run is finished.
     sharing.main(sharing.get_args_parser().parse_args(argv))
-    assert len(trained) == 10 and "trained 0 runs" in capsys.readouterr().out
+    assert len(trained) == 18 and "trained 0 runs" in capsys.readouterr().out
+    # --bottleneck '' leaves the bottleneck net out of the runs and the table
+    sharing.main(sharing.get_args_parser().parse_args([*argv, "--bottleneck", ""]))
+    assert "run 10 of 10: wrn_28_1 soft2, seed 1: done before" in capsys.readouterr().out
+    assert "### ResNet-38" not in (tmp_path / "out" / "report" / "sharing.md").read_text()
+    # bad --bottleneck-kwargs stop the command before any training
+    with pytest.raises(ConfigError, match="--bottleneck-kwargs: constructor argument 'base_widht'"):
+        sharing.main(sharing.get_args_parser().parse_args([*argv, "--bottleneck-kwargs", '{"base_widht": 8}']))
+    assert len(trained) == 18
 
 
 # -------------------------------------------------------------------------- model selection and the SWRN protocol

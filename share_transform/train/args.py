@@ -148,7 +148,10 @@ def add_training_args(
         help="spatial convs per shared weight, in runs along each stage (default: the whole stage)",
     )
     g.add_argument(
-        "--scope", default=None, help="last: each block's last spatial conv; all: every one (default: the policy's)"
+        "--scope",
+        default=None,
+        help="last: each block's last spatial conv; all: every spatial conv of the residual branch; block: every "
+        "conv and linear layer of it, weight and bias (default: the policy's)",
     )
     g.add_argument(
         "--templates", type=int, default=None, help="soft sharing: template bank size per group (default: hard)"
