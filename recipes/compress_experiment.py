@@ -35,9 +35,8 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import digits_experiment  # the sibling recipe: the digits as CIFAR files, the scaled-down WRN schedule
 import train_cifar
@@ -87,8 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(NamedTuple):
     """One training run of the experiment."""
 
     name: str  # the run directory's name
@@ -219,8 +217,7 @@ def main(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ the report
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One setting at one budget: its runs over seeds."""
 
     budget: float

@@ -354,7 +354,7 @@ def test_pretrained_offline_through_timms_overlay_file(images, tmp_path, capsys)
     out = tmp_path / "run"
     argv_ = recipe_argv(images, out, "--model-kwargs", json.dumps(TINY), "--epochs", "1", "--pretrained",
                         "--pretrained-path", str(weights), "--distill", "--loader", "pil", "--amp",
-                        "--channels-last", "--schedule", "finetune")  # fmt: skip
+                        "--channels-last", "--schedule", "finetune", "--scope", "block")  # fmt: skip
     proc = run_script(argv_)
     assert proc.returncode == 0, proc.stderr
     run = json.loads((out / "run.json").read_text())
