@@ -2,8 +2,11 @@
 
 Variants (``--variants``): ``original``, ``shared`` (hard sharing, the paper's), ``softK`` (soft sharing
 with K templates per stage: each member's weight is recomputed from the bank on every forward), ``block`` (hard
-sharing at scope "block": every conv and linear layer of the residual branches, weight and bias) and
-``blocksoftK`` (scope "block", K templates per group).
+sharing at scope "block": every conv and linear layer of the residual branches, weight and bias),
+``blocksoftK`` (scope "block", K templates per group) and ``distill`` (the shared model's step with knowledge
+distillation: the unshared original, as the teacher, runs a forward pass under ``no_grad`` on the same batch, and
+the loss is ``kd_loss``); ``distill`` is also reported as a ratio to the plain ``shared`` step (expected about
+1.3x: the teacher's forward is about a third of a step's work).
 
 The step is the one ``recipes/train_imagenet.py`` runs (``share_transform.train.loop.train_step``): the
 device-side uint8 -> float normalisation, forward and cross-entropy under bf16 autocast (GPU), backward,
@@ -23,6 +26,7 @@ channels_last): >= 3,000 img/s and shared/original >= 0.98.
     python benchmarks/train_throughput.py --device cpu --threads 1 --variants original shared soft2 soft4
     python benchmarks/train_throughput.py --device cpu --threads 1 --arch convnext_tiny \
         --variants original block blocksoft2
+    python benchmarks/train_throughput.py --device cpu --threads 1 --variants shared distill
 """
 
 from __future__ import annotations
@@ -42,12 +46,13 @@ import share_transform
 from share_transform.tie import alias_groups, keep_ties
 from share_transform.train import Normalize, build_optimizer, init_weights, setup_runtime, train_step
 from share_transform.train.data.imagenet import MEAN, STD
+from share_transform.train.distill import Distillation
 
 
 @dataclass(frozen=True)
 class Result:
     compiled: bool
-    model: str  # "original", "shared" or "softK"
+    model: str  # "original", "shared", "softK", "block", "blocksoftK" or "distill"
     params: int
     images_per_s: list[float]  # one per repeat
 
@@ -74,8 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         default=["original", "shared"],
-        help="original, shared (hard), softK (K templates per stage), block (hard, scope block) and blocksoftK "
-        "(scope block, K templates per group), timed alternately",
+        help="original, shared (hard), softK (K templates per stage), block (hard, scope block), blocksoftK "
+        "(scope block, K templates per group) and distill (shared, with the original as teacher), timed alternately",
     )
     p.add_argument("--json", default=None, help="also write the figures to this file")
     return p
@@ -98,25 +103,32 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def build_variants(arch: str, variants: list[str]) -> dict[str, nn.Module]:
-    """The original and its shared variants, from the same fb.resnet.torch initialisation."""
+def build_variants(arch: str, variants: list[str]) -> dict[str, tuple[nn.Module, nn.Module | None]]:
+    """The original and its shared variants, from the same fb.resnet.torch initialisation: ``(model, teacher)``,
+    the teacher (a copy of the unshared original) for ``distill`` only."""
     torch.manual_seed(0)
     original = init_weights(share_transform.build_model(arch), "fan_out")
-    models = {}
+    models: dict[str, tuple[nn.Module, nn.Module | None]] = {}
     for name in variants:
         if name == "original":
-            models[name] = original
+            models[name] = (original, None)
         elif name == "shared":
-            models[name] = share_transform.apply(copy.deepcopy(original))
+            models[name] = (share_transform.apply(copy.deepcopy(original)), None)
+        elif name == "distill":
+            models[name] = (share_transform.apply(copy.deepcopy(original), init="mean"), copy.deepcopy(original))
         elif name.startswith("soft") and name[4:].isdigit():
-            models[name] = share_transform.apply(copy.deepcopy(original), templates=int(name[4:]))
+            models[name] = (share_transform.apply(copy.deepcopy(original), templates=int(name[4:])), None)
         elif name == "block":
-            models[name] = share_transform.apply(copy.deepcopy(original), scope="block")
+            models[name] = (share_transform.apply(copy.deepcopy(original), scope="block"), None)
         elif name.startswith("blocksoft") and name[9:].isdigit():
-            models[name] = share_transform.apply(copy.deepcopy(original), scope="block", templates=int(name[9:]))
+            models[name] = (
+                share_transform.apply(copy.deepcopy(original), scope="block", templates=int(name[9:])),
+                None,
+            )
         else:
             raise SystemExit(
-                f"error: unknown variant {name!r}; use original, shared, softK (e.g. soft2), block or blocksoftK"
+                f"error: unknown variant {name!r}; use original, shared, softK (e.g. soft2), block, blocksoftK or "
+                "distill"
             )
     return models
 
@@ -143,7 +155,7 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
     results = []
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         steps = {}
-        for label, model in build_variants(args.arch, args.variants).items():
+        for label, (model, teacher) in build_variants(args.arch, args.variants).items():
             ties = alias_groups(model)
             model.to(device)
             if args.channels_last:
@@ -152,9 +164,15 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
             model.train()
             optimizer = build_optimizer(model, lr=0.1)
             run = torch.compile(model) if compiled else model
+            distill = None
+            if teacher is not None:  # as fit does: on the device, eval mode, no gradients, compiled with the model
+                teacher.to(device)
+                if args.channels_last:
+                    teacher.to(memory_format=torch.channels_last)
+                distill = Distillation(torch.compile(teacher) if compiled else teacher, temperature=4.0, alpha=0.9)
 
-            def step(run=run, optimizer=optimizer) -> None:
-                train_step(run, normalize(images), targets, optimizer, amp=args.amp)
+            def step(run=run, optimizer=optimizer, distill=distill) -> None:
+                train_step(run, normalize(images), targets, optimizer, amp=args.amp, distill=distill)
 
             time_steps(step, args.warmup, device)  # includes compilation and cuDNN autotuning
             steps[label] = (step, share_transform.count_parameters(model), [])
@@ -192,6 +210,12 @@ def main(args: argparse.Namespace) -> list[Result]:
         print(f"{'on' if r.compiled else 'off':8s} {r.model:11s} {r.params:12,d} {r.median:9.1f} {spread:>17s}")
     for compiled in sorted({r.compiled for r in results}):
         by = {r.model: r for r in results if r.compiled == compiled}
+        if "distill" in by and "shared" in by:
+            ratios = [s / d for s, d in zip(by["shared"].images_per_s, by["distill"].images_per_s)]
+            print(
+                f"distill/shared step time (compile {'on' if compiled else 'off'}): "
+                f"{statistics.median(ratios):.3f} (min-max {min(ratios):.3f}-{max(ratios):.3f})"
+            )
         if "original" not in by:
             continue
         base = by["original"].images_per_s

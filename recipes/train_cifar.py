@@ -54,6 +54,7 @@ from share_transform.train.args import HelpFormatter
 from share_transform.train.data import CifarData, load_cifar, load_preprocessing, save_preprocessing, synthetic_cifar
 from share_transform.train.data.cifar import PADS
 from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
+from share_transform.train.distill import Distillation, load_original, summary
 
 PREPROCESS_FILE = "preprocess.safetensors"
 WRN_CIFAR100_DROPOUT = 0.3
@@ -260,7 +261,11 @@ def main(args: argparse.Namespace) -> nn.Module:
 
     # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     data = load_data(args)
-    model, params_unshared, unique_params = build_recipe_model(args, data.num_classes, input_size=(3, 32, 32))
+    original = load_original(args, data.num_classes)  # --pretrained / --from-checkpoint: the trained original, or None
+    model, params_unshared, unique_params = build_recipe_model(
+        args, data.num_classes, input_size=(3, 32, 32), original=original.model if original else None
+    )
+    distill = Distillation(original.model, args.kd_temperature, args.kd_alpha) if args.distill and original else None
     shared = args.share and is_shared(model)
 
     dist_info = init_distributed(args.device)
@@ -276,6 +281,8 @@ def main(args: argparse.Namespace) -> nn.Module:
             f"{held_out}{len(data.val):,} test images, {data.num_classes} classes, {data.preprocessing.kind}; "
             f"world size {dist_info.world_size}, {batch_per_rank} per rank"
         )
+        if original is not None:
+            print0(summary(args, original))
 
         def loader(split: torch.utils.data.Dataset, train: bool) -> torch.utils.data.DataLoader:
             return make_loader(
@@ -302,6 +309,7 @@ def main(args: argparse.Namespace) -> nn.Module:
             params_unshared=params_unshared,
             unique_params=unique_params,
             shared=shared,
+            original=original,
             preprocess=data.preprocessing.kind,
             val_split=args.val_split,
         )
@@ -319,6 +327,8 @@ def main(args: argparse.Namespace) -> nn.Module:
             title=curves_title(info),
             test_loader=test_loader,
             input_size=(3, 32, 32),
+            distill=distill,
+            original=original.model if original else None,
         )
     return model
 

@@ -53,6 +53,7 @@ from share_transform.train.args import HelpFormatter
 from share_transform.train.data.dali import DaliLoader, require_dali
 from share_transform.train.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD, imagenet_datasets
 from share_transform.train.data.sampling import SYNTHETIC_TRAIN_BATCHES, SYNTHETIC_VAL_BATCHES
+from share_transform.train.distill import Distillation, load_original, summary
 from share_transform.train.loop import ColourAugment, Preprocess
 
 SYNTHETIC_CLASSES = 1000
@@ -141,7 +142,11 @@ def main(args: argparse.Namespace) -> nn.Module:
 
     # Whatever can fail on bad input (data, arch, policy) fails here, on each rank, before the rendezvous.
     train_set, val_set, num_classes = load_data(args)
-    model, params_unshared, unique_params = build_recipe_model(args, num_classes)
+    original = load_original(args, num_classes)  # --pretrained / --from-checkpoint: the trained original, or None
+    model, params_unshared, unique_params = build_recipe_model(
+        args, num_classes, original=original.model if original else None
+    )
+    distill = Distillation(original.model, args.kd_temperature, args.kd_alpha) if args.distill and original else None
     shared = args.share and is_shared(model)
 
     dist_info = init_distributed(args.device)
@@ -150,6 +155,8 @@ def main(args: argparse.Namespace) -> nn.Module:
         f"{params_unshared:,} -> {unique_params:,} parameters; {len(train_set):,} train / {len(val_set):,} val "
         f"images, {num_classes} classes; world size {dist_info.world_size}, {batch_per_rank} per rank"
     )
+    if original is not None:
+        print0(summary(args, original))
 
     train_loader, val_loader = (
         make_loaders(args, ds, train, dist_info) for ds, train in ((train_set, True), (val_set, False))
@@ -169,6 +176,7 @@ def main(args: argparse.Namespace) -> nn.Module:
         params_unshared=params_unshared,
         unique_params=unique_params,
         shared=shared,
+        original=original,
     )
     with locked_output(args.output, resume=args.resume, dist_info=dist_info, args=args):
         fit(
@@ -184,6 +192,8 @@ def main(args: argparse.Namespace) -> nn.Module:
             eval_preprocess=normalize,
             title=curves_title(info),
             input_size=(3, args.img_size, args.img_size),  # the checkpoints say what the model trained at
+            distill=distill,
+            original=original.model if original else None,
         )
     return model
 

@@ -188,7 +188,8 @@ def test_nothing_inside_the_package_imports_the_package_root() -> None:
 
 
 @pytest.mark.parametrize(
-    "recipe", ["train_imagenet", "train_cifar", "reproduce", "digits_experiment", "sharing_experiment"]
+    "recipe",
+    ["train_imagenet", "train_cifar", "reproduce", "digits_experiment", "sharing_experiment", "compress_experiment"],
 )
 def test_each_recipe_help_states_every_default_once(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util

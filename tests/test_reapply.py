@@ -235,10 +235,12 @@ def test_a_recipe_never_runs_a_sharesnet_as_something_else(tmp_path: Path, capsy
 
 
 def test_a_recipe_counts_a_sharesnet_before_sharing() -> None:
+    from share_transform.train import resolve_args
     from share_transform.train.trainer import build_recipe_model
 
     recipe = _recipe()
     args = recipe.get_args_parser().parse_args(["--arch", "sharesnet18", "--policy", "imagenet", "--synthetic"])
+    args = resolve_args(args, recipe="imagenet")  # the recipe's defaults (--init among them) are resolved first
     args.model_kwargs = dict(SMALL_ARCH)
     model, unshared, unique = build_recipe_model(args, 5)
     assert unshared == st.count_parameters(small_resnet()) and unique == st.count_parameters(model) < unshared

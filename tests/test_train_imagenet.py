@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import share_transform
-from share_transform.train import METRIC_KEYS, run_recipe
+from share_transform.train import METRIC_KEYS, resolve_args, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_imagenet.py"
@@ -197,7 +197,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def test_protocol_defaults_are_design_section_3(recipe: ModuleType) -> None:
-    args = recipe.get_args_parser().parse_args([])
+    args = resolve_args(recipe.get_args_parser().parse_args([]), recipe="imagenet")
     assert (args.epochs, args.batch_size, args.lr, args.lr_reference_batch) == (90, 256, 0.1, 256)
     assert (args.momentum, args.weight_decay, args.lr_milestones, args.lr_gamma) == (0.9, 1e-4, [30, 60], 0.1)
     assert (args.img_size, args.policy, args.init, args.share, args.ten_crop) == (

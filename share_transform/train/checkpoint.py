@@ -128,12 +128,20 @@ def _remove_strays(output: Path, tag: str) -> None:
 
 
 def best_epoch(history: list[dict[str, Any]]) -> int | None:
-    """The epoch of the lowest test top-1 error in ``history`` (the first, on a tie), as ``fit`` picks it."""
+    """The epoch of the lowest held-out top-1 error in ``history`` (the first, on a tie), as ``fit`` picks it.
+
+    An epoch-0 record (the model before the first step) is no candidate: no checkpoint holds it.
+    """
     best: tuple[float, int] | None = None
-    for record in history:
+    for record in trained_epochs(history):
         if best is None or record["val_top1_err"] < best[0]:
             best = (record["val_top1_err"], record["epoch"])
     return None if best is None else best[1]
+
+
+def trained_epochs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``history`` without its epoch-0 record (measured before the first step), if it has one."""
+    return [r for r in history if r.get("epoch") != 0]
 
 
 def repair_checkpoints(
@@ -233,11 +241,14 @@ STATE_KEYS: dict[str, type | tuple[type, ...]] = {
 
 
 def check_training_state(state: dict[str, Any], path: Path) -> None:
-    """Raise :class:`CheckpointError` unless ``state`` holds :data:`STATE_KEYS` and one history record per epoch."""
+    """Raise :class:`CheckpointError` unless ``state`` holds :data:`STATE_KEYS` and one history record per epoch
+    (after an epoch-0 record, measured before the first step, where the run has one)."""
     for key, kind in STATE_KEYS.items():
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"cannot resume: {path} has no valid {key!r} (got {state.get(key)!r:.60})")
     history = state["history"]
+    if history and isinstance(history[0], dict) and history[0].get("epoch") == 0:
+        history = history[1:]
     if len(history) != state["epoch"] or not all(
         isinstance(r, dict) and r.get("epoch") == i and isinstance(r.get("val_top1_err"), int | float)
         for i, r in enumerate(history, start=1)

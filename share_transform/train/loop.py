@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distill import Distillation
 from .distributed import all_reduce_sum
 from .errors import NonFiniteLossError
 from .metrics import ProgressBar
@@ -166,14 +167,28 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     *,
     amp: bool,
+    distill: Distillation | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on a device batch; returns ``(loss, logits)`` detached, without synchronising."""
+    """One SGD step on a device batch; returns ``(loss, logits)`` detached, without synchronising.
+
+    With ``distill``, the teacher sees the same batch under ``torch.no_grad()`` (and the same autocast) and the loss
+    is :func:`share_transform.train.distill.kd_loss`; otherwise cross-entropy. ``scheduler``: a per-step schedule,
+    stepped after the optimizer.
+    """
     with autocast(images.device, amp):
         logits = model(images)
-        loss = F.cross_entropy(logits, targets)
+        if distill is not None:
+            with torch.no_grad():
+                teacher_logits = distill.teacher(images)
+            loss = distill.loss(logits, teacher_logits, targets)
+        else:
+            loss = F.cross_entropy(logits, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     return loss.detach(), logits.detach()
 
 
@@ -201,6 +216,8 @@ def train_one_epoch(
     log_every: int = 20,
     start_step: int = 0,
     progress: ProgressBar | None = None,
+    distill: Distillation | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader``.
 
@@ -215,6 +232,8 @@ def train_one_epoch(
         log_every: steps between synchronisations (progress update and the NaN check).
         start_step: global step of the first batch (``epoch * len(loader)``), for messages.
         progress: a rank-0 progress bar, updated at each synchronisation.
+        distill: learn from a teacher's outputs (:func:`train_step`); the loss reported is the distillation loss.
+        scheduler: a per-step lr schedule (``--schedule finetune``), stepped after every optimizer step.
 
     Raises:
         NonFiniteLossError: a loss was NaN/inf; every rank raises for the same step. Weights are then
@@ -251,7 +270,7 @@ def train_one_epoch(
     for i, batch in enumerate(loader):
         step = start_step + i
         images, targets = _to_device(batch, device, preprocess)
-        loss, logits = train_step(model, images, targets, optimizer, amp=amp)
+        loss, logits = train_step(model, images, targets, optimizer, amp=amp, distill=distill, scheduler=scheduler)
         n = targets.shape[0]
         sums += torch.cat([(loss.float() * n).view(1), _hits(logits, targets)])
         count += n

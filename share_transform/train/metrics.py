@@ -12,6 +12,11 @@ that chooses ``checkpoint-best``: a split of the training set, or the test set w
 ``test_loss``, ``test_top1_err``, ``test_top5_err`` (:data:`TEST_KEYS`), the test set's only evaluations.
 Lines written before ``train_images``/``val_images`` existed lack them.
 
+A run from a trained original (or with ``--evaluate-first``) starts with an **epoch-0** line, measured before the
+first step (:data:`EPOCH0_KEYS`): ``epoch`` 0, the model's ``val_*`` (and, with a held-out split, ``test_*``),
+``val_images``, ``unique_params``, ``shared``, and the trained original's ``teacher_val_*`` (``teacher_test_*``).
+It has no ``train_*`` and no ``lr``; nothing chooses it as ``checkpoint-best``.
+
 ``curves.png`` redraws, after every epoch, the training loss and the held-out error per epoch, as the
 paper's Figure 4 does for CIFAR. Drawing uses matplotlib's Agg canvas directly, so it needs no display
 and leaves the global backend alone; without matplotlib (an optional extra) the curves are skipped. Only
@@ -59,6 +64,20 @@ METRIC_KEYS = (
 )
 #: The test set's figures, on the lines of the epochs it was evaluated at (runs with a held-out split).
 TEST_KEYS = ("test_loss", "test_top1_err", "test_top5_err")
+#: The epoch-0 line's keys (before the first step): the model's and the trained original's (``teacher_*``, when
+#: the run has one); the ``test_*`` ones with a held-out split only.
+EPOCH0_KEYS = (
+    "epoch",
+    "val_loss",
+    "val_top1_err",
+    "val_top5_err",
+    "val_images",
+    "unique_params",
+    "shared",
+    "teacher_val_loss",
+    "teacher_val_top1_err",
+    "teacher_val_top5_err",
+)
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -136,20 +155,28 @@ def curves_figure(history: Sequence[dict[str, Any]], *, title: str = "", held_ou
 
     Every series has markers, so a one-epoch run shows each as a point, and the epoch axes have integer ticks.
     ``held_out`` names what ``val_*`` holds: ``"test"``, or ``"val"`` (a split of the training set; the test
-    figures of the epochs the test set was evaluated at are then drawn as single points).
+    figures of the epochs the test set was evaluated at are then drawn as single points). An epoch-0 line (before
+    the first step) adds the held-out errors' point at 0, and its trained original's held-out top-1 error is drawn
+    as a horizontal line.
     """
     fig = new_figure((10, 4), dpi=100, layout="constrained")  # first: without matplotlib, MissingExtraError
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [r["epoch"] for r in history]
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        return [e for e, _ in points], [v for _, v in points]
+
     ax_loss, ax_err = fig.subplots(1, 2)
     # Training loss alone, as Figure 4: an early test loss of an untrained BatchNorm can be 1000x larger.
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
-    ax_err.plot(epochs, [r["val_top1_err"] for r in history], marker=".", label=f"{held_out} top-1")
-    ax_err.plot(epochs, [r["val_top5_err"] for r in history], marker=".", linestyle="--", label=f"{held_out} top-5")
-    ax_err.plot(epochs, [r["train_top1_err"] for r in history], marker=".", linestyle=":", label="train top-1")
-    tested = [r for r in history if r.get("test_top1_err") is not None]
+    ax_loss.plot(*series("train_loss"), marker=".", label="train")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_err.plot(*series("val_top1_err"), marker=".", label=f"{held_out} top-1")
+    ax_err.plot(*series("val_top5_err"), marker=".", linestyle="--", label=f"{held_out} top-5")
+    ax_err.plot(*series("train_top1_err"), marker=".", linestyle=":", label="train top-1")
+    teacher = next((r["teacher_val_top1_err"] for r in history if r.get("teacher_val_top1_err") is not None), None)
+    if teacher is not None:
+        ax_err.axhline(teacher, color="black", linewidth=1, linestyle="-.", label=f"trained original, {held_out} top-1")
+    tested = [r for r in history if r.get("test_top1_err") is not None and r["epoch"] > 0]
     if tested:
         ax_err.plot(
             [r["epoch"] for r in tested],

@@ -6,9 +6,12 @@ Run directory (``--output``), written by rank 0 only:
   trained is shared: false for ``--share`` with a policy that finds nothing to share), ``policy``,
   ``sharing`` (``group_size``, ``scope``, ``templates``, ``budget`` as given; None for an unshared run),
   ``seed``, ``epochs``, ``batch_size``, ``lr`` (the optimizer's initial lr, after batch scaling),
-  ``params_unshared``, ``unique_params``, recipe extras (the CIFAR recipe's ``val_split``), ``args`` (every
-  CLI argument, with the defaults a recipe resolved);
-* ``metrics.jsonl``, one line per finished epoch, and ``curves.png`` (see :mod:`.metrics`; skipped, with a
+  ``params_unshared``, ``unique_params``, ``schedule``, ``warm_start`` (the ``--init`` that shared a trained
+  original, or None), ``teacher`` (the trained original: its source and the SHA-256 of its weights, or None),
+  ``distill`` (``temperature``, ``alpha``, or None), recipe extras (the CIFAR recipe's ``val_split``), ``args``
+  (every CLI argument, with the defaults a recipe resolved);
+* ``metrics.jsonl``, one line per finished epoch (and an epoch-0 line, measured before the first step, in a run
+  from a trained original or with ``--evaluate-first``), and ``curves.png`` (see :mod:`.metrics`; skipped, with a
   one-line note, where matplotlib is not installed);
 * ``checkpoint-last.*`` after every epoch and ``checkpoint-best.*`` at the best held-out top-1 error
   (see :mod:`.checkpoint`); each state carries the ``run.json`` record.
@@ -18,6 +21,11 @@ Model selection: ``val_loader`` is the held-out set evaluated after every epoch,
 and the test set is evaluated once, after the last epoch, on the final and the best checkpoints only (their
 epochs' lines in ``metrics.jsonl`` gain ``test_loss``, ``test_top1_err``, ``test_top5_err``). Without one,
 the held-out set is the test set itself, and the best checkpoint is chosen on it (an optimistic choice).
+
+Compressing a trained model (:mod:`.distill`): the recipe builds the shared model from the trained original's
+weights (:func:`build_recipe_model` with ``original=``) and hands ``fit`` the original, evaluated once before the
+first step (epoch 0), and with ``distill`` the teacher whose outputs the loss follows. A fresh run first
+re-estimates the BatchNorm statistics on ``TrainConfig.recalibrate_bn`` training batches when asked.
 
 A fresh run refuses a directory that already holds a checkpoint (``--resume`` continues it), so
 nothing written is ever overwritten by accident. ``--resume`` checks the command's flags against the run's
@@ -67,7 +75,8 @@ from ..init import init_weights
 from ..planning import SharePlan, plan as make_plan
 from ..policies import POLICIES, SharingOptions
 from ..tie import PLAIN_ATTR, alias_groups, apply, count_parameters, get_plan, keep_ties
-from .args import SHARING_FLAGS, sharing_options
+from ..warmstart import recalibrate_bn
+from .args import SHARING_FLAGS, is_warm_start, sharing_options
 from .checkpoint import (
     best_epoch,
     check_training_state,
@@ -80,10 +89,11 @@ from .checkpoint import (
     weights_path,
 )
 from .data.sampling import sample_seed, set_epoch
+from .distill import Distillation, Original, describe
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error, share_verdict
 from .errors import ConfigError, LoaderWorkerError, NonFiniteLossError
 from .lock import check_unlocked, run_lock
-from .loop import EpochStats, Preprocess, evaluate, train_one_epoch
+from .loop import EpochStats, Preprocess, _to_device, autocast, evaluate, train_one_epoch
 from .metrics import (
     CURVES_FILE,
     METRICS_FILE,
@@ -95,7 +105,7 @@ from .metrics import (
     write_metrics,
     write_text,
 )
-from .optim import build_optimizer, build_scheduler, scaled_lr
+from .optim import build_optimizer, build_scheduler, per_step, scaled_lr
 
 
 @dataclass(frozen=True)
@@ -103,8 +113,11 @@ class TrainConfig:
     """The optimisation protocol and the speed options of a run.
 
     ``lr`` is the optimizer's learning rate for the global batch (scale a per-256 figure with
-    :func:`share_transform.train.optim.scaled_lr` first); ``milestones`` are 0-based epochs after
-    which the lr is multiplied by ``gamma``.
+    :func:`share_transform.train.optim.scaled_lr` first); ``schedule`` ``"step"``: ``milestones`` are 0-based
+    epochs after which the lr is multiplied by ``gamma``; ``"finetune"``: ``warmup_epochs`` of linear warm-up
+    then a cosine to 0, per step. ``recalibrate_bn``: training batches to re-estimate the BatchNorm statistics
+    on before the first step (0: none); ``evaluate_first``: measure the model (and the trained original) before
+    the first step, as epoch 0.
     """
 
     epochs: int
@@ -112,12 +125,16 @@ class TrainConfig:
     momentum: float
     weight_decay: float
     milestones: Sequence[int]
-    gamma: float
+    gamma: float | None
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
     log_every: int = 20
+    schedule: str = "step"
+    warmup_epochs: float = 0.0
+    recalibrate_bn: int = 0
+    evaluate_first: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
@@ -134,13 +151,25 @@ class TrainConfig:
             compile=args.compile,
             seed=args.seed,
             log_every=args.print_freq,
+            schedule=getattr(args, "schedule", "step"),
+            warmup_epochs=float(getattr(args, "warmup_epochs", None) or 0.0),
+            recalibrate_bn=int(getattr(args, "recalibrate_bn", 0) or 0),
+            evaluate_first=bool(getattr(args, "evaluate_first", False)),
         )
 
 
 def build_recipe_model(
-    args: argparse.Namespace, num_classes: int, *, input_size: tuple[int, int, int] | None = None
+    args: argparse.Namespace,
+    num_classes: int,
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    original: nn.Module | None = None,
 ) -> tuple[nn.Module, int, int]:
     """Build ``--arch`` with the recipe's init, share it when ``--share``; also the unshared and unique counts.
+
+    With ``original`` (the trained original, :func:`share_transform.train.distill.load_original`) and a warm-start
+    ``--init`` (``mean``, ``mean-scaled``, ``svd``), the model is a copy of the original shared with that warm
+    start (``--allocate weights`` chooses its groups from the trained weights); ``original`` is left as it was.
 
     A ``--share`` whose policy finds nothing to share in ``--arch`` (WRN-16-k under ``cifar``: one block a
     stage, and the policy keeps each stage's first block) leaves the model unshared, with no plan recorded,
@@ -150,6 +179,8 @@ def build_recipe_model(
         ConfigError: ``--no-share`` with a network shared by construction (``sharesnet18``).
         PlanMismatchError: ``--share`` with options other than those a network shared by construction has.
     """
+    if original is not None and is_warm_start(args):
+        return _warm_start(args, original, input_size)
     model = build_model(args.arch, num_classes=num_classes, **args.model_kwargs)
     built = get_plan(model)  # a network shared by construction: its plan counts it before sharing
     if built is not None and not args.share:
@@ -169,6 +200,27 @@ def build_recipe_model(
             apply(model, plan=share_plan)
         else:
             print0(f"note: {_nothing_shared(args, share_plan, params_unshared)}", file=sys.stderr)
+    return model, params_unshared, count_parameters(model)
+
+
+def _warm_start(
+    args: argparse.Namespace, original: nn.Module, input_size: tuple[int, int, int] | None
+) -> tuple[nn.Module, int, int]:
+    """A copy of the trained original, shared with the warm start ``args.init``."""
+    if get_plan(original) is not None:
+        raise ConfigError(
+            f"--arch {args.arch} is shared by construction; a warm start shares an unshared original: give --arch "
+            f"{getattr(original, PLAIN_ATTR, 'the network it shares')}"
+        )
+    model = copy.deepcopy(original)
+    model.train()
+    model.requires_grad_(True)
+    params_unshared = count_parameters(model)
+    share_plan = make_plan(model, args.policy, input_size=input_size, options=sharing_options(args))
+    if share_plan.groups:
+        apply(model, plan=share_plan, init=args.init)
+    else:
+        print0(f"note: {_nothing_shared(args, share_plan, params_unshared)}", file=sys.stderr)
     return model, params_unshared, count_parameters(model)
 
 
@@ -214,15 +266,18 @@ def run_info(
     params_unshared: int,
     unique_params: int,
     shared: bool | None = None,
+    original: Original | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """The ``run.json`` record both recipes write (the report reads it).
 
     ``shared``: whether the model trained is shared (:func:`is_shared`); default ``args.share``. A ``--share``
-    that shared nothing is recorded as an unshared run: no policy, no sharing options.
+    that shared nothing is recorded as an unshared run: no policy, no sharing options. ``original``: the trained
+    original (its record is ``teacher``; a resume refuses another).
     """
     share = args.share if shared is None else shared
     options = sharing_options(args) if share else None
+    distill = bool(getattr(args, "distill", False))
     return {
         "recipe": recipe,
         "arch": args.arch,
@@ -236,6 +291,10 @@ def run_info(
         "lr": config.lr,
         "params_unshared": params_unshared,
         "unique_params": unique_params,
+        "schedule": getattr(args, "schedule", "step"),
+        "warm_start": args.init if original is not None and is_warm_start(args) else None,
+        "teacher": original.record if original is not None else None,
+        "distill": {"temperature": args.kd_temperature, "alpha": args.kd_alpha} if distill else None,
         **extra,
         "args": vars(args),
     }
@@ -277,8 +336,20 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
 
 
 #: The optimisation flags a resume must repeat: the checkpoint's optimizer and schedule carry the run's values,
-#: so a new value would be recorded in run.json but not used. ``--epochs`` may change (grow) on resume.
-PROTOCOL_FLAGS = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
+#: so a new value would be recorded in run.json but not used; the distillation loss's too. ``--epochs`` may change
+#: (grow) on resume, except under ``--schedule finetune``, whose cosine spans the run's epochs.
+PROTOCOL_FLAGS = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "lr_milestones",
+    "lr_gamma",
+    "warmup_epochs",
+    "distill",
+    "kd_temperature",
+    "kd_alpha",
+)
 #: The flags that made the run's model and data stream (``img_size`` is the ImageNet recipe's; ``dataset``,
 #: ``preprocess``, ``val_split``, ``cutout``, ``pad``, ``hflip`` the CIFAR recipe's).
 RUN_FLAGS = (
@@ -297,7 +368,16 @@ RUN_FLAGS = (
     "cutout",
     "pad",
     "hflip",
+    "recalibrate_bn",
 )
+#: Flags that only mean something under another flag: their effective value is None otherwise.
+_ONLY_UNDER = {
+    "kd_temperature": ("distill", True),
+    "kd_alpha": ("distill", True),
+    "warmup_epochs": ("schedule", "finetune"),
+    "lr_milestones": ("schedule", "step"),
+    "lr_gamma": ("schedule", "step"),
+}
 #: Why a resume refuses a changed flag: the checkpoint's optimizer and schedule carry the optimisation flags,
 #: its tensors are the model the sharing flags built, and the run flags made that model and its data.
 _RESUME_REASONS = {
@@ -395,16 +475,29 @@ def _check_same_protocol(output: Path, args: dict[str, Any]) -> None:
                 f"{flag} {_flag_text(now)}; {reason}, so resume "
                 f"with the same {flag} or start a new run in another --output"
             )
+    if effective_flag(args, "schedule") == "finetune" and before.get("epochs") != args.get("epochs"):
+        raise CheckpointError(
+            f"--resume: {output} was trained with --epochs {before.get('epochs')} under --schedule finetune, this "
+            f"command gives --epochs {args.get('epochs')}; the cosine schedule spans the run's epochs, so resume "
+            "with the same --epochs or start a new run in another --output"
+        )
 
 
 def effective_flag(args: dict[str, Any], key: str) -> Any:
     """The value flag ``key`` of a command (``vars(args)``, or a ``run.json`` ``args``) has in effect.
 
     Sharing options are resolved by the policy (``--scope`` None under ``swrn`` is ``all``) and are None, like
-    ``--policy``, for an unshared run; any other flag is its value (a tuple as a list, as JSON stores it).
+    ``--policy``, for an unshared run; the KD flags are None without ``--distill``, the step schedule's under
+    ``--schedule finetune`` and ``--warmup-epochs`` under ``step``; any other flag is its value (a tuple as a
+    list, as JSON stores it).
     """
     value = args.get(key)
     shared = bool(args.get("share", True))
+    if key in _ONLY_UNDER:
+        flag, needed = _ONLY_UNDER[key]
+        default = {"distill": False, "schedule": "step"}[flag]  # records older than the flag
+        if args.get(flag, default) != needed:
+            return None
     if key == "policy":
         return value if shared else None
     if key in SHARING_FLAGS:
@@ -442,6 +535,24 @@ def _check_same_run(output: Path, run_info: dict[str, Any]) -> None:
                 f"--resume: {output} was started with {key}={before[key]!r}, this command gives "
                 f"{run_info.get(key)!r}; resume with the same settings or choose another --output"
             )
+    was, now = before.get("teacher"), run_info.get("teacher")
+    if _teacher_key(was) != _teacher_key(now):
+        raise CheckpointError(
+            f"--resume: {output} was trained from {_teacher_text(was)}, this command gives {_teacher_text(now)}; "
+            "the run's shared model and its distillation targets come from its trained original, so resume with the "
+            "same one or start a new run in another --output"
+        )
+
+
+def _teacher_key(record: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    """What a resume compares of a trained original: where it comes from and what its weights are."""
+    return None if not record else (record.get("source"), record.get("weights_sha256"))
+
+
+def _teacher_text(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "no trained original"
+    return f"{describe(record)} (weights sha256 {str(record.get('weights_sha256'))[:12]})"
 
 
 @dataclass
@@ -461,6 +572,8 @@ class _Run:
     held_out: str  # what val_loader holds: "val" (a split of the training set) or "test"
     draw_curves: bool
     input_size: tuple[int, int, int] | None = None  # recorded in the checkpoints' weights files
+    distill: Distillation | None = None  # the teacher as the training step calls it (compiled with --compile)
+    original: nn.Module | None = None  # the trained original, evaluated before the first step
     history: list[dict[str, Any]] = field(default_factory=list)
     best_err: float = float("inf")
     start_epoch: int = 0
@@ -481,6 +594,8 @@ def fit(
     title: str = "",
     test_loader: DataLoader | None = None,
     input_size: tuple[int, int, int] | None = None,
+    distill: Distillation | None = None,
+    original: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for ``config.epochs`` epochs (from the last checkpoint with ``resume``).
 
@@ -500,9 +615,15 @@ def fit(
         title: heading of ``curves.png``.
         input_size: ``(C, H, W)`` the model trains at, recorded in every checkpoint's weights file (``sharetx
             inspect`` shows it, ``sharetx export`` uses it); default: the share plan's.
+        distill: learn from a teacher's outputs (:class:`share_transform.train.distill.Distillation`); the
+            teacher is moved to the device (and compiled with ``config.compile``) but never wrapped, optimised
+            or checkpointed.
+        original: the trained original the model was made from, evaluated before the first step with
+            ``config.evaluate_first`` (default: ``distill``'s teacher).
 
     Returns:
-        The metrics history, one record per epoch (also in ``metrics.jsonl``).
+        The metrics history, one record per epoch (also in ``metrics.jsonl``), after an epoch-0 record when the
+        model was evaluated before the first step.
 
     Raises:
         OutputExistsError, MissingFileError: see :func:`check_output`.
@@ -514,7 +635,15 @@ def fit(
     output = Path(output)
     with locked_output(output, resume=resume, dist_info=dist_info, args=run_info.get("args")):
         run = _start_run(
-            model, config, dist_info, output, run_info=run_info, steps=len(train_loader), split=test_loader is not None
+            model,
+            config,
+            dist_info,
+            output,
+            run_info=run_info,
+            steps=len(train_loader),
+            split=test_loader is not None,
+            distill=distill,
+            original=original if original is not None else (distill.teacher if distill is not None else None),
         )
         run.input_size = input_size
         if resume:
@@ -527,6 +656,9 @@ def fit(
                 )
             write_run_json(run.output, run.record)  # on resume too: --epochs may have grown
         try:
+            if not resume:
+                _before_first_step(run, train_loader, val_loader, test_loader, train_preprocess, eval_preprocess)
+            run.original = None  # measured (or restored from the checkpoint); the teacher stays in run.distill
             for epoch in range(run.start_epoch, config.epochs):
                 lr = run.optimizer.param_groups[0]["lr"]
                 bar = ProgressBar(run.steps, f"epoch {epoch + 1}/{config.epochs}") if dist_info.is_main else None
@@ -715,16 +847,29 @@ def _start_run(
     run_info: dict[str, Any],
     steps: int,
     split: bool = False,
+    distill: Distillation | None = None,
+    original: nn.Module | None = None,
 ) -> _Run:
-    """Move the model to the device, ties kept; build the optimizer; wrap."""
+    """Move the model (and the trained original) to the device, ties kept; build the optimizer; wrap."""
     device = dist_info.device
     ties = alias_groups(model)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     keep_ties(model, ties, f"moving the model to {device}")
+    for teacher in {id(m): m for m in (original, distill.teacher if distill else None) if m is not None}.values():
+        teacher.to(device)  # not wrapped, not optimised: each rank holds its own copy
+        if config.channels_last:
+            teacher.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = build_scheduler(optimizer, milestones=config.milestones, gamma=config.gamma)
+    scheduler = build_scheduler(
+        optimizer,
+        schedule=config.schedule,
+        milestones=config.milestones,
+        gamma=config.gamma,
+        total_steps=config.epochs * steps,
+        warmup_steps=round(config.warmup_epochs * steps),
+    )
     train_model: nn.Module = model
     if dist_info.distributed:
         # DDP registers each shared weight once (it de-duplicates parameters) and broadcasts rank 0's copy.
@@ -734,6 +879,8 @@ def _start_run(
         keep_ties(model, ties, "DistributedDataParallel")
     if config.compile:
         train_model = cast(nn.Module, torch.compile(train_model))
+        if distill is not None:
+            distill = Distillation(cast(nn.Module, torch.compile(distill.teacher)), distill.temperature, distill.alpha)
     shared = bool(run_info.get("share", False))
     draw = not matplotlib_missing()
     if not draw:
@@ -755,6 +902,8 @@ def _start_run(
         record=json_record(run_info),
         held_out="val" if split else "test",
         draw_curves=draw,
+        distill=distill,
+        original=original,
     )
 
 
@@ -809,6 +958,8 @@ def _train_epoch(
             log_every=run.config.log_every,
             start_step=epoch * run.steps,
             progress=bar,
+            distill=run.distill,
+            scheduler=run.scheduler if per_step(run.scheduler) else None,
         )
     except NonFiniteLossError as e:
         last = (
@@ -819,11 +970,75 @@ def _train_epoch(
         raise NonFiniteLossError(f"{e}; {last}", epoch=e.epoch, step=e.step) from None
 
 
+def _before_first_step(
+    run: _Run,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    test_loader: DataLoader | None,
+    train_preprocess: Preprocess | None,
+    eval_preprocess: Preprocess | None,
+) -> None:
+    """A fresh run: re-estimate the BatchNorm statistics when asked, then measure the model and the trained
+    original as epoch 0 (printed now; written to ``metrics.jsonl`` with epoch 1, once a checkpoint can resume it)."""
+    if run.config.recalibrate_bn:
+        _recalibrate(run, train_loader, train_preprocess, run.config.recalibrate_bn)
+    if not run.config.evaluate_first:
+        return
+    broadcast_buffers(run.model)
+    device, amp = run.dist_info.device, run.config.amp
+    record: dict[str, Any] = {"epoch": 0}
+    measured = [("", run.model)] + ([("teacher_", run.original)] if run.original is not None else [])
+    for prefix, model in measured:
+        for split, loader in (("val", val_loader), ("test", test_loader)):
+            if loader is None:
+                continue
+            stats = evaluate(model, loader, device=device, preprocess=eval_preprocess, amp=amp)
+            record.update(
+                {
+                    f"{prefix}{split}_loss": stats.loss,
+                    f"{prefix}{split}_top1_err": stats.top1_err,
+                    f"{prefix}{split}_top5_err": stats.top5_err,
+                }
+            )
+            if not prefix and split == "val":
+                record["val_images"] = stats.images
+    record.update(unique_params=count_parameters(run.model), shared=run.shared)
+    run.history.append(record)
+    teacher = (
+        f"  | trained original: top-1 err {record['teacher_val_top1_err']:.2f}%  top-5 err "
+        f"{record['teacher_val_top5_err']:.2f}%"
+        if "teacher_val_top1_err" in record
+        else ""
+    )
+    print0(
+        f"epoch 0 (before the first step): {run.held_out} loss {record['val_loss']:.4f}  top-1 err "
+        f"{record['val_top1_err']:.2f}%  top-5 err {record['val_top5_err']:.2f}%{teacher}"
+    )
+
+
+def _recalibrate(run: _Run, train_loader: DataLoader, preprocess: Preprocess | None, n: int) -> None:
+    """:func:`share_transform.recalibrate_bn` on the first ``n`` training batches of epoch 0's order (each rank its
+    shard), under the run's autocast; then every rank takes rank 0's statistics."""
+    seed_all(sample_seed(run.config.seed, 0, -1 - run.dist_info.rank))
+    set_epoch(train_loader, 0)
+    device = run.dist_info.device
+
+    def inputs() -> Iterator[torch.Tensor]:
+        for batch in train_loader:
+            yield _to_device(batch, device, preprocess)[0]
+
+    with autocast(device, run.config.amp):
+        used = recalibrate_bn(run.model, inputs(), n)
+    broadcast_buffers(run.model)
+    print0(f"recalibrated the BatchNorm statistics on {used} training batches")
+
+
 def _evaluate_epoch(run: _Run, val_loader: DataLoader, preprocess: Preprocess | None) -> EpochStats:
     """Make every rank's BatchNorm statistics rank 0's, test, and step the schedule."""
     broadcast_buffers(run.model)
     val = evaluate(run.model, val_loader, device=run.dist_info.device, preprocess=preprocess, amp=run.config.amp)
-    run.scheduler.step()
+    if not per_step(run.scheduler):
+        run.scheduler.step()
     return val
 
 
@@ -871,7 +1086,10 @@ def _save_epoch(run: _Run, record: dict[str, Any], *, is_best: bool, title: str)
     for tag in ("last", "best") if is_best else ("last",):
         save_checkpoint(run.output, tag, run.model, state, input_size=run.input_size)
         print0(f"saved {weights_path(run.output, tag).name} (epoch {epoch})")
-    append_metrics(run.output / METRICS_FILE, record)
+    if run.history[0]["epoch"] == 0 and epoch == 1:
+        write_metrics(run.output / METRICS_FILE, run.history)  # the epoch-0 line waits for a checkpoint to resume
+    else:
+        append_metrics(run.output / METRICS_FILE, record)
     if run.draw_curves:
         plot_curves(run.output / CURVES_FILE, run.history, title=title, held_out=run.held_out)
 

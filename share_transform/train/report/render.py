@@ -126,8 +126,8 @@ class Report:
         if unfinished:
             out += ["## Unfinished runs (left out of the tables)", ""]
             out += [
-                f"* `{r.path}`: {len(r.metrics)}/{r.epochs} epochs"
-                + ("" if len(r.metrics) < r.epochs else ", the test set not yet evaluated (--resume evaluates it)")
+                f"* `{r.path}`: {len(r.trained)}/{r.epochs} epochs"
+                + ("" if len(r.trained) < r.epochs else ", the test set not yet evaluated (--resume evaluates it)")
                 for r in unfinished
             ]
             out.append("")
@@ -157,7 +157,7 @@ class Report:
             "table3": [e.to_json() for e in self.table3],
             "results": [r.to_json() for r in self.results],
             "unfinished": [
-                {"path": str(r.path), "epochs_done": len(r.metrics), "epochs": r.epochs}
+                {"path": str(r.path), "epochs_done": len(r.trained), "epochs": r.epochs}
                 for r in self.runs
                 if not r.complete
             ],

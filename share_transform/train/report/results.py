@@ -68,6 +68,7 @@ class Config:
     share: bool
     policy: str | None
     sharing: str = ""  # the sharing options in words; "" for the paper's
+    method: str = ""  # how the runs started and learned (warm start, KD); "" from scratch without KD
 
 
 @dataclass
@@ -115,6 +116,8 @@ class Result:
             label += f" ({self.config.policy}" + (f", {self.config.sharing})" if self.config.sharing else ")")
         elif self.config.sharing:
             label += f" ({self.config.sharing})"
+        if self.config.method:
+            label += f" [{self.config.method}]"
         return label
 
     def to_json(self) -> dict[str, Any]:
@@ -126,6 +129,7 @@ class Result:
             "share": self.config.share,
             "policy": self.config.policy,
             "sharing": self.config.sharing,
+            "method": self.config.method,
             "params": self.params,
             "top1_err": self.top1.to_json(),
             "top5_err": top5.to_json() if top5 else None,
@@ -140,7 +144,7 @@ def group_results(runs: Sequence[Run]) -> list[Result]:
     groups: dict[Config, list[Run]] = defaultdict(list)
     for r in runs:
         if r.complete:
-            groups[Config(r.dataset, r.arch, r.epochs, r.share, r.policy, r.sharing)].append(r)
+            groups[Config(r.dataset, r.arch, r.epochs, r.share, r.policy, r.sharing, r.method)].append(r)
     return [Result(c, sorted(rs, key=lambda r: (r.seed is None, r.seed or 0))) for c, rs in sorted(groups.items())]
 
 

@@ -32,18 +32,30 @@ class Run:
     epochs: int  # planned
     unique_params: int
     params_unshared: int | None
-    metrics: tuple[dict[str, Any], ...]  # one per finished epoch, in epoch order
+    metrics: tuple[dict[str, Any], ...]  # one per finished epoch, in epoch order (after an epoch-0 line, if any)
     val_split: int = 0  # training images held out to choose checkpoint-best on; 0: the test set chose it
+    method: str = ""  # how the run started and learned, in words ("mean warm start, KD"); "" from scratch, no KD
+
+    @property
+    def trained(self) -> tuple[dict[str, Any], ...]:
+        """The finished epochs' metrics, without the epoch-0 line (measured before the first step)."""
+        return tuple(m for m in self.metrics if m.get("epoch") != 0)
+
+    @property
+    def start(self) -> dict[str, Any] | None:
+        """The epoch-0 line (the model, and its trained original, before the first step), or None."""
+        return next((m for m in self.metrics if m.get("epoch") == 0), None)
 
     @property
     def final(self) -> dict[str, Any] | None:
         """The last finished epoch's metrics, or None before the first epoch ends."""
-        return self.metrics[-1] if self.metrics else None
+        trained = self.trained
+        return trained[-1] if trained else None
 
     @property
     def complete(self) -> bool:
         """Every planned epoch done, and, with a held-out split, the test set evaluated on the final model."""
-        if len(self.metrics) < self.epochs:
+        if len(self.trained) < self.epochs:
             return False
         return not self.val_split or (self.final or {}).get("test_top1_err") is not None
 
@@ -93,7 +105,19 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         params_unshared=info.get("params_unshared"),
         metrics=tuple(metrics),
         val_split=int(info.get("val_split") or 0),  # runs written before the split existed held none out
+        method=describe_method(info),
     )
+
+
+def describe_method(info: dict[str, Any]) -> str:
+    """How a run started and learned, from its ``run.json``: ``"mean warm start, KD"``, ``"KD"`` (from scratch),
+    ``"svd warm start"``; ``""`` for a run from scratch without distillation (every run older than these keys)."""
+    parts = []
+    if info.get("warm_start"):
+        parts.append(f"{info['warm_start']} warm start")
+    if info.get("distill"):
+        parts.append("KD")
+    return ", ".join(parts)
 
 
 def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:
