@@ -358,7 +358,7 @@ def convert(
     Examples:
       sharetx convert --model resnet152
       sharetx convert --model torchvision:resnet50 --checkpoint resnet50.pth --init mean -o r50-share.safetensors
-      sharetx convert --model resnet50 --checkpoint model_best.pth.tar --budget 0.5 --allocate weights
+      sharetx convert --model resnet50 --checkpoint model_best.pth.tar --scope block --budget 0.6 --allocate weights
       sharetx convert --model resnet50 --checkpoint resnet50.safetensors --templates 2 --init svd
       sharetx convert --model wrn_40_4 --policy cifar --num-classes 10 --json
       sharetx convert --model resnet101 --budget 0.75

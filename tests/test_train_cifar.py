@@ -312,7 +312,7 @@ def test_sharing_experiment_reports_progress_and_the_settings_table(tmp_path, mo
         else:
             assert args.model_kwargs == {"base_width": 8}
             index = 0 if not args.share else 1 if args.scope is None else 2 if args.templates is None else 3
-        trained.append((args.arch, index, args.seed))
+        trained.append((args.arch, index, args.seed, args.epochs))
         make_run(
             args.output.parent, args.output.name, arch=args.arch, dataset="digits", share=args.share, seed=args.seed,
             params=1000 - 100 * index, final_top1=index + args.seed, epochs=args.epochs, policy=args.policy,
@@ -320,15 +320,16 @@ def test_sharing_experiment_reports_progress_and_the_settings_table(tmp_path, mo
         )  # fmt: skip
 
     monkeypatch.setattr(sharing.train_cifar, "main", fake_train)
-    argv = ["--out", str(tmp_path / "out"), "--seeds", "0", "1", "--epochs", "2", "--figure", str(tmp_path / "f.png")]
+    argv = ["--out", str(tmp_path / "out"), "--seeds", "0", "1", "--epochs", "2", "--bottleneck-epochs", "3"]
+    argv += ["--figure", str(tmp_path / "f.png")]
     sharing.main(sharing.get_args_parser().parse_args(argv))
     out = capsys.readouterr().out
     progress = [line for line in out.splitlines() if line.startswith("run ")]
     assert progress[0] == "run 1 of 18: wrn_28_1 original, seed 0; ETA for all runs after the first run"
     assert progress[10].startswith("run 11 of 18: preact_resnet38 original, seed 0; ETA for all runs ")
     assert all(line.startswith(f"run {k} of 18: ") and line.endswith(" min") for k, line in enumerate(progress[1:], 2))
-    assert trained == [("wrn_28_1", i, seed) for seed in (0, 1) for i in range(5)] + [
-        ("preact_resnet38", i, seed) for seed in (0, 1) for i in range(4)
+    assert trained == [("wrn_28_1", i, seed, 2) for seed in (0, 1) for i in range(5)] + [
+        ("preact_resnet38", i, seed, 3) for seed in (0, 1) for i in range(4)
     ]
     text = (tmp_path / "out" / "report" / "sharing.md").read_text()
     wrn, bottleneck = text.split("\n### ")[0], text.split("\n### ")[1]
