@@ -7,12 +7,15 @@ an order reversed every other round:
 * ``apply``: ``timm.create_model(--model)``, then ``apply`` of each revision on its own fresh model;
 * ``load``: each revision's ``load`` of the file its own ``save`` wrote (the same model, shared by default).
 
+Each variant is called ``--inner`` times a round and the least time counts: on a shared machine the noise only
+ever adds time, and the per-round medians of single calls swung by +-5% between runs of 41 rounds.
+
 Every timed call starts after ``gc.collect()`` (as timeit's do), in process CPU time, with the machine's drift
 hitting both revisions alike. Both packages register the same timm model names: timm's warnings about
 overwriting them are silenced.
 
     git worktree add /tmp/base dcb9bf7
-    python benchmarks/against_revision.py --base /tmp/base [--model resnet152] [--rounds 15] [--threads 1]
+    python benchmarks/against_revision.py --base /tmp/base [--model resnet152] [--rounds 15] [--inner 3] [--threads 1]
 
 Prints each variant's median (min-max) and, per round, head/base as median (min-max): 1.05 means the head is
 5% slower.
@@ -71,6 +74,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, required=True, help="a checkout of the revision to compare against")
     parser.add_argument("--model", default="resnet152")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=3, help="calls per variant and round; the least counts")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,8 +94,10 @@ def main() -> None:
             order = list(packages) if r % 2 == 0 else list(reversed(list(packages)))
             for name in order:
                 st = packages[name]
-                times["apply"].setdefault(name, []).append(timed(st.apply, timm.create_model(args.model)))
-                times["load"].setdefault(name, []).append(timed(st.load, files[name]))
+                # The least of --inner calls: what the code costs, with the least of the machine's noise on it.
+                apply_s = min(timed(st.apply, timm.create_model(args.model)) for _ in range(args.inner))
+                times["apply"].setdefault(name, []).append(apply_s)
+                times["load"].setdefault(name, []).append(min(timed(st.load, files[name]) for _ in range(args.inner)))
         for key, by_name in times.items():
             per_round = [h / b for h, b in zip(by_name["head"], by_name["base"])]
             print(

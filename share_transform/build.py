@@ -72,6 +72,19 @@ def list_model_names(source: str) -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
+def _is_model_name(source: str, arch: str) -> bool:
+    """``arch in list_model_names(source)``, without sorting timm's 1,300 names on every build (``load`` builds)."""
+    if source == "timm":
+        import timm.models
+
+        from .models import register_models
+
+        register_models()
+        # list_models' names: registered, untagged, not deprecated
+        return "." not in arch and timm.models.is_model(arch) and arch not in timm.models.get_deprecated_models()
+    return arch in list_model_names(source)
+
+
 def build_model(name: str, *, source: str | None = None, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     """Build ``name`` with random weights (``pretrained=False`` always: nothing is downloaded).
 
@@ -97,8 +110,8 @@ def build_model(name: str, *, source: str | None = None, num_classes: int | None
         from .models import register_cifar_size
 
         register_cifar_size(arch)  # reduced CIFAR sizes such as wrn_22_1 build by name
-    names = list_model_names(source)
-    if arch not in names:
+    if not _is_model_name(source, arch):
+        names = list_model_names(source)
         close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `sharetx models` lists the names"
         raise UnknownModelError(f"unknown {source} model {arch!r}{hint}")
