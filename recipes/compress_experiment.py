@@ -34,19 +34,15 @@ import argparse
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import digits_experiment  # the sibling recipe: the digits as CIFAR files, the scaled-down WRN schedule
-import train_cifar
+import digits_experiment  # the sibling recipe: the digits as CIFAR files, the scaled-down WRN schedule, the runs
 
 from share_transform.figure import new_figure
 from share_transform.fs import atomic_write
 from share_transform.train import run_recipe
 from share_transform.train.args import HelpFormatter
-from share_transform.train.checkpoint import has_checkpoint
-from share_transform.train.metrics import RUN_FILE
 from share_transform.train.report import load_run
 from share_transform.train.report.runs import Run
 
@@ -86,23 +82,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Job(NamedTuple):
-    """One training run of the experiment."""
-
-    name: str  # the run directory's name
-    what: str  # for the progress line
-    argv: tuple[str, ...]  # the train_cifar.py flags that differ between runs
-    epochs: int  # for the ETA: the time of a run is about proportional to its epochs
-
-
-def common_argv(args: argparse.Namespace, data: Path) -> list[str]:
-    return [
-        "--dataset", "cifar10", "--dataset-name", "digits", "--data", str(data), "--preprocess", "meanstd",
-        "--no-hflip", "--arch", args.arch, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-        "--device", args.device, "--amp" if args.device == "cuda" else "--no-amp",  # one precision for every run
-    ]  # fmt: skip
-
-
 def soft_templates(args: argparse.Namespace, budget: float) -> int:
     """``--templates`` where that bank per group fits ``budget`` under :data:`SHARING`, else 1."""
     import share_transform
@@ -116,13 +95,15 @@ def soft_templates(args: argparse.Namespace, budget: float) -> int:
     return args.templates
 
 
-def jobs(args: argparse.Namespace, teacher: Path) -> list[Job]:
+def jobs(args: argparse.Namespace, data: Path, runs: Path) -> list[digits_experiment.Job]:
     """The teacher's run, then each budget's settings for each seed."""
+    common = (*digits_experiment.experiment_argv(args, data), "--arch", args.arch)
     out = [
-        Job(
-            "teacher",
+        digits_experiment.Job(
+            runs / "teacher",
             f"{args.arch} teacher",
             (
+                *common,
                 "--no-share",
                 "--epochs",
                 str(args.teacher_epochs),
@@ -136,7 +117,8 @@ def jobs(args: argparse.Namespace, teacher: Path) -> list[Job]:
             args.teacher_epochs,
         )  # fmt: skip
     ]
-    original = ("--from-checkpoint", str(teacher))
+    # Its final weights: the test set chooses nothing.
+    original = ("--from-checkpoint", str(runs / "teacher" / "checkpoint-last.safetensors"))
     for budget in args.budgets:
         k = soft_templates(args, budget)
         flags = {
@@ -149,10 +131,11 @@ def jobs(args: argparse.Namespace, teacher: Path) -> list[Job]:
         for seed in args.seeds:
             for key, label in SETTINGS:
                 out.append(
-                    Job(
-                        f"b{budget:g}-{key}-seed{seed}",
+                    digits_experiment.Job(
+                        runs / f"b{budget:g}-{key}-seed{seed}",
                         f"budget {budget:g}, {key} ({label}), seed {seed}",
                         (
+                            *common,
                             *SHARING,
                             "--budget",
                             str(budget),
@@ -170,41 +153,11 @@ def jobs(args: argparse.Namespace, teacher: Path) -> list[Job]:
     return out
 
 
-def finished(output: Path, epochs: int) -> bool:
-    if not (output / RUN_FILE).exists():
-        return False
-    done = load_run(output)
-    return done.complete and done.epochs == epochs
-
-
 def main(args: argparse.Namespace) -> None:
     data = args.out / "data"
     digits_experiment.digits_as_cifar(data)
     runs = args.out / "runs"
-    teacher = runs / "teacher" / "checkpoint-last.safetensors"  # its final weights: the test set chooses nothing
-    plan = jobs(args, teacher)
-    left = sum(job.epochs for job in plan if not finished(runs / job.name, job.epochs))
-    start, trained_epochs, trained = time.monotonic(), 0, 0
-    for k, job in enumerate(plan, start=1):
-        output = runs / job.name
-        if finished(output, job.epochs):
-            print(f"run {k} of {len(plan)}: {job.what}: done before", flush=True)
-            continue
-        # The ETA assumes an epoch still to go takes as long as the epochs this command trained so far.
-        eta = (time.monotonic() - start) / trained_epochs * left if trained_epochs else None
-        print(
-            f"run {k} of {len(plan)}: {job.what}; ETA for all runs "
-            + (f"{eta / 60:.1f} min" if eta is not None else "after the first run"),
-            flush=True,
-        )
-        argv = [*common_argv(args, data), *job.argv, "--output", str(output)]
-        if has_checkpoint(output, "last"):
-            argv.append("--resume")
-        train_cifar.main(train_cifar.get_args_parser().parse_args(argv))
-        trained_epochs += job.epochs
-        left -= job.epochs
-        trained += 1
-    print(f"trained {trained} runs in {(time.monotonic() - start) / 60:.1f} min")
+    digits_experiment.train_jobs(jobs(args, data, runs))
     report = write_report(args, runs)
     print(report)
     if args.docs is not None:
@@ -253,7 +206,7 @@ def collect(args: argparse.Namespace, runs: Path) -> tuple[Run, list[Setting]]:
     for budget in args.budgets:
         for key, label in SETTINGS:
             found = [runs / f"b{budget:g}-{key}-seed{seed}" for seed in args.seeds]
-            done = tuple(load_run(p) for p in found if finished(p, args.epochs))
+            done = tuple(load_run(p) for p in found if digits_experiment.finished(p, args.epochs))
             if done:
                 settings.append(Setting(budget, key, label, done))
     return teacher, settings

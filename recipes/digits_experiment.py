@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -88,6 +91,57 @@ def milestones(epochs: int) -> list[int]:
     return sorted({max(1, round(epochs * f)) for f in (0.3, 0.6, 0.8)})
 
 
+def finished(output: Path, epochs: int) -> bool:
+    """``output`` holds a complete run of ``epochs`` epochs."""
+    if not (output / RUN_FILE).exists():
+        return False
+    done = load_run(output)
+    return done.complete and done.epochs == epochs
+
+
+def experiment_argv(args: argparse.Namespace, data: Path) -> list[str]:
+    """The ``train_cifar.py`` flags every run of the sharing and compression experiments shares."""
+    return [
+        "--dataset", "cifar10", "--dataset-name", "digits", "--data", str(data), "--preprocess", "meanstd",
+        "--no-hflip", "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
+        "--amp" if args.device == "cuda" else "--no-amp",  # one precision for every run
+    ]  # fmt: skip
+
+
+class Job(NamedTuple):
+    """One training run of an experiment."""
+
+    output: Path  # its run directory
+    what: str  # for the progress line
+    argv: tuple[str, ...]  # the train_cifar.py flags, --output and --resume left out
+    epochs: int  # for the ETA: the time of a run is about proportional to its epochs
+
+
+def train_jobs(jobs: Sequence[Job]) -> None:
+    """Train each job not finished before (resuming an interrupted one), printing "run k of N" and an ETA."""
+    left = sum(job.epochs for job in jobs if not finished(job.output, job.epochs))
+    start, trained_epochs, trained = time.monotonic(), 0, 0
+    for k, job in enumerate(jobs, start=1):
+        if finished(job.output, job.epochs):
+            print(f"run {k} of {len(jobs)}: {job.what}: done before", flush=True)
+            continue
+        # The ETA assumes an epoch still to go takes as long as the epochs this command trained so far.
+        eta = (time.monotonic() - start) / trained_epochs * left if trained_epochs else None
+        print(
+            f"run {k} of {len(jobs)}: {job.what}; ETA for all runs "
+            + (f"{eta / 60:.1f} min" if eta is not None else "after the first run"),
+            flush=True,
+        )
+        argv = [*job.argv, "--output", str(job.output)]
+        if has_checkpoint(job.output, "last"):
+            argv.append("--resume")
+        train_cifar.main(train_cifar.get_args_parser().parse_args(argv))
+        trained_epochs += job.epochs
+        left -= job.epochs
+        trained += 1
+    print(f"trained {trained} runs in {(time.monotonic() - start) / 60:.1f} min")
+
+
 def main(args: argparse.Namespace) -> None:
     data_root = args.out / "data"
     digits_as_cifar(data_root)
@@ -95,10 +149,8 @@ def main(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for arch, share in configs:
             output = args.out / "runs" / f"{arch}-{'shared' if share else 'original'}-seed{seed}"
-            if (output / RUN_FILE).exists():
-                done = load_run(output)
-                if done.complete and done.epochs == args.epochs:
-                    continue
+            if finished(output, args.epochs):
+                continue
             argv = [
                 "--dataset", "cifar10", "--dataset-name", "digits", "--data", str(data_root),
                 "--preprocess", args.preprocess, "--no-hflip", "--arch", arch,

@@ -38,20 +38,16 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-import digits_experiment  # the sibling recipe: the digits as CIFAR files, the scaled-down schedule
-import train_cifar
+import digits_experiment  # the sibling recipe: the digits as CIFAR files, the scaled-down schedule, the runs
 
 from share_transform.build import check_model_kwargs
 from share_transform.fs import atomic_write
 from share_transform.train import run_recipe
 from share_transform.train.args import HelpFormatter
-from share_transform.train.checkpoint import has_checkpoint
 from share_transform.train.errors import ConfigError
-from share_transform.train.metrics import RUN_FILE
-from share_transform.train.report import load_run, write_report
+from share_transform.train.report import write_report
 from share_transform.train.report.figures import FIGURE5_FILE
 from share_transform.train.report.render import Report
 from share_transform.train.report.results import paper_model_name
@@ -155,41 +151,33 @@ def main(args: argparse.Namespace) -> None:
     if args.bottleneck:
         extra = ["--model-kwargs", args.bottleneck_kwargs]
         archs.append((args.bottleneck, BOTTLENECK_SETTINGS, extra, args.bottleneck_epochs))
-    plan = [
-        (seed, arch, name, [*flags, *extra], epochs)
+    common = digits_experiment.experiment_argv(args, data_root)
+    jobs = [
+        digits_experiment.Job(
+            args.out / "runs" / f"{arch}-{name}-seed{seed}",
+            f"{arch} {name}, seed {seed}",
+            (
+                *common,
+                "--arch",
+                arch,
+                *flags,
+                *extra,
+                "--epochs",
+                str(epochs),
+                "--lr",
+                str(args.lr),
+                "--lr-milestones",
+                *map(str, digits_experiment.milestones(epochs)),
+                "--seed",
+                str(seed),
+            ),  # fmt: skip
+            epochs,
+        )
         for arch, settings, extra, epochs in archs
         for seed in args.seeds
         for name, flags in settings
     ]
-    start, trained, epochs_trained = time.monotonic(), 0, 0
-    for k, (seed, arch, name, flags, epochs) in enumerate(plan, start=1):
-        output = args.out / "runs" / f"{arch}-{name}-seed{seed}"
-        if (output / RUN_FILE).exists():
-            done = load_run(output)
-            if done.complete and done.epochs == epochs:
-                print(f"run {k} of {len(plan)}: {arch} {name}, seed {seed}: done before", flush=True)
-                continue
-        # The ETA assumes an epoch still to go takes as long as the ones this command trained so far.
-        to_go = sum(run[-1] for run in plan[k - 1 :])
-        eta = (time.monotonic() - start) / epochs_trained * to_go if trained else None
-        print(
-            f"run {k} of {len(plan)}: {arch} {name}, seed {seed}; ETA for all runs "
-            + (f"{eta / 60:.1f} min" if eta is not None else "after the first run"),
-            flush=True,
-        )
-        argv = [
-            "--dataset", "cifar10", "--dataset-name", "digits", "--data", str(data_root),
-            "--preprocess", "meanstd", "--no-hflip", "--arch", arch, *flags,
-            "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--lr-milestones", *map(str, digits_experiment.milestones(epochs)), "--seed", str(seed),
-            "--workers", str(args.workers), "--device", args.device, "--output", str(output),
-            "--amp" if args.device == "cuda" else "--no-amp",  # one precision for every setting
-        ]  # fmt: skip
-        if has_checkpoint(output, "last"):
-            argv.append("--resume")
-        train_cifar.main(train_cifar.get_args_parser().parse_args(argv))
-        trained, epochs_trained = trained + 1, epochs_trained + epochs
-    print(f"trained {trained} runs in {(time.monotonic() - start) / 60:.1f} min")
+    digits_experiment.train_jobs(jobs)
     report = write_report([args.out / "runs"], args.out / "report")
     table = "\n".join(f"### {heading(arch, args)}\n\n{settings_table(report, arch)}" for arch, *_ in archs)
     atomic_write(args.out / "report" / TABLE_FILE, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))

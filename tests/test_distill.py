@@ -472,7 +472,7 @@ def test_compress_experiment_runs_each_setting_reports_every_epoch_and_continues
         (args.output / "run.json").write_text(json.dumps(info))
         (args.output / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
 
-    monkeypatch.setattr(experiment.train_cifar, "main", fake_train)
+    monkeypatch.setattr(experiment.digits_experiment.train_cifar, "main", fake_train)  # it trains the runs
     docs = tmp_path / "docs"
     argv = ["--out", str(tmp_path / "out"), "--seeds", "0", "1", "--epochs", "2", "--teacher-epochs", "3",
             "--budgets", "0.75", "0.3", "--docs", str(docs)]  # fmt: skip

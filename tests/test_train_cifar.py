@@ -319,7 +319,7 @@ def test_sharing_experiment_reports_progress_and_the_settings_table(tmp_path, mo
             sharing={"group_size": args.group_size, "scope": args.scope, "templates": args.templates},
         )  # fmt: skip
 
-    monkeypatch.setattr(sharing.train_cifar, "main", fake_train)
+    monkeypatch.setattr(sharing.digits_experiment.train_cifar, "main", fake_train)  # it trains the runs
     argv = ["--out", str(tmp_path / "out"), "--seeds", "0", "1", "--epochs", "2", "--bottleneck-epochs", "3"]
     argv += ["--figure", str(tmp_path / "f.png")]
     sharing.main(sharing.get_args_parser().parse_args(argv))
