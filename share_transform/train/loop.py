@@ -152,7 +152,7 @@ def _reduce(sums: torch.Tensor, count: int) -> tuple[float, float, float, float]
     return total[0], total[1], total[2], max(total[3], 1.0)
 
 
-def _to_device(
+def to_device(
     batch: Sequence[torch.Tensor], device: torch.device, preprocess: Preprocess | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input, targets)`` on ``device`` from a host batch ``(images, [draws,] targets)``."""
@@ -269,7 +269,7 @@ def train_one_epoch(
 
     for i, batch in enumerate(loader):
         step = start_step + i
-        images, targets = _to_device(batch, device, preprocess)
+        images, targets = to_device(batch, device, preprocess)
         loss, logits = train_step(model, images, targets, optimizer, amp=amp, distill=distill, scheduler=scheduler)
         n = targets.shape[0]
         sums += torch.cat([(loss.float() * n).view(1), _hits(logits, targets)])
@@ -316,7 +316,7 @@ def evaluate(
     count = 0
     t0 = time.perf_counter()
     for batch in loader:
-        images, targets = _to_device(batch, device, preprocess)
+        images, targets = to_device(batch, device, preprocess)
         crops = images.shape[1] if images.dim() == 5 else 1
         if crops > 1:
             images = images.flatten(0, 1)

@@ -93,7 +93,7 @@ from .distill import Distillation, Original, describe
 from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, print0, print_error, share_verdict
 from .errors import ConfigError, LoaderWorkerError, NonFiniteLossError
 from .lock import check_unlocked, run_lock
-from .loop import EpochStats, Preprocess, _to_device, autocast, evaluate, train_one_epoch
+from .loop import EpochStats, Preprocess, autocast, evaluate, to_device, train_one_epoch
 from .metrics import (
     CURVES_FILE,
     METRICS_FILE,
@@ -1025,7 +1025,7 @@ def _recalibrate(run: _Run, train_loader: DataLoader, preprocess: Preprocess | N
 
     def inputs() -> Iterator[torch.Tensor]:
         for batch in train_loader:
-            yield _to_device(batch, device, preprocess)[0]
+            yield to_device(batch, device, preprocess)[0]
 
     with autocast(device, run.config.amp):
         used = recalibrate_bn(run.model, inputs(), n)
